@@ -1,0 +1,45 @@
+"""The project's one exception hierarchy. Only the ingress turns these into HTTP answers."""
+
+
+class ServingError(Exception):
+    """Base of every error a request can end with; `status_code` is the HTTP status it maps to."""
+
+    status_code: int = 500
+
+
+class InvalidRequestError(ServingError):
+    """The request is malformed or asks for something the model cannot do (HTTP 400)."""
+
+    status_code = 400
+
+
+class ContextLengthError(InvalidRequestError):
+    """Prompt plus `max_new_tokens` can never fit in the model's context (HTTP 400)."""
+
+
+class NotSupportedError(InvalidRequestError):
+    """A valid field that this server does not implement yet (HTTP 400)."""
+
+
+class ModelNotFoundError(ServingError):
+    """No served model has this name (HTTP 404)."""
+
+    status_code = 404
+
+
+class OverloadedError(ServingError):
+    """The model's queue is full (HTTP 429)."""
+
+    status_code = 429
+
+
+class ModelUnavailableError(ServingError):
+    """The model has no replica able to answer right now (HTTP 503)."""
+
+    status_code = 503
+
+
+class EngineDeadError(ServingError):
+    """The engine loop crashed; in-flight requests end with this (HTTP 500)."""
+
+    status_code = 500

@@ -1,0 +1,79 @@
+"""Typed values passed between the engine's stages and to its callers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class FinishReason(StrEnum):
+    STOP = "stop"  # EOS or a stop sequence
+    LENGTH = "length"  # max_new_tokens or the context limit
+    ABORT = "abort"  # the caller went away
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Per-request generation settings. Values are already validated by the protocol layer."""
+
+    max_new_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = -1  # -1 = off
+    top_p: float = 1.0  # 1 = off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop_sequences: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False
+    return_log_probs: bool = False
+    skip_special_tokens: bool = True
+    seed: int | None = None
+    ignore_eos: bool = False  # benchmarks force a fixed number of tokens
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogProb:
+    token_id: int
+    text: str  # the token decoded on its own
+    log_prob: float  # log probability under the model's raw distribution (<= 0)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenDelta:
+    """What one engine step produced for one request: new text and, on the last one, the finish."""
+
+    request_id: str
+    text: str  # newly released text; may be "" while text is held back (partial UTF-8 or stop prefix)
+    num_prompt_tokens: int
+    num_completion_tokens: int  # running total
+    token: TokenLogProb | None = None  # set when log probs were asked for
+    finish_reason: FinishReason | None = None
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Limits and knobs of one engine; sized once at start-up."""
+
+    max_num_seqs: int = 16  # sequences decoded together
+    max_model_len: int = 2048  # prompt + generated tokens per sequence
+    max_num_batched_tokens: int = 256  # tokens per forward pass (decode + prefill chunks)
+    kv_cache_bytes: int = 512 * 1024**2  # memory budget of the paged KV cache
+    block_size: int = 16  # tokens per KV-cache block
+    dtype: str = "bfloat16"  # "float32" | "bfloat16" | "float16" | "auto"
+    device: str = "auto"  # "auto" = cuda if available else cpu
+    num_threads: int | None = None  # torch threads on CPU; None = every core this process may use
+    max_waiting: int = 256  # requests queued in the engine before new ones are refused (429)
