@@ -12,7 +12,7 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +31,46 @@ class EngineStats:
     num_waiting: int
     kv_cache_usage: float  # 0..1 of the KV-cache blocks in use
     max_model_len: int
+
+
+class RequestStream:
+    """Async iterator over one request's deltas. Closing it before the end aborts the request."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, out: asyncio.Queue) -> None:
+        self.request_id = request_id
+        self._engine, self._out = engine, out
+        self._pending: deque = deque()
+        self._is_finished = self._is_closed = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> TokenDelta:
+        if self._is_finished or self._is_closed:
+            raise StopAsyncIteration
+        while not self._pending:
+            self._pending.extend(await self._out.get())
+        item = self._pending.popleft()
+        if isinstance(item, BaseException):
+            self._is_finished = True
+            self.close()
+            raise item
+        if item.is_finished:
+            self._is_finished = True
+            self.close()
+        return item
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Idempotent; aborts the request unless it already finished."""
+        if self._is_closed:
+            return
+        self._is_closed = True
+        if not self._is_finished:
+            self._engine.abort(self.request_id)
+        self._engine._forget(self.request_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +105,7 @@ class AsyncEngine:
         """Raise ContextLengthError (HTTP 400, with the numbers) if it can never fit."""
         self.core.check_request(num_prompt_tokens, max_new_tokens)
 
-    def add_request(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+    def add_request(self, request: GenerationRequest) -> RequestStream:
         """Queue a request; iterate the result for its deltas. The last one has a finish_reason.
 
         Refusals (context length, full queue, dead engine) raise here, before any iteration.
@@ -84,27 +124,15 @@ class AsyncEngine:
                 raise ValueError(f"duplicate request id {request.request_id}")
             self._streams[request.request_id] = (asyncio.get_running_loop(), out)
         self._send(_Add(request))
-        return self._stream(request.request_id, out)
-
-    async def _stream(self, request_id: str, out: asyncio.Queue) -> AsyncIterator[TokenDelta]:
-        finished = False
-        try:
-            while not finished:
-                items = await out.get()
-                for item in items:
-                    if isinstance(item, BaseException):
-                        raise item
-                    finished = item.is_finished
-                    yield item
-        finally:
-            if not finished:
-                self.abort(request_id)
-            with self._lock:
-                self._streams.pop(request_id, None)
+        return RequestStream(self, request.request_id, out)
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its batch slot and cache are freed at the next step."""
         self._send(_Abort(request_id))
+
+    def _forget(self, request_id: str) -> None:
+        with self._lock:
+            self._streams.pop(request_id, None)
 
     def stats(self) -> EngineStats:
         sched = self.core.scheduler

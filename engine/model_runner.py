@@ -78,7 +78,7 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """Run one step; returns float32 logits (S, V) for the sequences whose last token was fed."""
         ids, pos, meta, sample_index = self.prepare(batch)
-        keep = torch.tensor(sample_index, device=self.device)
+        keep = torch.tensor(sample_index, dtype=torch.long, device=self.device)
         out = self.model(
             input_ids=ids, position_ids=pos, attn_meta=meta, logits_to_keep=keep, use_cache=False
         )

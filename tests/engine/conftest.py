@@ -1,0 +1,60 @@
+"""Engine fixtures: the tiny model loaded once, and a fresh EngineCore per test."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from engine.core import EngineCore
+from engine.types import EngineConfig, GenerationRequest, SamplingParams, TokenDelta
+from tests.tiny_model import build_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir: Path):
+    """The engine's copy: the engine switches its attention to the paged implementation."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_model_dir: Path):
+    """A second copy left as transformers loads it, for reference generations."""
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_eos(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny model whose EOS logit is boosted, so generations end early."""
+    folder = build_tiny_model(tmp_path_factory.mktemp("tiny_eos"), eos_bias=5.0)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def make_core(model_and_tokenizer, **config) -> EngineCore:
+    model, tokenizer = model_and_tokenizer
+    config = {"max_num_seqs": 16, "max_model_len": 256, "kv_cache_bytes": 8 * 2**20, **config}
+    return EngineCore(model, tokenizer, EngineConfig(**config), torch.device("cpu"))
+
+
+def request(tokenizer, prompt: str, request_id: str | None = None, **params) -> GenerationRequest:
+    ids = tuple(tokenizer(prompt).input_ids)
+    params = {"max_new_tokens": 12, "temperature": 0.0, **params}
+    return GenerationRequest(request_id or prompt, ids, SamplingParams(**params))
+
+
+def run_to_completion(core: EngineCore, max_steps: int = 10_000) -> dict[str, list[TokenDelta]]:
+    """Step until every request finished; deltas grouped by request id."""
+    out: dict[str, list[TokenDelta]] = {}
+    with torch.inference_mode():
+        for _ in range(max_steps):
+            if not core.has_unfinished:
+                return out
+            for delta in core.step():
+                out.setdefault(delta.request_id, []).append(delta)
+    raise AssertionError("engine did not finish")
+
+
+def text_of(deltas: list[TokenDelta]) -> str:
+    return "".join(d.text for d in deltas)

@@ -1,0 +1,98 @@
+"""AsyncEngine: concurrency through asyncio, aborts on close, refusals, and surviving a failed step."""
+
+import asyncio
+
+import pytest
+
+from engine.async_engine import AsyncEngine
+from engine.errors import ContextLengthError, EngineDeadError, OverloadedError
+from engine.types import EngineConfig, FinishReason
+from tests.engine.conftest import request, text_of
+
+
+@pytest.fixture
+def engine(tiny):
+    model, tokenizer = tiny
+    config = EngineConfig(
+        max_num_seqs=4, max_model_len=256, kv_cache_bytes=8 * 2**20, max_waiting=4, num_threads=1
+    )
+    eng = AsyncEngine(model, tokenizer, config)
+    yield eng
+    eng.shutdown()
+
+
+async def collect(stream):
+    return [d async for d in stream]
+
+
+async def wait_until(condition, timeout_s: float = 10.0):
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def test_concurrent_requests_each_get_their_own_stream(engine, tiny):
+    _, tokenizer = tiny
+    prompts = ["The quick brown fox", "Hello, world!", "def add(a, b):", "Numbers: 0 1 2"]
+    streams = [engine.add_request(request(tokenizer, p, max_new_tokens=10, ignore_eos=True)) for p in prompts]
+    results = await asyncio.gather(*(collect(s) for s in streams))
+    for p, deltas in zip(prompts, results, strict=True):
+        assert {d.request_id for d in deltas} == {p}
+        assert deltas[-1].finish_reason is FinishReason.LENGTH and deltas[-1].num_completion_tokens == 10
+    # a second run of one prompt alone gives the same text (greedy, float32)
+    again = await collect(
+        engine.add_request(request(tokenizer, prompts[0], "again", max_new_tokens=10, ignore_eos=True))
+    )
+    assert text_of(again) == text_of(results[0])
+
+
+async def test_closing_the_stream_aborts_and_frees_the_slot(engine, tiny):
+    _, tokenizer = tiny
+    free = engine.core.scheduler.allocator.num_free
+    stream = engine.add_request(request(tokenizer, "Once upon a time", max_new_tokens=200, ignore_eos=True))
+    async for _ in stream:
+        break
+    await stream.aclose()
+    await wait_until(lambda: engine.stats().num_running == 0)
+    assert engine.core.scheduler.allocator.num_free == free
+    assert not engine._streams
+
+
+async def test_refusals_raise_before_iteration(engine, tiny):
+    _, tokenizer = tiny
+    with pytest.raises(ContextLengthError):
+        engine.add_request(request(tokenizer, "Hello", max_new_tokens=1000))
+    streams = [
+        engine.add_request(request(tokenizer, "Hello", f"r{i}", max_new_tokens=100, ignore_eos=True))
+        for i in range(8)
+    ]
+    with pytest.raises(OverloadedError, match="overloaded"):
+        engine.add_request(request(tokenizer, "Hello", "one-too-many", max_new_tokens=5))
+    for s in streams:
+        await s.aclose()
+    await wait_until(lambda: not engine._streams)
+    # capacity is back
+    assert len(await collect(engine.add_request(request(tokenizer, "Hello", "after", max_new_tokens=3)))) >= 1
+
+
+async def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(engine, tiny, monkeypatch):
+    _, tokenizer = tiny
+    real_step = engine.core.step
+    calls = {"n": 0}
+
+    def flaky_step():
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated kernel failure")
+        return real_step()
+
+    monkeypatch.setattr(engine.core, "step", flaky_step)
+    with pytest.raises(EngineDeadError, match="simulated kernel failure"):
+        await collect(
+            engine.add_request(request(tokenizer, "Hello", "doomed", max_new_tokens=20, ignore_eos=True))
+        )
+    ok = await collect(
+        engine.add_request(request(tokenizer, "Hello", "fine", max_new_tokens=5, ignore_eos=True))
+    )
+    assert ok[-1].num_completion_tokens == 5
+    assert engine.stats().num_running == 0
