@@ -8,6 +8,7 @@ sequence split across tokens) waits until its last byte arrives.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 _REPLACEMENT_CHAR = "\ufffd"
@@ -27,13 +28,18 @@ class IncrementalDetokenizer:
 
     __slots__ = ("_ids", "_prefix_offset", "_prefix_text", "_read_offset", "_skip_special", "_tokenizer")
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, skip_special_tokens: bool, context_ids: Sequence[int] = ()
+    ) -> None:
+        """`context_ids` (the prompt's last few ids) are never released; they give the first generated
+        token the context a SentencePiece tokenizer needs to keep its leading space, as vLLM does."""
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
-        self._ids: list[int] = []
+        self._ids: list[int] = list(context_ids)
         self._prefix_offset = 0  # start of the decode window: context for the text being read
-        self._read_offset = 0  # ids before this have had their text released
-        self._prefix_text = ""  # decode(ids[prefix_offset:read_offset]), kept to save a decode per step
+        self._read_offset = len(self._ids)  # ids before this have had their text released
+        # decode(ids[prefix_offset:read_offset]), kept to save a decode per step
+        self._prefix_text = self._decode(self._ids) if self._ids else ""
 
     def add_token(self, token_id: int) -> str:
         """Append one generated id; return the text it completes (may be "" while bytes are pending)."""

@@ -6,6 +6,7 @@ import torch
 
 from engine import attention
 from engine.attention import AttentionMetadata, PrefillSpan
+from engine.fusion import optimize_model
 from engine.kv_cache import KVCache
 from engine.scheduler import ScheduledBatch
 
@@ -13,8 +14,13 @@ from engine.scheduler import ScheduledBatch
 class ModelRunner:
     """Owns the model and the cache tensors; returns logits of the sequences that sample this step."""
 
-    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, device: torch.device) -> None:
+    def __init__(
+        self, model: torch.nn.Module, kv_cache: KVCache, device: torch.device, optimize: bool
+    ) -> None:
+        """Takes the model over: its attention becomes the paged one and, if `optimize`, its linears fused."""
         model.set_attn_implementation(attention.register())
+        if optimize:
+            optimize_model(model)
         self.model = model
         self.kv_cache = kv_cache
         self.device = device

@@ -6,6 +6,8 @@ from engine.detokenizer import IncrementalDetokenizer, token_text
 from engine.stopping import StopStringMatcher, check_token_finish
 from engine.types import FinishReason, GenerationRequest, TokenDelta, TokenLogProb
 
+_DETOKENIZER_CONTEXT = 4  # prompt ids that precede the first generated token in the decode window
+
 
 class RequestOutput:
     """Turns one request's sampled tokens into TokenDeltas (detokenize, stop strings, EOS, length)."""
@@ -17,7 +19,8 @@ class RequestOutput:
         self.num_generated = 0
         self._tokenizer = tokenizer
         self._eos = eos_token_ids
-        self._detok = IncrementalDetokenizer(tokenizer, request.params.skip_special_tokens)
+        context = request.prompt_token_ids[-_DETOKENIZER_CONTEXT:]
+        self._detok = IncrementalDetokenizer(tokenizer, request.params.skip_special_tokens, context)
         stops = request.params.stop_sequences
         self._stops = StopStringMatcher(stops, request.params.include_stop_str_in_output) if stops else None
 

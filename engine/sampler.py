@@ -5,6 +5,7 @@ Every function works on whatever device the logits live on; nothing here holds s
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,11 +20,14 @@ class SamplerOutput:
     log_probs: list[float] | None  # raw-model log prob of each chosen token; None if no row asked
 
 
-def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
-    """One generator per seeded request, created once and kept for the request's lifetime."""
+def make_generator(seed: int | None, device: torch.device | str | None = None) -> torch.Generator | None:
+    """One generator per seeded request, created once and kept for the request's lifetime.
+
+    It lives on the host whatever `device` is: a draw takes one uniform per row (see sample_from_probs)."""
+    del device  # kept so callers need not know where draws happen
     if seed is None:
         return None
-    return torch.Generator(device=device).manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,18 +89,22 @@ def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
 
 def sample_from_probs(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
     """Draw one token per row; a row with a generator uses only its own, so its draw ignores the batch."""
-    # probs: (B, V) float32 -> (B,) int64. Inverse CDF needs one uniform per row (cheap for seeded
-    # rows, which draw one by one) and no (B, V) random tensor (exponential_ is slow on CPU).
-    uniform = torch.empty(probs.shape[0], 1, dtype=probs.dtype, device=probs.device)  # (B, 1)
-    if any(g is None for g in generators):
-        uniform.uniform_()
-    for row, generator in enumerate(generators):
-        if generator is not None:
-            uniform[row] = torch.rand(1, generator=generator, dtype=probs.dtype, device=probs.device)
-    cdf = probs.cumsum(dim=-1)  # (B, V), non-decreasing
-    # u < 1 gives a target below the row's total, so the first cdf entry above it is a token with p > 0.
+    # probs: (B, V) float32 -> (B,) int64. Inverse CDF: one uniform per row, no (B, V) random tensor.
+    cdf = probs.float().cumsum(dim=-1)  # (B, V), non-decreasing
+    uniform = _uniforms(generators).to(device=cdf.device)  # (B, 1) in [0, 1)
+    # u < 1 puts the target below the row's total, so the first cdf entry above it is a token with p > 0.
     token_ids = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)  # (B, 1)
     return token_ids.squeeze(1).clamp_max(probs.shape[-1] - 1)
+
+
+def _uniforms(generators: list[torch.Generator | None]) -> torch.Tensor:
+    """(B, 1) float32 uniforms on the host: unseeded rows from torch's default generator."""
+    # Host draws cost no kernel launch per seeded row, and a seed gives the same draws on CPU and GPU.
+    uniform = torch.rand(len(generators), 1)
+    for row, generator in enumerate(generators):
+        if generator is not None:
+            uniform[row] = torch.rand(1, generator=generator, device=generator.device).cpu()
+    return uniform
 
 
 def compute_log_probs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
@@ -107,11 +115,16 @@ def compute_log_probs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Te
     return (chosen - logits.logsumexp(dim=-1)).clamp_max(0.0)
 
 
-def token_counts(output_ids: torch.Tensor, output_mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def token_counts(output_ids: torch.Tensor, output_lens: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """How often each vocabulary entry appears in each row's generated tokens."""
-    # output_ids: (B, L) int64 padded with 0; output_mask: (B, L) float32, 0 on padding -> (B, V)
-    counts = torch.zeros(output_ids.shape[0], vocab_size, dtype=torch.float32, device=output_ids.device)
-    return counts.scatter_add_(1, output_ids, output_mask)
+    # output_ids: (N,) int64, every row's ids back to back; output_lens: (B,) int64 -> (B, V) float32
+    batch_size = output_lens.shape[0]
+    rows = torch.arange(batch_size, device=output_ids.device)
+    # output_size spares a device-to-host sync on CUDA.
+    rows = rows.repeat_interleave(output_lens, output_size=output_ids.shape[0])  # (N,)
+    counts = torch.zeros(batch_size * vocab_size, dtype=torch.float32, device=output_ids.device)
+    ones = torch.ones_like(output_ids, dtype=torch.float32)
+    return counts.scatter_add_(0, rows * vocab_size + output_ids, ones).view(batch_size, vocab_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,8 +147,8 @@ class SamplingMetadata:
     top_p: torch.Tensor | None = None  # (R,) float32
     presence_penalty: torch.Tensor | None = None  # (B,) float32
     frequency_penalty: torch.Tensor | None = None  # (B,) float32
-    output_ids: torch.Tensor | None = None  # (B, L) int64 generated ids, padded with 0
-    output_mask: torch.Tensor | None = None  # (B, L) float32, 1 on real ids and 0 on padding
+    output_ids: torch.Tensor | None = None  # (N,) int64 every row's generated ids, back to back
+    output_lens: torch.Tensor | None = None  # (B,) int64 how many of them belong to each row
 
     @classmethod
     def build(
@@ -185,14 +198,13 @@ def _fill_penalty_fields(
     output_token_ids: list[list[int]],
     device: torch.device | str,
 ) -> None:
-    """Penalty strengths and the padded generated ids the counts are built from."""
-    max_len = max((len(ids) for ids in output_token_ids), default=0)
-    if max_len == 0:
+    """Penalty strengths and the generated ids the counts are built from."""
+    flat_ids = list(itertools.chain.from_iterable(output_token_ids))
+    if not flat_ids:
         return  # nothing generated yet: every count is 0, so penalties change nothing
-    padded = [ids + [0] * (max_len - len(ids)) for ids in output_token_ids]
-    mask = [[1.0] * len(ids) + [0.0] * (max_len - len(ids)) for ids in output_token_ids]
-    meta.output_ids = torch.tensor(padded, dtype=torch.int64, device=device)
-    meta.output_mask = torch.tensor(mask, dtype=torch.float32, device=device)
+    meta.output_ids = torch.tensor(flat_ids, dtype=torch.int64, device=device)
+    lens = [len(ids) for ids in output_token_ids]
+    meta.output_lens = torch.tensor(lens, dtype=torch.int64, device=device)
     meta.presence_penalty = torch.tensor(
         [p.presence_penalty for p in params], dtype=torch.float32, device=device
     )
@@ -211,7 +223,7 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
     processed = logits
     if meta.output_ids is not None:
         processed = logits.float()
-        counts = token_counts(meta.output_ids, meta.output_mask, logits.shape[-1])  # (B, V)
+        counts = token_counts(meta.output_ids, meta.output_lens, logits.shape[-1])  # (B, V)
         processed = apply_penalties(processed, counts, meta.presence_penalty, meta.frequency_penalty)
     # All greedy is the common fast path: one argmax, no softmax, no sort.
     token_ids = processed.argmax(dim=-1) if meta.is_all_greedy else _sample_random(processed.float(), meta)

