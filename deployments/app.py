@@ -1,0 +1,44 @@
+"""Build the Serve application: one ModelServer deployment per model, one Ingress in front.
+
+`serve run serve_config.yaml` calls `build_app(args)` with the YAML's `args:` mapping.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+
+from deployments.config import AppConfig, IngressSettings, ModelConfig, parse_app_config
+from deployments.ingress import Ingress
+from deployments.model_server import EngineFactory, ModelServer
+from model_zoo import CATALOGUE
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The application described by `args` (see `deployments.config.AppConfig`); ConfigError if invalid."""
+    config: AppConfig = parse_app_config(args)
+    return build_app_from_configs(config.models, ingress=config.ingress)
+
+
+def build_app_from_configs(
+    models: list[ModelConfig],
+    engine_factory: EngineFactory | None = None,
+    ingress: IngressSettings | None = None,
+) -> serve.Application:
+    """The application for already-validated model configs; tests pass a fake `engine_factory`."""
+    model_server = serve.deployment(ModelServer)
+    handles = {
+        m.name: model_server.options(name=f"ModelServer:{m.name}", **m.deployment.to_options()).bind(
+            m, engine_factory
+        )
+        for m in models
+    }
+    model_names = {m.name: _base_model_name(m) for m in models}
+    ingress_options = (ingress or IngressSettings()).to_options()
+    return serve.deployment(Ingress).options(name="Ingress", **ingress_options).bind(handles, model_names)
+
+
+def _base_model_name(config: ModelConfig) -> str:
+    """The zoo name when the model is one (listed as `model_name`), else the served name."""
+    return config.model if config.model in CATALOGUE else config.name

@@ -1,0 +1,177 @@
+"""Configuration of the served application: one `ModelConfig` per model, gathered in an `AppConfig`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from engine.types import EngineConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+_ENGINE_DEFAULTS = EngineConfig()
+
+
+class ConfigError(ValueError):
+    """A configuration file or `args` dict is invalid; the message says which and why."""
+
+
+class EngineSettings(BaseModel):
+    """The engine's knobs; they mirror `engine.types.EngineConfig`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_num_seqs: int = Field(_ENGINE_DEFAULTS.max_num_seqs, ge=1, description="Sequences decoded together.")
+    max_model_len: int | None = Field(
+        None, ge=1, description="Prompt + generated tokens per sequence; null = the model's context length."
+    )
+    max_num_batched_tokens: int = Field(
+        _ENGINE_DEFAULTS.max_num_batched_tokens, ge=1, description="Tokens per forward pass."
+    )
+    kv_cache_bytes: int = Field(
+        _ENGINE_DEFAULTS.kv_cache_bytes, ge=1, description="Memory budget of the KV cache."
+    )
+    block_size: int = Field(_ENGINE_DEFAULTS.block_size, ge=1, description="Tokens per KV-cache block.")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        _ENGINE_DEFAULTS.dtype, description="Weight and activation dtype."
+    )
+    device: str = Field(
+        _ENGINE_DEFAULTS.device, description='"auto" (cuda if available else cpu), "cpu", "cuda".'
+    )
+    num_threads: int | None = Field(
+        _ENGINE_DEFAULTS.num_threads, ge=1, description="Torch threads on CPU; null = every usable core."
+    )
+    max_waiting: int = Field(
+        _ENGINE_DEFAULTS.max_waiting, ge=1, description="Requests queued in the engine before 429s."
+    )
+
+    def to_engine_config(self, *, context_length: int | None = None, **overrides: Any) -> EngineConfig:
+        """The engine's config; `max_model_len` defaults to the model's `context_length`."""
+        values = self.model_dump()
+        values["max_model_len"] = self.max_model_len or context_length or _ENGINE_DEFAULTS.max_model_len
+        values.update(overrides)
+        return EngineConfig(**values)
+
+
+class DeploymentSettings(BaseModel):
+    """Ray Serve options of one model's deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ray_actor_options: dict[str, Any] = Field(
+        default_factory=lambda: {"num_cpus": 1}, description="Resources of each replica (num_cpus, num_gpus)."
+    )
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica handles at once.")
+    max_queued_requests: int = Field(
+        -1, ge=-1, description="Requests queued per caller before 429; -1 = no limit."
+    )
+    autoscaling_config: dict[str, Any] | None = Field(
+        None, description="Serve autoscaling (min_replicas, max_replicas, target_ongoing_requests...)."
+    )
+    num_replicas: int | None = Field(None, ge=1, description="Fixed replica count; only without autoscaling.")
+
+    @model_validator(mode="after")
+    def _replicas_or_autoscaling(self) -> DeploymentSettings:
+        if self.autoscaling_config is not None and self.num_replicas is not None:
+            raise ValueError("set either num_replicas or autoscaling_config, not both")
+        return self
+
+    def to_options(self) -> dict[str, Any]:
+        """Keyword arguments of `Deployment.options`."""
+        return self.model_dump(exclude_none=True)
+
+
+class ModelConfig(BaseModel):
+    """One served model: its name on the API, its weights, its engine and its deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, description="Served name: the `model_endpoint_name` clients use.")
+    model: str = Field(min_length=1, description="Model zoo name or local Hugging Face folder.")
+    use_chat_template: bool | None = Field(
+        None, description="Wrap prompts in the chat template as a user turn; null = the zoo's default."
+    )
+    engine: EngineSettings = Field(default_factory=EngineSettings, description="Engine knobs.")
+    deployment: DeploymentSettings = Field(default_factory=DeploymentSettings, description="Serve options.")
+
+
+class IngressSettings(BaseModel):
+    """Ray Serve options of the ingress (HTTP) deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ray_actor_options: dict[str, Any] = Field(
+        default_factory=lambda: {"num_cpus": 0.1}, description="Resources of each ingress replica."
+    )
+    max_ongoing_requests: int = Field(1024, ge=1, description="Requests one ingress replica handles at once.")
+    num_replicas: int = Field(1, ge=1, description="Ingress replicas.")
+
+    def to_options(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+class AppConfig(BaseModel):
+    """The `args:` of serve_config.yaml: the models (inline or YAML paths) and the ingress options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[ModelConfig] = Field(
+        min_length=1, description="Served models, or paths to their YAML files."
+    )
+    ingress: IngressSettings = Field(default_factory=IngressSettings, description="Ingress options.")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _load_model_files(cls, models: Any) -> Any:
+        if not isinstance(models, list):
+            return models
+        return [load_yaml(m) if isinstance(m, str | Path) else m for m in models]
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> AppConfig:
+        names = [m.name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(duplicates)}")
+        return self
+
+
+def find_file(path: str | Path) -> Path:
+    """`path` as given, or relative to the current directory, or relative to the repository root."""
+    candidates = [Path(path).expanduser()]
+    if not candidates[0].is_absolute():
+        candidates.append(REPO_ROOT / path)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file {str(path)!r} not found (looked in {Path.cwd()} and {REPO_ROOT})")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML file found by `find_file`."""
+    found = find_file(path)
+    try:
+        data = yaml.safe_load(found.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read {found}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{found} must hold a mapping, not {type(data).__name__}")
+    return data
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    """A `ModelConfig` from its YAML file."""
+    try:
+        return ModelConfig.model_validate(load_yaml(path))
+    except ValidationError as exc:
+        raise ConfigError(f"invalid model config {path}: {exc}") from exc
+
+
+def parse_app_config(args: dict[str, Any]) -> AppConfig:
+    """Validate serve_config.yaml's `args:`; raises ConfigError with every problem listed."""
+    try:
+        return AppConfig.model_validate(args)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid application config: {exc}") from exc

@@ -1,0 +1,24 @@
+"""The integration tests' app: the real engine serving the tiny random-weight model."""
+
+from pathlib import Path
+
+from ray import serve
+
+from deployments.app import build_app_from_configs
+from deployments.config import DeploymentSettings, EngineSettings, ModelConfig
+
+TINY_MODEL = "tiny"
+TINY_MAX_MODEL_LEN = 256
+
+
+def build_tiny_app(model_dir: Path) -> serve.Application:
+    """float32 for run-to-run determinism; one torch thread and half a logical CPU (2 cores here)."""
+    model = ModelConfig(
+        name=TINY_MODEL,
+        model=str(model_dir),
+        engine=EngineSettings(
+            dtype="float32", max_model_len=TINY_MAX_MODEL_LEN, kv_cache_bytes=16 * 1024**2, num_threads=1
+        ),
+        deployment=DeploymentSettings(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32),
+    )
+    return build_app_from_configs([model])

@@ -1,0 +1,66 @@
+"""One Ray instance and one Serve HTTP proxy per test session, shared by every folder that needs them.
+
+Each folder's conftest wraps `serve_session()` in its own session fixture; a use count makes the
+first user start Ray + Serve and the last one stop them. Apps run side by side under their own
+route prefixes, so a test session starts each app once.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import ray
+from ray import serve
+
+NUM_LOGICAL_CPUS = 4  # logical: the machine has 2 cores; deployments ask for fractions
+
+
+@dataclass(slots=True)
+class _SessionState:
+    num_users: int = 0
+    port: int | None = None
+
+
+_state = _SessionState()  # test-process state: which fixture started Ray, and its HTTP port
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve_session() -> Iterator[int]:
+    """Yield the HTTP port of a running Serve; starts Ray and Serve on first use, stops them on last."""
+    if _state.num_users == 0:
+        # address="local": always a private instance, never someone else's running cluster.
+        ray.init(address="local", num_cpus=NUM_LOGICAL_CPUS, include_dashboard=False)
+        _state.port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": _state.port})
+    _state.num_users += 1
+    try:
+        yield _state.port
+    finally:
+        _state.num_users -= 1
+        if _state.num_users == 0:
+            serve.shutdown()
+            ray.shutdown()
+
+
+def run_app(app: serve.Application, *, name: str, route_prefix: str, port: int) -> str:
+    """Deploy `app` and wait until its HTTP routes answer; returns its base URL (ending in "/")."""
+    serve.run(app, name=name, route_prefix=route_prefix)
+    base_url = f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}/"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the proxy learns new routes a moment after serve.run returns
+        try:
+            if httpx.get(base_url + "healthz", timeout=5).status_code == 200:
+                return base_url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"app {name!r} did not answer on {base_url}healthz within 60 s")
