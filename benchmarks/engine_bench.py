@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -105,6 +106,32 @@ async def bench_engine(engine: AsyncEngine, prompts, concurrency: int, new_token
     return Result(f"engine, concurrency {concurrency} ({len(prompts)} req)", sum(counts), wall, ttft, tpot)
 
 
+def run_in_thread(fn):
+    """Run torch work on a thread that then exits: the main thread must not keep an OpenMP team
+    alive beside the engine's (see engine/async_engine.py)."""
+    box = {}
+    thread = threading.Thread(target=lambda: box.setdefault("out", fn()))
+    thread.start()
+    thread.join()
+    return box["out"]
+
+
+def baselines(load, args, results: dict, threads: int):
+    """Hugging Face generate on its own copy of the model; returns the tokenizer."""
+    torch.set_num_threads(threads)
+    model, tokenizer = load()
+    if args.skip_baselines:
+        return tokenizer
+    prompts16 = make_prompts(tokenizer, 16)
+    with torch.inference_mode():
+        bench_static_batch(model, tokenizer, prompts16[:2], 4)  # warm-up
+        results["seq"] = bench_sequential_generate(
+            model, prompts16[: args.sequential_requests], args.new_tokens
+        )
+        results["static"] = bench_static_batch(model, tokenizer, prompts16, args.new_tokens)
+    return tokenizer
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -119,27 +146,21 @@ def main() -> None:
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    torch.set_num_threads(default_num_threads())
-    loaded = load_model(resolve(args.model), dtype=dtype, device=device)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    print(
-        f"model {args.model}, {dtype}, {device}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    )
+    spec = resolve(args.model)
+    threads = default_num_threads()
+
+    def load():
+        loaded = load_model(spec, dtype=dtype, device=device)
+        return loaded.model, loaded.tokenizer
+
+    results: dict[str, Result] = {}
+    tokenizer = run_in_thread(lambda: baselines(load, args, results, threads))
+    print(f"model {args.model}, {dtype}, {device}, {threads} threads, torch {torch.__version__}")
+    engine = AsyncEngine.from_loader(load, EngineConfig(max_num_seqs=32, num_threads=threads), device)
     prompts16 = make_prompts(tokenizer, 16)
     print(
         f"prompt tokens: {min(map(len, prompts16))}-{max(map(len, prompts16))}, new tokens {args.new_tokens}"
     )
-
-    results: dict[str, Result] = {}
-    if not args.skip_baselines:
-        with torch.inference_mode():
-            bench_static_batch(model, tokenizer, prompts16[:2], 4)  # warm-up
-            results["seq"] = bench_sequential_generate(
-                model, prompts16[: args.sequential_requests], args.new_tokens
-            )
-            results["static"] = bench_static_batch(model, tokenizer, prompts16, args.new_tokens)
-
-    engine = AsyncEngine(model, tokenizer, EngineConfig(max_num_seqs=32, dtype=args.dtype), device=device)
 
     async def run_engine() -> None:
         await bench_engine(engine, prompts16[:2], 2, 4)  # warm-up

@@ -48,6 +48,7 @@ class Engine(Protocol):
     def add_request(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]: ...
     def abort(self, request_id: str) -> None: ...
     def stats(self) -> EngineStats: ...
+    def check_health(self) -> None: ...
     def shutdown(self) -> None: ...
 
 
@@ -64,33 +65,33 @@ EngineFactory = Callable[[ModelConfig], ServingModel]
 
 
 def load_serving_model(config: ModelConfig) -> ServingModel:
-    """The default factory: resolve the model in the zoo, load it on the best device, start an AsyncEngine."""
-    import torch
-
+    """The default factory: resolve the model in the zoo, then load it on the engine's own thread."""
     from engine.async_engine import AsyncEngine
+    from engine.device import resolve_device, resolve_dtype
     from model_zoo import resolve
     from model_zoo.loader import load_model
 
     spec = resolve(config.model, name=config.name)
-    device = config.engine.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = config.engine.dtype
-    if dtype == "auto":
-        dtype = "float16" if device.startswith("cuda") and not torch.cuda.is_bf16_supported() else "bfloat16"
+    device = resolve_device(config.engine.device)
+    dtype = resolve_dtype(config.engine.dtype, device)
     engine_config = config.engine.to_engine_config(
-        context_length=spec.context_length, device=device, dtype=dtype
+        context_length=spec.context_length, device=str(device), dtype=str(dtype).removeprefix("torch.")
     )
-    loaded = load_model(spec, dtype=getattr(torch, dtype), device=device)
+
+    def load():
+        loaded = load_model(spec, dtype=dtype, device=device)
+        return loaded.model, loaded.tokenizer
+
+    engine = AsyncEngine.from_loader(load, engine_config, device)
     use_chat_template = (
         spec.use_chat_template if config.use_chat_template is None else config.use_chat_template
     )
-    if use_chat_template and not getattr(loaded.tokenizer, "chat_template", None):
+    if use_chat_template and not getattr(engine.tokenizer, "chat_template", None):
+        engine.shutdown()
         raise ValueError(
             f"model {config.name!r}: use_chat_template is set but its tokenizer has no chat template"
         )
-    engine = AsyncEngine(loaded.model, loaded.tokenizer, engine_config)
-    return ServingModel(engine=engine, tokenizer=loaded.tokenizer, use_chat_template=use_chat_template)
+    return ServingModel(engine=engine, tokenizer=engine.tokenizer, use_chat_template=use_chat_template)
 
 
 class ModelServer:
@@ -168,8 +169,8 @@ class ModelServer:
         return True
 
     async def check_health(self) -> None:
-        """Serve's periodic health probe: fails when the engine cannot report its state."""
-        self._engine.stats()
+        """Serve's periodic health probe: fails once the engine's thread has stopped."""
+        self._engine.check_health()
 
     def __del__(self) -> None:
         engine = getattr(self, "_engine", None)

@@ -13,7 +13,10 @@ import logging
 import queue
 import threading
 from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -83,19 +86,43 @@ class _Abort:
     request_id: str
 
 
+Loader = Callable[[], tuple[Any, Any]]  # () -> (transformers causal LM on its device, tokenizer)
+
+
 class AsyncEngine:
     def __init__(self, model, tokenizer, config: EngineConfig, device: torch.device | None = None) -> None:
-        """`model` is a transformers causal LM already on its device; starts the compute thread."""
+        """Serve an already loaded model; prefer `from_loader`, which also loads on the engine thread."""
+        self._start(lambda: (model, tokenizer), config, device)
+
+    @classmethod
+    def from_loader(
+        cls, load: Loader, config: EngineConfig, device: torch.device | None = None
+    ) -> AsyncEngine:
+        """Start the engine thread and load the model on it; returns once the engine is ready."""
+        engine = cls.__new__(cls)
+        engine._start(load, config, device)
+        return engine
+
+    def _start(self, load: Loader, config: EngineConfig, device: torch.device | None) -> None:
+        # All torch work, loading included, happens on one thread: with libgomp, OpenMP regions run
+        # on a second thread while the first one's team lives are ~2-3x slower (measured here).
         self.config = config
-        self.device = device or next(model.parameters()).device
-        self.core = EngineCore(model, tokenizer, config, self.device)
         self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()  # guards _streams
         self._wakeup = threading.Event()
         self._dead: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop_thread, name="engine-loop", daemon=True)
+        started: Future[EngineCore] = Future()
+        self._thread = threading.Thread(
+            target=self._loop_thread, args=(load, device, started), name="engine-loop", daemon=True
+        )
         self._thread.start()
+        self.core = started.result()  # re-raises a loading error here
+        self.device = self.core.device
+
+    @property
+    def tokenizer(self):
+        return self.core.tokenizer
 
     @property
     def max_model_len(self) -> int:
@@ -138,6 +165,11 @@ class AsyncEngine:
         sched = self.core.scheduler
         return EngineStats(len(sched.running), len(sched.waiting), sched.kv_cache_usage, self.max_model_len)
 
+    def check_health(self) -> None:
+        """Raise EngineDeadError once the compute thread has stopped."""
+        if self._dead is not None or not self._thread.is_alive():
+            raise EngineDeadError(f"the engine thread has stopped: {self._dead or 'no reason recorded'}")
+
     def shutdown(self) -> None:
         self._send(None)
         self._thread.join(timeout=10)
@@ -148,8 +180,17 @@ class AsyncEngine:
 
     # ---- everything below runs on the engine thread ----
 
-    def _loop_thread(self) -> None:
+    def _loop_thread(self, load: Loader, device: torch.device | None, started: Future) -> None:
         torch.set_num_threads(self.config.num_threads or default_num_threads())
+        try:
+            with torch.inference_mode():
+                model, tokenizer = load()
+                device = device or next(model.parameters()).device
+                self.core = EngineCore(model, tokenizer, self.config, device)
+        except BaseException as exc:
+            started.set_exception(exc)
+            return
+        started.set_result(self.core)
         with torch.inference_mode():
             while True:
                 if not self.core.has_unfinished:
@@ -172,7 +213,8 @@ class AsyncEngine:
             except queue.Empty:
                 return True
             if message is None:
-                self._fail_all(EngineDeadError("the engine is shutting down"))
+                self._dead = EngineDeadError("the engine was shut down")
+                self._fail_all(self._dead)
                 return False
             if isinstance(message, _Abort):
                 delta = self.core.abort(message.request_id)
@@ -188,17 +230,23 @@ class AsyncEngine:
         by_request: dict[str, list] = {}
         for delta in deltas:
             by_request.setdefault(delta.request_id, []).append(delta)
-        with self._lock:
-            targets = [(self._streams.get(rid), items) for rid, items in by_request.items()]
-        for target, items in targets:
-            if target is not None:
-                _put(target, items)
+        self._send_out(by_request)
 
     def _deliver_error(self, request_id: str, exc: BaseException) -> None:
+        self._send_out({request_id: [exc]})
+
+    def _send_out(self, by_request: dict[str, list]) -> None:
+        """One wake-up per event loop and step, not one per request: the loop thread shares the GIL."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, list]]] = {}
         with self._lock:
-            target = self._streams.get(request_id)
-        if target is not None:
-            _put(target, [exc])
+            for request_id, items in by_request.items():
+                target = self._streams.get(request_id)
+                if target is not None:
+                    by_loop.setdefault(target[0], []).append((target[1], items))
+        for loop, batch in by_loop.items():
+            # RuntimeError: that event loop is closed, so nobody is listening any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_put_all, batch)
 
     def _fail_all(self, exc: BaseException) -> None:
         for request_id in self.core.abort_all():
@@ -206,8 +254,6 @@ class AsyncEngine:
             self._deliver_error(request_id, error)
 
 
-def _put(target: tuple[asyncio.AbstractEventLoop, asyncio.Queue], items: list) -> None:
-    loop, out = target
-    # RuntimeError: the caller's event loop is closed, so nobody is listening any more.
-    with contextlib.suppress(RuntimeError):
-        loop.call_soon_threadsafe(out.put_nowait, items)
+def _put_all(batch: list[tuple[asyncio.Queue, list]]) -> None:
+    for out, items in batch:
+        out.put_nowait(items)

@@ -89,6 +89,9 @@ class FakeEngine:
     def stats(self) -> EngineStats:
         return EngineStats(len(self._running), 0, 0.0, MAX_MODEL_LEN)
 
+    def check_health(self) -> None:
+        pass
+
     def shutdown(self) -> None:
         self._running.clear()
 
