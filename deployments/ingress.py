@@ -1,25 +1,24 @@
-"""The HTTP face: LLM Engine v1 routes, routing by model name, and the one exception → HTTP mapping."""
+"""The HTTP face: LLM Engine v1 and OpenAI routes, routing by model name, errors rendered per protocol."""
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Protocol
 
-from fastapi import FastAPI, Query
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.exceptions import RayTaskError, TaskCancelledError
-from ray.serve.exceptions import (
-    BackPressureError,
-    DeploymentUnavailableError,
-    RayServeException,
-    RequestCancelledError,
-)
+from ray.serve.exceptions import RayServeException, RequestCancelledError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from deployments.errors import http_error
 from deployments.model_server import CompletionResult, ModelRequest
+from deployments.protocol import openai as openai_api
 from deployments.protocol.llm_engine import (
     CompletionOutput,
     CompletionRequest,
@@ -30,60 +29,24 @@ from deployments.protocol.llm_engine import (
     ModelEndpoint,
     TokenOutput,
 )
-from deployments.sse import SSE_HEADERS, SSE_MEDIA_TYPE, sse_event
+from deployments.protocol.openai_responses import ChatChunks, ChatCompletion, Completion, CompletionChunks
+from deployments.sse import SSE_DONE, SSE_HEADERS, SSE_MEDIA_TYPE, sse_event
 from engine.errors import InvalidRequestError, ModelNotFoundError, ServingError
 from engine.types import TokenDelta
 
 logger = logging.getLogger("ray.serve")
 
 READY_TIMEOUT_S = 5.0
-# Serve's own errors, by the status they mean to a client.
-_SERVE_ERROR_STATUS: dict[type[Exception], int] = {
-    BackPressureError: 429,  # max_queued_requests of the model's deployment reached
-    DeploymentUnavailableError: 503,
-}
+OPENAI_TAG = "openai"  # routes with this tag answer errors in OpenAI's shape
 _CANCELLED = (TaskCancelledError, RequestCancelledError)
 
 
-def unwrap(exc: BaseException) -> BaseException:
-    """The exception raised in a replica, out of Ray's RayTaskError wrapping(s)."""
-    while isinstance(exc, RayTaskError) and isinstance(exc.cause, BaseException):
-        exc = exc.cause
-    return exc
-
-
-def validation_message(errors: list[dict]) -> str:
-    """Pydantic errors as one line: "max_new_tokens: Input should be greater than or equal to 1"."""
-    parts = []
-    for error in errors:
-        loc = [str(p) for p in error.get("loc", ())]
-        if loc and loc[0] in ("body", "query", "path", "header"):
-            loc = loc[1:]
-        message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
-        if error.get("type") == "json_invalid":
-            message, loc = f"malformed JSON body: {error.get('ctx', {}).get('error', message)}", []
-        elif error.get("type") == "model_attributes_type" and not loc:
-            message = "the body must be a JSON object"
-        parts.append(f"{'.'.join(loc)}: {message}" if loc else message)
-    return "; ".join(parts)
-
-
-def http_error(exc: BaseException) -> tuple[int, str]:
-    """The one mapping from an exception to (HTTP status, message)."""
-    exc = unwrap(exc)
-    if isinstance(exc, ServingError):
-        return exc.status_code, str(exc)
-    if isinstance(exc, RequestValidationError | ValidationError):
-        return 400, validation_message(list(exc.errors()))
-    for error_class, status_code in _SERVE_ERROR_STATUS.items():
-        if isinstance(exc, error_class):
-            return status_code, str(exc)
-    logger.error("internal error", exc_info=exc)
-    return 500, f"internal error: {type(exc).__name__}: {exc}"
-
-
-async def error_response(_request, exc: Exception) -> JSONResponse:
+async def error_response(request: Request, exc: Exception) -> JSONResponse:
+    """`{"detail": ...}` on the LLM Engine routes, `{"error": {...}}` on the OpenAI ones."""
     status_code, message = http_error(exc)
+    if OPENAI_TAG in getattr(request.scope.get("route"), "tags", ()):
+        body = openai_api.ErrorResponse.of(status_code, message).model_dump()
+        return JSONResponse(body, status_code=status_code)
     return JSONResponse({"detail": message}, status_code=status_code)
 
 
@@ -110,7 +73,43 @@ async def _sse_events(
             stream.cancel()
 
 
-app = FastAPI(title="llmserve", description="LLM Engine v1 compatible completions on Ray Serve.")
+class ChunkBuilder(Protocol):
+    """Builds one OpenAI stream's chunks: `CompletionChunks` or `ChatChunks`."""
+
+    def content(self, delta: TokenDelta) -> BaseModel: ...
+    def usage(self, delta: TokenDelta) -> BaseModel: ...
+
+
+async def _openai_sse_events(
+    first: TokenDelta | None, stream: DeploymentResponseGenerator, chunks: ChunkBuilder, is_usage_sent: bool
+) -> AsyncIterator[bytes]:
+    """OpenAI framing: content chunks, the usage chunk if asked, `[DONE]`; an error event before `[DONE]`."""
+    delta, is_finished = first, False
+    try:
+        while delta is not None:
+            if delta.text or delta.token is not None or delta.is_finished:  # skip held-back-text deltas
+                yield sse_event(chunks.content(delta))
+            if delta.is_finished:
+                is_finished = True
+                if is_usage_sent:
+                    yield sse_event(chunks.usage(delta))
+                break
+            delta = await anext(stream, None)
+    except _CANCELLED:
+        return  # the client went away and Serve cancelled the replica's stream: nobody to tell
+    except Exception as exc:
+        yield sse_event(openai_api.ErrorResponse.of(*http_error(exc)))
+    finally:
+        if not is_finished:  # client gone or error: stop the replica's generation
+            stream.cancel()
+    yield SSE_DONE
+
+
+def _json_response(payload: BaseModel) -> Response:
+    return Response(payload.model_dump_json(), media_type="application/json")
+
+
+app = FastAPI(title="llmserve", description="LLM Engine v1 and OpenAI compatible completions on Ray Serve.")
 for _exc_class in (RequestValidationError, ValidationError, ServingError, RayTaskError, RayServeException):
     app.add_exception_handler(_exc_class, error_response)
 app.add_exception_handler(Exception, error_response)  # the rest: 500 (Starlette re-raises it to the logs)
@@ -126,6 +125,7 @@ class Ingress:
         self._handles = dict(model_handles)
         self._stream_handles = {name: h.options(stream=True) for name, h in self._handles.items()}
         self._model_names = dict(model_names or {})
+        self._created_s = int(time.time())
 
     def _check_model(self, name: str | None) -> str:
         if not name:
@@ -149,8 +149,7 @@ class Ingress:
             num_completion_tokens=result.num_completion_tokens,
             tokens=tokens,
         )
-        payload = CompletionSyncResponse(request_id=request.request_id, output=output)
-        return Response(payload.model_dump_json(), media_type="application/json")
+        return _json_response(CompletionSyncResponse(request_id=request.request_id, output=output))
 
     @app.post("/v1/llm/completions-stream", response_class=StreamingResponse)
     async def completions_stream(
@@ -158,16 +157,61 @@ class Ingress:
     ) -> StreamingResponse:
         name = self._check_model(model_endpoint_name)
         request = ModelRequest(str(uuid.uuid4()), body.prompt, body.to_sampling_params())
+        first, stream = await self._open_stream(name, request)
+        events = _sse_events(request.request_id, first, stream)
+        return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
+
+    async def _open_stream(
+        self, name: str, request: ModelRequest
+    ) -> tuple[TokenDelta | None, DeploymentResponseGenerator]:
+        """The replica's stream and its first delta, pulled before answering: errors known up front
+        (context too long, overload) become plain HTTP errors. TTFT is unchanged."""
         stream: DeploymentResponseGenerator = self._stream_handles[name].generate_stream.remote(request)
-        # Pull the first delta before answering: errors known up front (context too long, overload)
-        # become plain HTTP errors. The first delta is sent as soon as it exists, so TTFT is unchanged.
         try:
-            first = await anext(stream, None)
+            return await anext(stream, None), stream
         except BaseException:
             stream.cancel()
             raise
-        events = _sse_events(request.request_id, first, stream)
+
+    @app.post("/v1/completions", tags=[OPENAI_TAG], response_model=Completion)
+    @app.post("/v2/completions", tags=[OPENAI_TAG], response_model=Completion)
+    async def openai_completions(self, body: openai_api.CompletionRequest) -> Response:
+        """OpenAI completions. The prompt is sent raw, never through the chat template (unlike the LLM
+        Engine routes, which apply it for instruct models): here the client owns the exact prompt text."""
+        name = self._check_model(body.model)
+        request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        request = ModelRequest(request_id, body.prompt, body.to_sampling_params(), is_raw_prompt=True)
+        if body.stream:
+            chunks = CompletionChunks(request_id, created, body.model)
+            return await self._openai_stream(name, request, chunks, body.is_usage_streamed)
+        result: CompletionResult = await self._handles[name].generate.remote(request)
+        return _json_response(Completion.from_result(request_id, created, body.model, result))
+
+    @app.post("/v1/chat/completions", tags=[OPENAI_TAG], response_model=ChatCompletion)
+    @app.post("/v2/chat/completions", tags=[OPENAI_TAG], response_model=ChatCompletion)
+    async def openai_chat_completions(self, body: openai_api.ChatCompletionRequest) -> Response:
+        """OpenAI chat: the model server applies the tokenizer's chat template to the whole conversation."""
+        name = self._check_model(body.model)
+        request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        params, is_auto = body.to_sampling_params(), body.max_new_tokens is None
+        request = ModelRequest(request_id, body.to_messages(), params, is_max_tokens_auto=is_auto)
+        if body.stream:
+            chunks = ChatChunks(request_id, created, body.model)
+            return await self._openai_stream(name, request, chunks, body.is_usage_streamed)
+        result: CompletionResult = await self._handles[name].generate.remote(request)
+        return _json_response(ChatCompletion.from_result(request_id, created, body.model, result))
+
+    async def _openai_stream(
+        self, name: str, request: ModelRequest, chunks: ChunkBuilder, is_usage_sent: bool
+    ) -> StreamingResponse:
+        first, stream = await self._open_stream(name, request)
+        events = _openai_sse_events(first, stream, chunks, is_usage_sent)
         return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
+
+    @app.get("/v1/models", tags=[OPENAI_TAG], response_model=openai_api.ModelList)
+    async def openai_models(self) -> openai_api.ModelList:
+        cards = [openai_api.ModelCard(id=n, created=self._created_s) for n in sorted(self._handles)]
+        return openai_api.ModelList(data=cards)
 
     @app.get("/v1/llm/model-endpoints", response_model=ListModelEndpointsResponse)
     async def list_model_endpoints(self) -> ListModelEndpointsResponse:

@@ -7,26 +7,48 @@ directly. Its engine comes from an `EngineFactory`, so HTTP-layer tests can inje
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from deployments.config import ModelConfig
-from engine.async_engine import EngineStats
 from engine.errors import InvalidRequestError
-from engine.types import FinishReason, GenerationRequest, SamplingParams, TokenDelta, TokenLogProb
+from engine.types import (
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    TokenDelta,
+    TokenLogProb,
+)
 
 logger = logging.getLogger("ray.serve")
 
 
 @dataclass(frozen=True, slots=True)
+class ChatMessage:
+    """One turn of a conversation, as the chat template reads it."""
+
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
 class ModelRequest:
-    """What the ingress asks one model for: a prompt and validated sampling settings."""
+    """What the ingress asks one model for: a prompt or a conversation, and validated sampling settings.
+
+    A text prompt goes through the chat template when the model's config says so (the LLM Engine
+    routes), or never with `is_raw_prompt` (OpenAI's /v1/completions). A conversation always does.
+    """
 
     request_id: str
-    prompt: str
+    prompt: str | tuple[ChatMessage, ...]
     params: SamplingParams
+    is_raw_prompt: bool = False
+    # True: generate up to the context limit (OpenAI chat without max_tokens); params.max_new_tokens unused.
+    is_max_tokens_auto: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,24 +127,34 @@ class ModelServer:
         self._use_chat_template = serving.use_chat_template
         logger.info("model %s (%s) ready", model_config.name, model_config.model)
 
-    def encode(self, prompt: str) -> list[int]:
+    def encode(self, prompt: str, *, is_raw: bool = False) -> list[int]:
         """Prompt token ids: the prompt as a user turn of the chat template, or the raw prompt."""
-        if not self._use_chat_template:
+        if is_raw or not self._use_chat_template:
             return list(self._tokenizer(prompt).input_ids)
-        encoded = self._tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-        )
+        return self.encode_chat([ChatMessage(role="user", content=prompt)])
+
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """Token ids of a conversation through the chat template, ending with the assistant's turn."""
+        if not getattr(self._tokenizer, "chat_template", None):
+            raise InvalidRequestError(f"model {self._config.name} has no chat template; use /v1/completions")
+        turns = [{"role": m.role, "content": m.content} for m in messages]
+        encoded = self._tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
         # transformers 5 returns a BatchEncoding (a Mapping); older versions a plain list of ids.
         return list(encoded["input_ids"] if isinstance(encoded, Mapping) else encoded)
 
     def _start(self, request: ModelRequest) -> AsyncIterator[TokenDelta]:
-        prompt_ids = self.encode(request.prompt)
+        if isinstance(request.prompt, str):
+            prompt_ids = self.encode(request.prompt, is_raw=request.is_raw_prompt)
+        else:
+            prompt_ids = self.encode_chat(request.prompt)
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty after tokenization")
-        self._engine.check_request(len(prompt_ids), request.params.max_new_tokens)
-        return self._engine.add_request(
-            GenerationRequest(request.request_id, tuple(prompt_ids), request.params)
-        )
+        params = request.params
+        if request.is_max_tokens_auto:  # the room the context leaves; at least 1, so too long still fails
+            room = self._engine.stats().max_model_len - len(prompt_ids)
+            params = dataclasses.replace(params, max_new_tokens=max(room, 1))
+        self._engine.check_request(len(prompt_ids), params.max_new_tokens)
+        return self._engine.add_request(GenerationRequest(request.request_id, tuple(prompt_ids), params))
 
     async def generate_stream(self, request: ModelRequest) -> AsyncIterator[TokenDelta]:
         """Deltas as the engine produces them; use with `handle.options(stream=True)`."""

@@ -10,3 +10,6 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 def sse_event(payload: BaseModel) -> bytes:
     """One event. `model_dump_json` never emits a newline, so the event stays on one line."""
     return b"data: " + payload.model_dump_json().encode("utf-8") + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"  # OpenAI's end of stream

@@ -23,17 +23,9 @@ import torch
 from engine.core import EngineCore
 from engine.device import default_num_threads
 from engine.errors import EngineDeadError, OverloadedError, ServingError
-from engine.types import EngineConfig, GenerationRequest, TokenDelta
+from engine.types import EngineConfig, EngineStats, GenerationRequest, TokenDelta
 
 logger = logging.getLogger("engine")
-
-
-@dataclass(frozen=True, slots=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float  # 0..1 of the KV-cache blocks in use
-    max_model_len: int
 
 
 class RequestStream:

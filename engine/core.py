@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from engine.device import release_free_memory
 from engine.errors import ContextLengthError, InvalidRequestError
 from engine.kv_cache import KVCache, KVCacheShape, plan_num_blocks
 from engine.model_runner import ModelRunner
@@ -56,6 +57,7 @@ class EngineCore:
             block_size=config.block_size,
             num_blocks=num_blocks,
         )
+        release_free_memory()
         self._seqs: dict[str, Sequence] = {}
         self._outputs: dict[str, RequestOutput] = {}
         self._generators: dict[str, torch.Generator | None] = {}

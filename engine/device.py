@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 
 import torch
@@ -35,3 +37,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def default_num_threads() -> int:
     """Every core this process may run on (Ray's OMP_NUM_THREADS=1 for fractional CPUs is ignored)."""
     return len(os.sched_getaffinity(0))
+
+
+def release_free_memory() -> None:
+    """Hand memory freed during loading back to the OS (glibc keeps it otherwise: ~220 MiB here)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -65,6 +65,14 @@ class TokenDelta:
 
 
 @dataclass(frozen=True, slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # 0..1 of the KV-cache blocks in use
+    max_model_len: int
+
+
+@dataclass(frozen=True, slots=True)
 class EngineConfig:
     """Limits and knobs of one engine; sized once at start-up."""
 

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 from deployments.config import ModelConfig
 from deployments.model_server import ServingModel
-from engine.async_engine import EngineStats
 from engine.errors import ContextLengthError, EngineDeadError, OverloadedError
-from engine.types import FinishReason, GenerationRequest, TokenDelta, TokenLogProb
+from engine.types import EngineStats, FinishReason, GenerationRequest, TokenDelta, TokenLogProb
 
 FAKE_MODELS = ("fake", "fake-chat.v1:2024-01-01")  # the second name has the characters fine-tunes use
 MAX_MODEL_LEN = 256

@@ -5,10 +5,10 @@ import asyncio
 import pytest
 
 from deployments.config import ModelConfig
-from deployments.model_server import ModelRequest, ModelServer
-from engine.errors import ContextLengthError
+from deployments.model_server import ChatMessage, ModelRequest, ModelServer, ServingModel
+from engine.errors import ContextLengthError, InvalidRequestError
 from engine.types import FinishReason, SamplingParams
-from tests.deployments.fake_engine import MAX_MODEL_LEN, fake_factory
+from tests.deployments.fake_engine import MAX_MODEL_LEN, FakeEngine, FakeTokenizer, fake_factory
 
 
 @pytest.fixture
@@ -58,3 +58,35 @@ async def test_cancelling_generate_aborts(server):
         await task
     assert server._engine.aborted == ["r1"]
     assert (await server.stats()).num_running == 0
+
+
+CONVERSATION = (ChatMessage("system", "s"), ChatMessage("user", "hi"))
+
+
+async def test_chat_and_raw_prompts():
+    chat = ModelServer(ModelConfig(name="c", model="c", use_chat_template=True), engine_factory=fake_factory)
+    assert chat.encode("hi", is_raw=True) == list(b"hi")  # OpenAI /v1/completions: never templated
+    assert chat.encode_chat(CONVERSATION) == list(b"<system>s<user>hi<assistant>")
+    result = await chat.generate(ModelRequest("r1", CONVERSATION, SamplingParams(max_new_tokens=2)))
+    assert result.num_prompt_tokens == len("<system>s<user>hi<assistant>")
+    raw = await chat.generate(ModelRequest("r2", "hi", SamplingParams(max_new_tokens=2), is_raw_prompt=True))
+    assert raw.num_prompt_tokens == 2
+
+
+class NoTemplateTokenizer(FakeTokenizer):
+    chat_template = None
+
+
+async def test_chat_without_template_is_400():
+    serving = ServingModel(engine=FakeEngine(), tokenizer=NoTemplateTokenizer(), use_chat_template=False)
+    server = ModelServer(ModelConfig(name="base", model="base"), engine_factory=lambda _config: serving)
+    with pytest.raises(InvalidRequestError, match="model base has no chat template; use /v1/completions"):
+        await server.generate(ModelRequest("r1", CONVERSATION, SamplingParams()))
+
+
+async def test_max_tokens_auto_fills_the_context(server):
+    request = ModelRequest("r1", "hi", SamplingParams(max_new_tokens=1), is_max_tokens_auto=True)
+    assert (await server.generate(request)).num_completion_tokens == MAX_MODEL_LEN - 2
+    too_long = ModelRequest("r2", "x" * MAX_MODEL_LEN, SamplingParams(), is_max_tokens_auto=True)
+    with pytest.raises(ContextLengthError):
+        await server.generate(too_long)

@@ -1,0 +1,55 @@
+"""The one mapping from an exception to (HTTP status, message); the ingress renders it per protocol."""
+
+import logging
+
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from ray.exceptions import RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+from engine.errors import ServingError
+
+logger = logging.getLogger("ray.serve")
+
+# Serve's own errors, by the status they mean to a client.
+_SERVE_ERROR_STATUS: dict[type[Exception], int] = {
+    BackPressureError: 429,  # max_queued_requests of the model's deployment reached
+    DeploymentUnavailableError: 503,
+}
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The exception raised in a replica, out of Ray's RayTaskError wrapping(s)."""
+    while isinstance(exc, RayTaskError) and isinstance(exc.cause, BaseException):
+        exc = exc.cause
+    return exc
+
+
+def validation_message(errors: list[dict]) -> str:
+    """Pydantic errors as one line: "max_new_tokens: Input should be greater than or equal to 1"."""
+    parts = []
+    for error in errors:
+        loc = [str(p) for p in error.get("loc", ())]
+        if loc and loc[0] in ("body", "query", "path", "header"):
+            loc = loc[1:]
+        message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+        if error.get("type") == "json_invalid":
+            message, loc = f"malformed JSON body: {error.get('ctx', {}).get('error', message)}", []
+        elif error.get("type") == "model_attributes_type" and not loc:
+            message = "the body must be a JSON object"
+        parts.append(f"{'.'.join(loc)}: {message}" if loc else message)
+    return "; ".join(parts)
+
+
+def http_error(exc: BaseException) -> tuple[int, str]:
+    """The one mapping from an exception to (HTTP status, message)."""
+    exc = unwrap(exc)
+    if isinstance(exc, ServingError):
+        return exc.status_code, str(exc)
+    if isinstance(exc, RequestValidationError | ValidationError):
+        return 400, validation_message(list(exc.errors()))
+    for error_class, status_code in _SERVE_ERROR_STATUS.items():
+        if isinstance(exc, error_class):
+            return status_code, str(exc)
+    logger.error("internal error", exc_info=exc)
+    return 500, f"internal error: {type(exc).__name__}: {exc}"

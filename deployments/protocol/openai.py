@@ -1,0 +1,233 @@
+"""Wire types of OpenAI's `/v1/completions`, `/v1/chat/completions` and `/v1/models`.
+
+Requests validate their own bounds and convert themselves to engine types; responses have exactly
+OpenAI's shape. One completion per request (`n` = `best_of` = 1). Log probs are the chosen token's
+only: the engine does not compute alternatives, so `top_logprobs` is null (completions) or `[]` (chat).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from deployments.model_server import ChatMessage
+from engine.errors import NotSupportedError
+from engine.types import SamplingParams
+
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context
+ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error"}  # else:
+SERVER_ERROR_TYPE = "server_error"  # 5xx
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool | None = Field(False, description="Send a last chunk with the token usage.")
+
+
+class SamplingFields(BaseModel):
+    """Settings shared by both routes; the vLLM extras (top_k, ignore_eos...) included."""
+
+    # Unknown keys are ignored (clients send extras); NaN and infinities are never valid numbers.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    model: str = Field(min_length=1, description="The served model's name (see /v1/models).")
+    temperature: float | None = Field(1.0, ge=0.0, le=2.0, description="Sampling temperature; 0 = greedy.")
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    stop: str | list[str] | None = Field(None, description="Generation stops at the first match.")
+    seed: int | None = Field(None, description="Seed of this request's sampler, for reproducible samples.")
+    n: int | None = Field(1, description="Completions per request; only 1 is supported.")
+    stream: bool | None = Field(False, description="Answer with server-sent events.")
+    stream_options: StreamOptions | None = Field(None, description="Streaming options (include_usage).")
+    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0, description="OpenAI presence penalty.")
+    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0, description="OpenAI frequency penalty.")
+    logit_bias: dict[str, float] | None = Field(None, description="Not supported; must be empty.")
+    user: str | None = Field(None, description="End-user id; accepted and ignored.")
+    top_k: int | None = Field(None, ge=-1, description="vLLM extra: keep the k most likely; -1/0 = off.")
+    ignore_eos: bool | None = Field(False, description="vLLM extra: keep generating after EOS.")
+    skip_special_tokens: bool | None = Field(True, description="vLLM extra: drop special tokens.")
+    include_stop_str_in_output: bool | None = Field(False, description="vLLM extra: keep the stop string.")
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int | None) -> int | None:
+        if n not in (None, 1):
+            raise ValueError(f"only n=1 is supported, got {n}")
+        return n
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, logit_bias: dict[str, float] | None) -> dict[str, float] | None:
+        if logit_bias:
+            raise ValueError("logit_bias is not supported")
+        return logit_bias
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> SamplingFields:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    @property
+    def is_usage_streamed(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def _sampling_params(self, max_new_tokens: int, is_log_probs: bool) -> SamplingParams:
+        temperature = 1.0 if self.temperature is None else self.temperature
+        is_greedy = temperature == 0.0  # OpenAI accepts top_p/top_k with temperature 0: they do nothing
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=-1 if is_greedy or not self.top_k else self.top_k,
+            top_p=1.0 if is_greedy or self.top_p is None else self.top_p,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            # An empty stop string would match before any text: it means "no stop string".
+            stop_sequences=tuple(s for s in stops if s),
+            include_stop_str_in_output=bool(self.include_stop_str_in_output),
+            return_log_probs=is_log_probs,
+            skip_special_tokens=self.skip_special_tokens is not False,
+            seed=self.seed,
+            ignore_eos=bool(self.ignore_eos),
+        )
+
+
+class CompletionRequest(SamplingFields):
+    """Body of `POST /v1/completions`: one text prompt, sent to the model raw (no chat template)."""
+
+    prompt: str = Field(description="The text to complete; a list holding exactly one string also works.")
+    max_tokens: int | None = Field(DEFAULT_COMPLETION_MAX_TOKENS, ge=1, description="Most tokens to make.")
+    logprobs: int | None = Field(None, ge=0, le=5, description="Return the chosen tokens' log probs.")
+    echo: bool | None = Field(False, description="Not supported; must be false.")
+    best_of: int | None = Field(1, description="Only 1 is supported.")
+    suffix: str | None = Field(None, description="Not supported; must be null.")
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, prompt: Any) -> Any:
+        if not isinstance(prompt, list):
+            return prompt
+        if len(prompt) != 1:
+            raise ValueError(f"exactly one prompt per request is supported, got {len(prompt)}")
+        if not isinstance(prompt[0], str):
+            raise ValueError("token id prompts are not supported; send the prompt as text")
+        return prompt[0]
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, echo: bool | None) -> bool | None:
+        if echo:
+            raise ValueError("echo is not supported")
+        return echo
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_one(cls, best_of: int | None) -> int | None:
+        if best_of not in (None, 1):
+            raise ValueError(f"only best_of=1 is supported, got {best_of}")
+        return best_of
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, suffix: str | None) -> str | None:
+        if suffix:
+            raise ValueError("suffix is not supported")
+        return suffix
+
+    def to_sampling_params(self) -> SamplingParams:
+        max_tokens = self.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
+        return self._sampling_params(max_tokens, is_log_probs=self.logprobs is not None)
+
+
+class TextPart(BaseModel):
+    type: str = Field(description='Only "text" is supported.')
+    text: str = Field("", description="The text of this part.")
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, part_type: str) -> str:
+        if part_type != "text":
+            raise ValueError(f"content parts of type {part_type!r} are not supported; only 'text'")
+        return part_type
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description='Who says it; "developer" is OpenAI\'s newer name for "system".'
+    )
+    content: str | list[TextPart] = Field(description="Text, or a list of text parts (joined by newlines).")
+
+    def to_chat_message(self) -> ChatMessage:
+        text = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+        return ChatMessage(role="system" if self.role == "developer" else self.role, content=text)
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"] = Field(description='Only "text" for now.')
+
+
+class ChatCompletionRequest(SamplingFields):
+    """Body of `POST /v1/chat/completions`: the whole conversation goes through the chat template."""
+
+    messages: list[Message] = Field(min_length=1, description="The conversation so far.")
+    max_tokens: int | None = Field(None, ge=1, description="Most tokens to make; null = up to the context.")
+    max_completion_tokens: int | None = Field(None, ge=1, description="Replaces max_tokens when set.")
+    logprobs: bool | None = Field(False, description="Return the chosen tokens' log probs.")
+    top_logprobs: int | None = Field(None, ge=0, le=5, description="Alternatives per token (none returned).")
+    response_format: ResponseFormat | None = Field(None, description='Only {"type": "text"} for now.')
+    tools: list[Any] | None = Field(None, description="Not supported; must be empty.")
+
+    @model_validator(mode="after")
+    def _check_chat_fields(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
+        if self.tools:
+            raise ValueError("tools are not supported")
+        return self
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        """The asked limit; None means as many as the context leaves room for (OpenAI's chat default)."""
+        return self.max_completion_tokens or self.max_tokens
+
+    def to_messages(self) -> tuple[ChatMessage, ...]:
+        return tuple(m.to_chat_message() for m in self.messages)
+
+    def to_sampling_params(self) -> SamplingParams:
+        """The engine's settings; with no max tokens given, the model server fills in the context's room."""
+        if self.response_format is not None and self.response_format.type != "text":
+            raise NotSupportedError(f"response_format {self.response_format.type!r} is not supported yet")
+        return self._sampling_params(self.max_new_tokens or 1, is_log_probs=bool(self.logprobs))
+
+
+class ErrorDetail(BaseModel):
+    message: str = Field(description="What went wrong.")
+    type: str = Field(description="invalid_request_error, not_found_error, rate_limit_error, server_error...")
+    param: str | None = Field(None, description="The offending parameter, when known.")
+    code: int = Field(description="The HTTP status.")
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body; also the payload of the error event that ends a failed stream."""
+
+    error: ErrorDetail
+
+    @classmethod
+    def of(cls, status_code: int, message: str) -> ErrorResponse:
+        default_type = SERVER_ERROR_TYPE if status_code >= 500 else ERROR_TYPES[400]
+        error_type = ERROR_TYPES.get(status_code, default_type)
+        return cls(error=ErrorDetail(message=message, type=error_type, code=status_code))
+
+
+class ModelCard(BaseModel):
+    id: str = Field(description="The served name; pass it as `model`.")
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix time the server started serving it.")
+    owned_by: str = "llmserve"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard] = Field(description="Every served model.")
