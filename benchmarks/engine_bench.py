@@ -106,6 +106,21 @@ async def bench_engine(engine: AsyncEngine, prompts, concurrency: int, new_token
     return Result(f"engine, concurrency {concurrency} ({len(prompts)} req)", sum(counts), wall, ttft, tpot)
 
 
+async def greedy_text(engine: AsyncEngine, ids: list[int], new_tokens: int) -> str:
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    stream = engine.add_request(GenerationRequest(str(uuid.uuid4()), tuple(ids), params))
+    return "".join([delta.text async for delta in stream])
+
+
+async def batch_invariance(engine: AsyncEngine, prompts, new_tokens: int, num_checked: int = 4) -> str:
+    """Greedy text of a prompt run alone vs the same prompt amid 15 others."""
+    alone = [await greedy_text(engine, ids, new_tokens) for ids in prompts[:num_checked]]
+    crowd = await asyncio.gather(*(greedy_text(engine, ids, new_tokens) for ids in prompts))
+    same = sum(a == c for a, c in zip(alone, crowd, strict=False))
+    others = len(prompts) - 1
+    return f"batch invariance: {same}/{num_checked} prompts: same greedy text alone and amid {others} others"
+
+
 def run_in_thread(fn):
     """Run torch work on a thread that then exits: the main thread must not keep an OpenMP team
     alive beside the engine's (see engine/async_engine.py)."""
@@ -162,11 +177,14 @@ def main() -> None:
         f"prompt tokens: {min(map(len, prompts16))}-{max(map(len, prompts16))}, new tokens {args.new_tokens}"
     )
 
+    notes: list[str] = []
+
     async def run_engine() -> None:
         await bench_engine(engine, prompts16[:2], 2, 4)  # warm-up
         for concurrency, num_requests in ((1, 4), (4, 16), (16, 32)):
             prompts = make_prompts(tokenizer, num_requests)
             results[f"c{concurrency}"] = await bench_engine(engine, prompts, concurrency, args.new_tokens)
+        notes.append(await batch_invariance(engine, prompts16, args.new_tokens))
 
     asyncio.run(run_engine())
     engine.shutdown()
@@ -175,6 +193,7 @@ def main() -> None:
     print("|------------------------------------|----------|----------|----------|")
     for r in results.values():
         print(r.row())
+    print("\n" + "\n".join(notes))
     if "seq" in results:
         c1, c16 = results["c1"], results["c16"]
         seq, static = results["seq"], results["static"]

@@ -117,7 +117,7 @@ app.add_exception_handler(Exception, error_response)  # the rest: 500 (Starlette
 
 @serve.ingress(app)
 class Ingress:
-    """Routes each request to its model's deployment by `model_endpoint_name`."""
+    """Routes each request to its model's deployment by `model_endpoint_name` or the body's `model`."""
 
     def __init__(
         self, model_handles: dict[str, DeploymentHandle], model_names: dict[str, str] | None = None

@@ -6,6 +6,7 @@ import httpx
 import pytest
 
 from tests.deployments.fake_engine import FAKE_MODELS, MAX_MODEL_LEN
+from tests.deployments.test_ingress import wait_idle
 
 COMPLETION = {"model": "fake", "prompt": "hi", "max_tokens": 3}
 CHAT = {"model": FAKE_MODELS[1], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
@@ -129,3 +130,12 @@ def test_models_and_v2_aliases(client):
     assert client.post("v2/completions", json=COMPLETION).json()["object"] == "text_completion"
     assert client.post("v2/chat/completions", json=CHAT).json()["object"] == "chat.completion"
     assert client.post("v2/completions", json={**COMPLETION, "model": "nope"}).json()["error"]["code"] == 404
+
+
+def test_stream_disconnect_aborts_the_engine_request(client):
+    body = {**COMPLETION, "prompt": "[slow]", "max_tokens": 100, "stream": True}  # 20 s if not stopped
+    with client.stream("POST", "v1/completions", json=body) as response:
+        lines = response.iter_lines()  # keep a reference: a dropped line iterator closes the connection
+        first = next(line for line in lines if line.startswith("data: "))
+        assert json.loads(first.removeprefix("data: "))["choices"][0]["text"] == "w0 "
+    assert wait_idle(), "the engine request kept running after the client left"

@@ -86,6 +86,7 @@ def test_log_probs(client):
 def test_stop(client):
     text = client.completions.create(model=TINY_MODEL, prompt="Hello", max_tokens=12, temperature=0)
     text = text.choices[0].text
+    assert len(text) >= 6, text  # the tiny model does not end this early under greedy
     stop = text[4:6]
     stopped = client.completions.create(
         model=TINY_MODEL, prompt="Hello", max_tokens=12, temperature=0, stop=[stop]

@@ -104,6 +104,30 @@ async def test_concurrent_streams(tiny_app_url):
     assert all(events[-1]["output"]["finished"] for events in results)
 
 
+async def test_sixteen_concurrent_greedy_streams_equal_their_sync_twins(tiny_app_url):
+    """16 streams in one batch; each one's text equals the same request answered alone, sync."""
+    prompts = [f"Story number {i}: once upon a time" for i in range(16)]
+    async with httpx.AsyncClient(base_url=tiny_app_url, timeout=120) as client:
+        params = {"model_endpoint_name": TINY_MODEL}
+
+        async def stream(prompt: str) -> str:
+            request = body(prompt=prompt, max_new_tokens=24, temperature=0)
+            response = await client.post("v1/llm/completions-stream", params=params, json=request)
+            assert response.status_code == 200
+            events = events_of(response)
+            assert events[-1]["output"]["finished"] and events[-1]["output"]["num_completion_tokens"] >= 1
+            return "".join(e["output"]["text"] for e in events)
+
+        streamed = await asyncio.gather(*(stream(p) for p in prompts))
+        for prompt, text in zip(prompts, streamed, strict=True):
+            sync = await client.post(
+                "v1/llm/completions-sync",
+                params=params,
+                json=body(prompt=prompt, max_new_tokens=24, temperature=0),
+            )
+            assert sync.json()["output"]["text"] == text, prompt
+
+
 def test_disconnect_frees_the_engine(client):
     handle = serve.get_deployment_handle(f"ModelServer:{TINY_MODEL}", app_name="tiny")
     params = {"model_endpoint_name": TINY_MODEL}
