@@ -76,6 +76,43 @@ def _attend(q, k, v, mask, scale, softcap):
     return (scores.softmax(-1) @ v.float()).to(q.dtype)
 
 
+def attend_paged(
+    layer: int,
+    query: torch.Tensor,  # (T, H, hd)
+    key: torch.Tensor,  # (T, Hk, hd)
+    value: torch.Tensor,  # (T, Hk, hd)
+    meta: AttentionMetadata,
+    scaling: float | None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Write this step's k/v into the cache, then attend; returns (T, H, hd)."""
+    k_cache, v_cache = meta.kv_cache.keys[layer], meta.kv_cache.values[layer]
+    k_cache.index_copy_(0, meta.slot_mapping, key)
+    v_cache.index_copy_(0, meta.slot_mapping, value)
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    out = query.new_empty(num_tokens, num_heads, head_dim)
+    num_decode = meta.num_decode
+    if num_decode:
+        ctx = meta.max_decode_ctx
+        # One query token per sequence: fold the query heads of a group into the query-length axis.
+        q = query[:num_decode].reshape(num_decode, num_kv_heads, -1, head_dim)  # (D, Hk, G, hd)
+        k = k_cache.index_select(0, meta.decode_gather).view(num_decode, ctx, num_kv_heads, head_dim)
+        v = v_cache.index_select(0, meta.decode_gather).view(num_decode, ctx, num_kv_heads, head_dim)
+        o = _attend(
+            q, k.transpose(1, 2), v.transpose(1, 2), meta.decode_mask(sliding_window), scaling, softcap
+        )
+        out[:num_decode] = o.reshape(num_decode, num_heads, head_dim)
+    for index, span in enumerate(meta.prefills):
+        q = query[span.start : span.start + span.num_tokens].transpose(0, 1).unsqueeze(0)  # (1, H, n, hd)
+        k = k_cache.index_select(0, span.gather).transpose(0, 1).unsqueeze(0)  # (1, Hk, ctx, hd)
+        v = v_cache.index_select(0, span.gather).transpose(0, 1).unsqueeze(0)
+        o = _attend(q, k, v, meta.prefill_mask(index, sliding_window), scaling, softcap)
+        out[span.start : span.start + span.num_tokens] = o[0].transpose(0, 1)
+    return out
+
+
 def paged_attention(
     module: torch.nn.Module,
     query: torch.Tensor,  # (1, H, T, hd)
@@ -89,33 +126,11 @@ def paged_attention(
     attn_meta: AttentionMetadata | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
+    """The function transformers calls in place of sdpa/eager attention."""
     if attn_meta is None:
         raise RuntimeError(f"{ATTN_IMPLEMENTATION} attention needs attn_meta; run the model via ModelRunner")
-    layer = module.layer_idx
-    k_cache, v_cache = attn_meta.kv_cache.keys[layer], attn_meta.kv_cache.values[layer]
-    k_cache.index_copy_(0, attn_meta.slot_mapping, key[0].transpose(0, 1))
-    v_cache.index_copy_(0, attn_meta.slot_mapping, value[0].transpose(0, 1))
-
-    num_heads, num_tokens, head_dim = query.shape[1], query.shape[2], query.shape[3]
-    num_kv_heads = key.shape[1]
-    out = query.new_empty(num_tokens, num_heads, head_dim)  # (T, H, hd)
-    num_decode = attn_meta.num_decode
-    if num_decode:
-        ctx = attn_meta.max_decode_ctx
-        # One query token per sequence: fold the query heads of a group into the query-length axis.
-        q = query[0, :, :num_decode].transpose(0, 1).reshape(num_decode, num_kv_heads, -1, head_dim)
-        k = k_cache.index_select(0, attn_meta.decode_gather).view(num_decode, ctx, num_kv_heads, head_dim)
-        v = v_cache.index_select(0, attn_meta.decode_gather).view(num_decode, ctx, num_kv_heads, head_dim)
-        o = _attend(
-            q, k.transpose(1, 2), v.transpose(1, 2), attn_meta.decode_mask(sliding_window), scaling, softcap
-        )
-        out[:num_decode] = o.reshape(num_decode, num_heads, head_dim)
-    for index, span in enumerate(attn_meta.prefills):
-        q = query[:, :, span.start : span.start + span.num_tokens]  # (1, H, n, hd)
-        k = k_cache.index_select(0, span.gather).transpose(0, 1).unsqueeze(0)  # (1, Hk, ctx, hd)
-        v = v_cache.index_select(0, span.gather).transpose(0, 1).unsqueeze(0)
-        o = _attend(q, k, v, attn_meta.prefill_mask(index, sliding_window), scaling, softcap)
-        out[span.start : span.start + span.num_tokens] = o[0].transpose(0, 1)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, hd)
+    out = attend_paged(module.layer_idx, q, k, v, attn_meta, scaling, sliding_window, softcap)
     return out.unsqueeze(0), None  # (1, T, H, hd)
 
 

@@ -76,8 +76,10 @@ class GuidedSpec:
         chosen = [(name, value, make) for name, (value, make) in fields.items() if value is not None]
         if len(chosen) > 1:
             names = ", ".join(name for name, _, _ in chosen)
-            raise InvalidRequestError(f"at most one of guided_json, guided_regex, guided_choice, "
-                                      f"guided_grammar may be set; got {names}")
+            raise InvalidRequestError(
+                f"at most one of guided_json, guided_regex, guided_choice, "
+                f"guided_grammar may be set; got {names}"
+            )
         if not chosen:
             return None
         _, value, make = chosen[0]
