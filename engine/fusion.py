@@ -4,7 +4,8 @@
   module called computes all outputs and its siblings return their slice when handed the very same
   input tensor (else they compute their own, so an unexpected call order stays correct).
 - On CPU every linear layer uses a oneDNN weight packed once at load, instead of repacking the
-  weight inside each call; small-batch bf16 products run about 1.3-2x faster that way here.
+  weight inside each call; small-batch products run about 1.3-2x (bf16) and 1.5-3.5x (float32)
+  faster that way here.
 """
 
 from __future__ import annotations
@@ -21,12 +22,11 @@ _GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def _can_pack(weight: torch.Tensor) -> bool:
-    return (
-        weight.device.type == "cpu"
-        and weight.dtype == torch.bfloat16
-        and torch.backends.mkldnn.is_available()
-        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if weight.dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return weight.dtype == torch.float32
 
 
 class PackedLinear(nn.Module):

@@ -22,7 +22,15 @@ import torch
 from engine.errors import InvalidRequestError
 from engine.guided_spec import GuidedSpec, GuideKind
 
-__all__ = ["CompiledGuide", "GuideState", "GuidedCompiler", "GuidedSpec", "apply_guides", "unpack_bitmask"]
+__all__ = [
+    "CompiledGuide",
+    "GuideState",
+    "GuidedCompiler",
+    "GuidedSpec",
+    "apply_guides",
+    "ascii_classes",
+    "unpack_bitmask",
+]
 
 _MAX_ERROR_CHARS = 800  # llguidance's reasons can carry a long grammar dump; the start says what is wrong
 _DEFAULT_MAX_CACHED = 256  # compiled guides kept (least recently used dropped)

@@ -85,4 +85,4 @@ class EngineConfig:
     device: str = "auto"  # "auto" = cuda if available else cpu
     num_threads: int | None = None  # torch threads on CPU; None = every core this process may use
     max_waiting: int = 256  # requests queued in the engine before new ones are refused (429)
-    optimize_model: bool = True  # fuse q/k/v and gate/up products, prepack CPU bf16 weights
+    optimize_model: bool = True  # fuse q/k/v and gate/up products, prepack CPU weights for oneDNN

@@ -11,7 +11,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.errors import InvalidRequestError
-from engine.guided import GuidedCompiler, GuidedSpec, GuideState, apply_guides, unpack_bitmask
+from engine.guided import (
+    GuidedCompiler,
+    GuidedSpec,
+    GuideState,
+    apply_guides,
+    ascii_classes,
+    unpack_bitmask,
+)
 from engine.guided_spec import GuideKind
 
 PERSON_SCHEMA = {
@@ -87,7 +94,7 @@ def test_json_output_validates(model_and_tokenizer, compiler, seed):
 def test_regex_matches_in_full(model_and_tokenizer, compiler, pattern):
     state = compiler.compile(GuidedSpec.regex(pattern)).new_state()
     text, is_eos = generate(model_and_tokenizer, state, seed=3)
-    assert is_eos and re.fullmatch(pattern, text), text
+    assert is_eos and re.fullmatch(pattern, text, flags=re.ASCII), text  # \d means [0-9]
 
 
 def test_choice_returns_exactly_one(model_and_tokenizer, compiler):
@@ -170,6 +177,10 @@ def test_unguided_rows_untouched_and_padded_vocab_masked(model_and_tokenizer, co
     assert torch.isinf(masked[1, len(tokenizer) :]).all()
     assert 0 < int(torch.isfinite(masked[1]).sum()) < 10
     assert apply_guides(logits, [None, None, None]) is logits
+    # Other dtypes (and devices) take the torch path; the mask must be the same.
+    halves = apply_guides(logits.bfloat16(), [None, state, None])
+    assert torch.equal(halves[0], logits[0].bfloat16())
+    assert torch.equal(torch.isfinite(halves), torch.isfinite(masked))
 
 
 def test_unpack_bitmask_matches_shifts():
@@ -177,3 +188,16 @@ def test_unpack_bitmask_matches_shifts():
     expected = torch.tensor([[(int(w) >> b) & 1 for w in row for b in range(32)] for row in bitmask]).bool()
     assert torch.equal(unpack_bitmask(bitmask, 150), expected[:, :150])
     assert not unpack_bitmask(bitmask, 170)[:, 160:].any()
+
+
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [
+        (r"\d{4}-\d{2}", "[0-9]{4}-[0-9]{2}"),
+        (r"[\d.]+\w", "[0-9.]+[0-9A-Za-z_]"),
+        (r"\\d[^\d]\D", r"\\d[^0-9][^0-9]"),
+        (r"[]\D]x", r"[]\D]x"),  # a leading "]" is literal; \D inside a class is left alone
+    ],
+)
+def test_ascii_classes(pattern, expected):
+    assert ascii_classes(pattern) == expected
