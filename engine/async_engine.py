@@ -14,7 +14,7 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,9 @@ import torch
 
 from engine.core import EngineCore
 from engine.device import default_num_threads
-from engine.errors import EngineDeadError, OverloadedError, ServingError
+from engine.errors import EngineDeadError, InvalidRequestError, OverloadedError, ServingError
+from engine.guided import CompiledGuide, GuidedCompiler
+from engine.guided_spec import GuidedSpec
 from engine.types import EngineConfig, EngineStats, GenerationRequest, TokenDelta
 
 logger = logging.getLogger("engine")
@@ -71,6 +73,7 @@ class RequestStream:
 @dataclass(frozen=True, slots=True)
 class _Add:
     request: GenerationRequest
+    guide: CompiledGuide | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +107,10 @@ class AsyncEngine:
         self._lock = threading.Lock()  # guards _streams
         self._wakeup = threading.Event()
         self._dead: BaseException | None = None
+        self._compile_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="guide-compile")
+        self._compiler: GuidedCompiler | None = None
+        self._compiler_lock = threading.Lock()
+        self._background: set[asyncio.Future] = set()
         started: Future[EngineCore] = Future()
         self._thread = threading.Thread(
             target=self._loop_thread, args=(load, device, started), name="engine-loop", daemon=True
@@ -142,8 +149,40 @@ class AsyncEngine:
             if request.request_id in self._streams:
                 raise ValueError(f"duplicate request id {request.request_id}")
             self._streams[request.request_id] = (asyncio.get_running_loop(), out)
-        self._send(_Add(request))
+        if request.params.guided is None:
+            self._send(_Add(request))
+        else:  # compile off the engine thread; errors reach the stream before its first delta
+            self._background.add(asyncio.ensure_future(self._compile_and_add(request)))
         return RequestStream(self, request.request_id, out)
+
+    async def _compile_and_add(self, request: GenerationRequest) -> None:
+        loop = asyncio.get_running_loop()
+        timeout_s = self.config.guided_compile_timeout_s
+        try:
+            compiled = loop.run_in_executor(self._compile_pool, self._compile, request.params.guided)
+            guide = await asyncio.wait_for(compiled, timeout_s)
+        except TimeoutError:
+            error = InvalidRequestError(
+                f"guided decoding: compiling the constraint took over {timeout_s:g} s"
+            )
+            self._deliver_error(request.request_id, error)
+        except ServingError as exc:
+            self._deliver_error(request.request_id, exc)
+        else:
+            with self._lock:
+                is_listening = request.request_id in self._streams
+            if is_listening:  # the caller may have gone while it compiled
+                self._send(_Add(request, guide))
+        finally:
+            self._background = {t for t in self._background if not t.done()}
+
+    def _compile(self, spec: GuidedSpec) -> CompiledGuide:
+        """Runs in the compile pool; the compiler (tokenizer walk, ~0.4 s) is built on first use."""
+        with self._compiler_lock:
+            if self._compiler is None:
+                core = self.core
+                self._compiler = GuidedCompiler(core.tokenizer, core.vocab_size, core.eos_token_ids)
+        return self._compiler.compile(spec)
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its batch slot and cache are freed at the next step."""
@@ -214,7 +253,7 @@ class AsyncEngine:
                     self._deliver([delta])
                 continue
             try:
-                self.core.add_request(message.request)
+                self.core.add_request(message.request, message.guide)
             except ServingError as exc:
                 self._deliver_error(message.request.request_id, exc)
 

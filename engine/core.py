@@ -8,6 +8,7 @@ import torch
 
 from engine.device import release_free_memory
 from engine.errors import ContextLengthError, InvalidRequestError
+from engine.guided import CompiledGuide, GuideState, apply_guides
 from engine.kv_cache import KVCache, KVCacheShape, plan_num_blocks
 from engine.model_runner import ModelRunner
 from engine.output import RequestOutput
@@ -61,6 +62,7 @@ class EngineCore:
         self._seqs: dict[str, Sequence] = {}
         self._outputs: dict[str, RequestOutput] = {}
         self._generators: dict[str, torch.Generator | None] = {}
+        self._guides: dict[str, GuideState] = {}
 
     def check_request(self, num_prompt_tokens: int, max_new_tokens: int) -> None:
         """Refuse what can never fit in the context."""
@@ -73,8 +75,15 @@ class EngineCore:
                 f"exceeds this model's context of {self.config.max_model_len} tokens"
             )
 
-    def add_request(self, request: GenerationRequest) -> None:
+    def add_request(self, request: GenerationRequest, guide: CompiledGuide | None = None) -> None:
+        """Queue a request; a guided one comes with its compiled guide (compiled off this thread)."""
         self.check_request(len(request.prompt_token_ids), request.params.max_new_tokens)
+        if (guide is None) != (request.params.guided is None):
+            raise InvalidRequestError("a guided request needs its compiled guide, and only it")
+        if guide is not None and request.params.ignore_eos:
+            raise InvalidRequestError("ignore_eos cannot be combined with guided decoding")
+        if guide is not None:
+            self._guides[request.request_id] = guide.new_state()
         seq = Sequence(request.request_id, list(request.prompt_token_ids), request.params)
         self._seqs[request.request_id] = seq
         self._outputs[request.request_id] = RequestOutput(request, self.tokenizer, self.eos_token_ids)
@@ -114,10 +123,13 @@ class EngineCore:
             [self._generators[s.request_id] for s in ready],
             self.device,
         )
-        result = sample(logits, meta)
+        guides = [self._guides.get(s.request_id) for s in ready]
+        result = sample(apply_guides(logits, guides), meta, raw_logits=logits)
         deltas = []
         for i, seq in enumerate(ready):
             token_id = result.token_ids[i]
+            if guides[i] is not None and not guides[i].accept(token_id):
+                logger.warning("guide of %s rejected token %d: %s", seq.request_id, token_id, guides[i].error)
             seq.output_ids.append(token_id)
             log_prob = result.log_probs[i] if result.log_probs is not None else None
             delta = self._outputs[seq.request_id].on_token(token_id, log_prob)
@@ -129,3 +141,4 @@ class EngineCore:
     def _drop(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
         del self._seqs[seq.request_id], self._outputs[seq.request_id], self._generators[seq.request_id]
+        self._guides.pop(seq.request_id, None)

@@ -21,6 +21,18 @@ class NotSupportedError(InvalidRequestError):
     """A valid field that this server does not implement yet (HTTP 400)."""
 
 
+class UnauthorizedError(ServingError):
+    """No API key, or not one of the configured keys (HTTP 401)."""
+
+    status_code = 401
+
+
+class PayloadTooLargeError(ServingError):
+    """The request body is larger than the configured limit (HTTP 413)."""
+
+    status_code = 413
+
+
 class ModelNotFoundError(ServingError):
     """No served model has this name (HTTP 404)."""
 
@@ -37,6 +49,12 @@ class ModelUnavailableError(ServingError):
     """The model has no replica able to answer right now (HTTP 503)."""
 
     status_code = 503
+
+
+class RequestTimeoutError(ServingError):
+    """A generation ran past the model's `request_timeout_s`; it is aborted (HTTP 504)."""
+
+    status_code = 504
 
 
 class EngineDeadError(ServingError):

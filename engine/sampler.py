@@ -218,8 +218,12 @@ def _rows_or_none(rows: list[int], batch_size: int, device: torch.device | str) 
     return None if len(rows) == batch_size else torch.tensor(rows, dtype=torch.int64, device=device)
 
 
-def sample(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
-    """Pick one token per row of `logits` (B, V), any float dtype, following each row's settings."""
+def sample(
+    logits: torch.Tensor, meta: SamplingMetadata, raw_logits: torch.Tensor | None = None
+) -> SamplerOutput:
+    """Pick one token per row of `logits` (B, V), any float dtype, following each row's settings.
+
+    Log probs come from `raw_logits` when given (the model's distribution before guided masks)."""
     processed = logits
     if meta.output_ids is not None:
         processed = logits.float()
@@ -227,7 +231,8 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         processed = apply_penalties(processed, counts, meta.presence_penalty, meta.frequency_penalty)
     # All greedy is the common fast path: one argmax, no softmax, no sort.
     token_ids = processed.argmax(dim=-1) if meta.is_all_greedy else _sample_random(processed.float(), meta)
-    log_probs = compute_log_probs(logits, token_ids).tolist() if meta.needs_log_probs else None
+    source = logits if raw_logits is None else raw_logits
+    log_probs = compute_log_probs(source, token_ids).tolist() if meta.needs_log_probs else None
     return SamplerOutput(token_ids=token_ids.tolist(), log_probs=log_probs)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from engine.guided_spec import GuidedSpec
+
 
 class FinishReason(StrEnum):
     STOP = "stop"  # EOS or a stop sequence
@@ -28,6 +30,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     seed: int | None = None
     ignore_eos: bool = False  # benchmarks force a fixed number of tokens
+    guided: GuidedSpec | None = None  # the output must follow this JSON schema / regex / choice / grammar
 
     @property
     def is_greedy(self) -> bool:
@@ -85,4 +88,5 @@ class EngineConfig:
     device: str = "auto"  # "auto" = cuda if available else cpu
     num_threads: int | None = None  # torch threads on CPU; None = every core this process may use
     max_waiting: int = 256  # requests queued in the engine before new ones are refused (429)
+    guided_compile_timeout_s: float = 10.0  # a grammar that takes longer to compile is refused (400)
     optimize_model: bool = True  # fuse q/k/v and gate/up products, prepack CPU weights for oneDNN

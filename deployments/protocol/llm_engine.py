@@ -11,12 +11,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from engine.errors import NotSupportedError
+from engine.guided_spec import GuidedSpec
 from engine.types import SamplingParams, TokenDelta, TokenLogProb
 
 GUIDED_FIELDS = ("guided_json", "guided_choice", "guided_regex", "guided_grammar")
 ONE_GUIDED_MESSAGE = "Only one of guided_json, guided_choice, guided_regex, guided_grammar can be enabled."
-GUIDED_NOT_SUPPORTED_MESSAGE = "guided decoding is not supported yet"
 
 
 class CompletionRequest(BaseModel):
@@ -63,9 +62,13 @@ class CompletionRequest(BaseModel):
         return self
 
     def to_sampling_params(self) -> SamplingParams:
-        """The engine's settings for this request; raises NotSupportedError for guided decoding."""
-        if any(getattr(self, name) is not None for name in GUIDED_FIELDS):
-            raise NotSupportedError(GUIDED_NOT_SUPPORTED_MESSAGE)
+        """The engine's settings for this request."""
+        guided = GuidedSpec.from_fields(
+            guided_json=self.guided_json,
+            guided_regex=self.guided_regex,
+            guided_choice=self.guided_choice,
+            guided_grammar=self.guided_grammar,
+        )
         return SamplingParams(
             max_new_tokens=self.max_new_tokens,
             temperature=self.temperature,
@@ -79,6 +82,7 @@ class CompletionRequest(BaseModel):
             return_log_probs=bool(self.return_token_log_probs),
             skip_special_tokens=self.skip_special_tokens is not False,
             seed=self.seed,
+            guided=guided,
         )
 
 

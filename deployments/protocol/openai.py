@@ -12,7 +12,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.model_server import ChatMessage
-from engine.errors import NotSupportedError
+from engine.errors import InvalidRequestError
+from engine.guided_spec import GuidedSpec
 from engine.types import SamplingParams
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context
@@ -46,6 +47,12 @@ class SamplingFields(BaseModel):
     ignore_eos: bool | None = Field(False, description="vLLM extra: keep generating after EOS.")
     skip_special_tokens: bool | None = Field(True, description="vLLM extra: drop special tokens.")
     include_stop_str_in_output: bool | None = Field(False, description="vLLM extra: keep the stop string.")
+    guided_json: dict[str, Any] | str | None = Field(
+        None, description="vLLM extra: JSON schema of the output."
+    )
+    guided_regex: str | None = Field(None, description="vLLM extra: the output matches this regex in full.")
+    guided_choice: list[str] | None = Field(None, description="vLLM extra: the output is one of these.")
+    guided_grammar: str | None = Field(None, description="vLLM extra: grammar of the output (Lark or GBNF).")
 
     @field_validator("n")
     @classmethod
@@ -71,7 +78,17 @@ class SamplingFields(BaseModel):
     def is_usage_streamed(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
-    def _sampling_params(self, max_new_tokens: int, is_log_probs: bool) -> SamplingParams:
+    def _guided_spec(self) -> GuidedSpec | None:
+        return GuidedSpec.from_fields(
+            guided_json=self.guided_json,
+            guided_regex=self.guided_regex,
+            guided_choice=self.guided_choice,
+            guided_grammar=self.guided_grammar,
+        )
+
+    def _sampling_params(
+        self, max_new_tokens: int, is_log_probs: bool, guided: GuidedSpec | None = None
+    ) -> SamplingParams:
         temperature = 1.0 if self.temperature is None else self.temperature
         is_greedy = temperature == 0.0  # OpenAI accepts top_p/top_k with temperature 0: they do nothing
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
@@ -89,6 +106,7 @@ class SamplingFields(BaseModel):
             skip_special_tokens=self.skip_special_tokens is not False,
             seed=self.seed,
             ignore_eos=bool(self.ignore_eos),
+            guided=guided or self._guided_spec(),
         )
 
 
@@ -164,8 +182,26 @@ class Message(BaseModel):
         return ChatMessage(role="system" if self.role == "developer" else self.role, content=text)
 
 
+class JsonSchemaFormat(BaseModel):
+    name: str | None = Field(None, description="The schema's name (informative).")
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema", description="The JSON schema.")
+    strict: bool | None = Field(None, description="Accepted; the output always follows the schema.")
+
+
 class ResponseFormat(BaseModel):
-    type: Literal["text", "json_object", "json_schema"] = Field(description='Only "text" for now.')
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        description="text, json_object or json_schema."
+    )
+    json_schema: JsonSchemaFormat | None = Field(None, description="The schema, for type json_schema.")
+
+    def to_guided_spec(self) -> GuidedSpec | None:
+        if self.type == "json_object":
+            return GuidedSpec.json_schema({"type": "object"})
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise InvalidRequestError("response_format json_schema needs a json_schema object")
+            return GuidedSpec.json_schema(self.json_schema.schema_)
+        return None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -176,7 +212,7 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, description="Replaces max_tokens when set.")
     logprobs: bool | None = Field(False, description="Return the chosen tokens' log probs.")
     top_logprobs: int | None = Field(None, ge=0, le=5, description="Alternatives per token (none returned).")
-    response_format: ResponseFormat | None = Field(None, description='Only {"type": "text"} for now.')
+    response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema.")
     tools: list[Any] | None = Field(None, description="Not supported; must be empty.")
 
     @model_validator(mode="after")
@@ -197,9 +233,10 @@ class ChatCompletionRequest(SamplingFields):
 
     def to_sampling_params(self) -> SamplingParams:
         """The engine's settings; with no max tokens given, the model server fills in the context's room."""
-        if self.response_format is not None and self.response_format.type != "text":
-            raise NotSupportedError(f"response_format {self.response_format.type!r} is not supported yet")
-        return self._sampling_params(self.max_new_tokens or 1, is_log_probs=bool(self.logprobs))
+        guided = self.response_format.to_guided_spec() if self.response_format is not None else None
+        if guided is not None and self._guided_spec() is not None:
+            raise InvalidRequestError("use either response_format or a guided_* field, not both")
+        return self._sampling_params(self.max_new_tokens or 1, bool(self.logprobs), guided)
 
 
 class ErrorDetail(BaseModel):

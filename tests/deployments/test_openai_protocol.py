@@ -15,7 +15,6 @@ from deployments.protocol.openai import (
 )
 from deployments.protocol.openai_responses import ChatChunks, ChatCompletion, Completion, CompletionChunks
 from deployments.sse import sse_event
-from engine.errors import NotSupportedError
 from engine.types import FinishReason, SamplingParams, TokenDelta, TokenLogProb
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
@@ -163,11 +162,15 @@ def test_chat_rejections(fields, message):
     assert message in error_text(chat, **fields)
 
 
-@pytest.mark.parametrize("kind", ["json_object", "json_schema"])
-def test_json_response_format_not_supported_yet(kind):
-    with pytest.raises(NotSupportedError, match="not supported yet"):
-        chat(response_format={"type": kind}).to_sampling_params()
-    assert chat(response_format={"type": "text"}).to_sampling_params().max_new_tokens == 1
+def test_json_response_formats_become_guided_specs():
+    assert (
+        chat(response_format={"type": "json_object"}).to_sampling_params().guided.value == '{"type":"object"}'
+    )
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    assert chat(response_format=fmt).to_sampling_params().guided.kind.value == "json"
+    assert chat(response_format={"type": "text"}).to_sampling_params().guided is None
+    assert chat(guided_regex="a+").to_sampling_params().guided.kind.value == "regex"
 
 
 TOKENS = (TokenLogProb(5, "Hel", -0.5), TokenLogProb(6, "lo", -1.0))

@@ -6,7 +6,6 @@ import pytest
 from pydantic import ValidationError
 
 from deployments.protocol.llm_engine import (
-    GUIDED_NOT_SUPPORTED_MESSAGE,
     ONE_GUIDED_MESSAGE,
     CompletionOutput,
     CompletionRequest,
@@ -18,7 +17,6 @@ from deployments.protocol.llm_engine import (
     TokenOutput,
 )
 from deployments.sse import sse_event
-from engine.errors import NotSupportedError
 from engine.types import FinishReason, SamplingParams, TokenDelta, TokenLogProb
 
 # Exactly what `llmengine.Completion.create(model, prompt)` sends: all 15 keys, explicit nulls.
@@ -140,11 +138,10 @@ def test_at_most_one_guided_field():
         {"guided_grammar": "g"},
     ],
 )
-def test_guided_decoding_is_refused_clearly(changes):
-    request = parse(**changes)
-    with pytest.raises(NotSupportedError, match=GUIDED_NOT_SUPPORTED_MESSAGE) as info:
-        request.to_sampling_params()
-    assert info.value.status_code == 400
+def test_guided_fields_become_a_guided_spec(changes):
+    (field,) = changes
+    guided = parse(**changes).to_sampling_params().guided
+    assert guided is not None and guided.kind.value == field.removeprefix("guided_")
 
 
 @pytest.mark.parametrize(("changes", "ok"), [

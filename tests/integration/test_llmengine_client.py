@@ -1,5 +1,6 @@
 """The official `llmengine` client, unchanged, against the real app on the tiny model."""
 
+import json
 import os
 
 import pytest
@@ -83,3 +84,29 @@ def test_model_list_and_get():
     assert [e.name for e in listing.model_endpoints] == [TINY_MODEL]
     endpoint = Model.get(TINY_MODEL)
     assert endpoint.name == TINY_MODEL and endpoint.status == "READY"
+
+
+def test_guided_fields_are_honoured():
+    choices = ["red", "green", "blue"]
+    for temperature in (0, 1):
+        response = Completion.create(
+            model=TINY_MODEL,
+            prompt="Pick a colour",
+            max_new_tokens=10,
+            temperature=temperature,
+            guided_choice=choices,
+        )
+        assert response.output.text in choices
+    dated = Completion.create(
+        model=TINY_MODEL, prompt="Date:", max_new_tokens=20, temperature=1, guided_regex=r"\d{4}-\d{2}-\d{2}"
+    )
+    assert len(dated.output.text) == 10 and dated.output.text[4] == "-"
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    as_json = Completion.create(
+        model=TINY_MODEL, prompt="JSON:", max_new_tokens=30, temperature=0, guided_json=schema
+    )
+    assert json.loads(as_json.output.text)["ok"] in (True, False)
+    with pytest.raises(BadRequestError):
+        Completion.create(
+            model=TINY_MODEL, prompt="x", max_new_tokens=5, temperature=0, guided_regex="(unclosed"
+        )

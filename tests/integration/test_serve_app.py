@@ -84,8 +84,8 @@ def test_errors(client, route):
     assert too_long.status_code == 400 and str(TINY_MAX_MODEL_LEN) in too_long.json()["detail"]
     unknown = post(client, route, model="nope")
     assert unknown.status_code == 404 and TINY_MODEL in unknown.json()["detail"]
-    guided = post(client, route, guided_regex="a+")
-    assert guided.status_code == 400 and guided.json()["detail"] == "guided decoding is not supported yet"
+    guided = post(client, route, guided_regex="(unclosed")
+    assert guided.status_code == 400 and "guided_regex" in guided.json()["detail"]
 
 
 async def test_concurrent_streams(tiny_app_url):

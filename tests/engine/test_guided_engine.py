@@ -1,0 +1,100 @@
+"""Guided decoding through the engine: compiled off the engine thread, masks per request in a batch."""
+
+import asyncio
+import json
+
+import jsonschema
+import pytest
+
+from engine.async_engine import AsyncEngine
+from engine.errors import InvalidRequestError
+from engine.guided_spec import GuidedSpec
+from engine.types import EngineConfig, FinishReason
+from tests.engine.conftest import request, text_of
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "size": {"enum": ["small", "large"]},
+        "tags": {"type": "array", "items": {"enum": [1, 2, 3]}, "maxItems": 2},
+    },
+    "required": ["name", "size", "tags"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture
+def engine(tiny):
+    model, tokenizer = tiny
+    eng = AsyncEngine(
+        model, tokenizer, EngineConfig(max_model_len=256, kv_cache_bytes=8 * 2**20, num_threads=1)
+    )
+    yield eng
+    eng.shutdown()
+
+
+async def run(engine, tokenizer, prompt, request_id, **params):
+    return [d async for d in engine.add_request(request(tokenizer, prompt, request_id, **params))]
+
+
+async def test_guided_and_free_requests_share_a_batch(engine, tiny):
+    _, tokenizer = tiny
+    choices = ["apple pie", "banana split", "cherry tart"]
+    free_alone = text_of(
+        await run(engine, tokenizer, "Hello, world!", "alone", max_new_tokens=12, ignore_eos=True)
+    )
+    results = await asyncio.gather(
+        run(
+            engine,
+            tokenizer,
+            "The quick brown fox",
+            "choice",
+            max_new_tokens=20,
+            guided=GuidedSpec.choice(choices),
+        ),
+        run(
+            engine,
+            tokenizer,
+            "Numbers: 0 1 2",
+            "json",
+            max_new_tokens=80,
+            guided=GuidedSpec.json_schema(SCHEMA),
+        ),
+        run(
+            engine,
+            tokenizer,
+            "Once upon a time",
+            "date",
+            max_new_tokens=20,
+            guided=GuidedSpec.regex(r"\d{4}-\d{2}-\d{2}"),
+        ),
+        run(engine, tokenizer, "Hello, world!", "free", max_new_tokens=12, ignore_eos=True),
+    )
+    choice, as_json, date, free = results
+    assert text_of(choice) in choices and choice[-1].finish_reason is FinishReason.STOP
+    assert as_json[-1].finish_reason is FinishReason.STOP, text_of(as_json)
+    jsonschema.validate(json.loads(text_of(as_json)), SCHEMA)
+    assert len(text_of(date)) == 10 and text_of(date)[4] == "-"
+    assert text_of(free) == free_alone  # the unguided row in the same batch is untouched
+
+
+async def test_bad_constraints_and_combinations_are_refused(engine, tiny):
+    _, tokenizer = tiny
+    with pytest.raises(InvalidRequestError, match="guided_regex"):
+        await run(engine, tokenizer, "Hi", "bad", max_new_tokens=5, guided=GuidedSpec.regex("(unclosed"))
+    with pytest.raises(InvalidRequestError, match="ignore_eos"):
+        await run(
+            engine, tokenizer, "Hi", "eos", max_new_tokens=5, ignore_eos=True, guided=GuidedSpec.regex("a+")
+        )
+    ok = await run(engine, tokenizer, "Hi", "after", max_new_tokens=3)
+    assert ok[-1].is_finished
+
+
+async def test_length_can_cut_a_structure_short(engine, tiny):
+    _, tokenizer = tiny
+    deltas = await run(
+        engine, tokenizer, "Hi", "short", max_new_tokens=3, guided=GuidedSpec.json_schema(SCHEMA)
+    )
+    assert deltas[-1].finish_reason is FinishReason.LENGTH
+    assert text_of(deltas).startswith("{")
