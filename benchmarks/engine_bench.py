@@ -20,6 +20,7 @@ import torch
 
 from engine.async_engine import AsyncEngine
 from engine.device import default_num_threads, resolve_device, resolve_dtype
+from engine.guided_spec import GuidedSpec
 from engine.types import EngineConfig, GenerationRequest, SamplingParams
 from model_zoo.catalogue import resolve
 from model_zoo.loader import load_model
@@ -81,8 +82,23 @@ def bench_static_batch(model, tokenizer, prompts, new_tokens: int) -> Result:
     return Result(f"HF generate, static batch of {len(prompts)}", num, wall, [], [])
 
 
-async def bench_engine(engine: AsyncEngine, prompts, concurrency: int, new_tokens: int) -> Result:
-    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+STORY_SCHEMA = {
+    "type": "object",
+    "properties": {"title": {"type": "string"}, "characters": {"type": "array", "items": {"type": "string"}},
+                   "story": {"type": "string"}},
+    "required": ["title", "characters", "story"],
+}  # fmt: skip
+
+
+async def bench_engine(
+    engine: AsyncEngine,
+    prompts,
+    concurrency: int,
+    new_tokens: int,
+    params: SamplingParams | None = None,
+    label="",
+) -> Result:
+    params = params or SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     ttft, tpot, counts = [], [], []
     work = list(prompts)
 
@@ -103,7 +119,8 @@ async def bench_engine(engine: AsyncEngine, prompts, concurrency: int, new_token
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
     wall = time.perf_counter() - start
-    return Result(f"engine, concurrency {concurrency} ({len(prompts)} req)", sum(counts), wall, ttft, tpot)
+    name = f"engine{label}, concurrency {concurrency} ({len(prompts)} req)"
+    return Result(name, sum(counts), wall, ttft, tpot)
 
 
 async def greedy_text(engine: AsyncEngine, ids: list[int], new_tokens: int) -> str:
@@ -157,6 +174,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--sequential-requests", type=int, default=4)
     parser.add_argument("--skip-baselines", action="store_true")
+    parser.add_argument("--guided", action="store_true", help="also compare JSON-guided with free requests")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -185,6 +203,18 @@ def main() -> None:
             prompts = make_prompts(tokenizer, num_requests)
             results[f"c{concurrency}"] = await bench_engine(engine, prompts, concurrency, args.new_tokens)
         notes.append(await batch_invariance(engine, prompts16, args.new_tokens))
+        if args.guided:  # same load, every request guided by a JSON schema vs none (EOS allowed in both)
+            prompts = make_prompts(tokenizer, 32)
+            free = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0)
+            guided = SamplingParams(
+                max_new_tokens=args.new_tokens, temperature=0.0, guided=GuidedSpec.json_schema(STORY_SCHEMA)
+            )
+            results["free"] = await bench_engine(engine, prompts, 16, args.new_tokens, free, " free")
+            results["guided"] = await bench_engine(
+                engine, prompts, 16, args.new_tokens, guided, " JSON-guided"
+            )
+            ratio = results["guided"].tok_per_s / results["free"].tok_per_s
+            notes.append(f"guided / unguided throughput at concurrency 16: {ratio:.2f} (target >= 0.8)")
 
     asyncio.run(run_engine())
     engine.shutdown()
