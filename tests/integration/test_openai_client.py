@@ -1,5 +1,7 @@
 """The official `openai` client, unchanged, against the real app on the tiny model."""
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -137,3 +139,22 @@ def test_v2_aliases(tiny_app_url: str):
         timeout=60,
     )
     assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_structured_output(client):
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"]}
+    schema["additionalProperties"] = False
+    response_format = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema}}
+    chat = client.chat.completions.create(
+        model=TINY_MODEL, messages=[{"role": "user", "content": "Yes or no?"}], max_tokens=30,
+        temperature=1, seed=3, response_format=response_format,
+    )  # fmt: skip
+    content = chat.choices[0].message.content
+    assert json.loads(content)["answer"] in ("yes", "no"), (content, chat.choices[0].finish_reason)
+    extra = {"guided_choice": ["alpha", "beta"]}
+    completion = client.completions.create(model=TINY_MODEL, prompt="Pick", max_tokens=10, extra_body=extra)
+    assert completion.choices[0].text in ("alpha", "beta")
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(
+            model=TINY_MODEL, prompt="x", max_tokens=5, extra_body={"guided_regex": "(bad"}
+        )
