@@ -11,6 +11,7 @@ from ray import serve
 
 from deployments.config import AppConfig, IngressSettings, ModelConfig, parse_app_config
 from deployments.ingress import Ingress
+from deployments.limits import AuthSettings, LimitSettings
 from deployments.model_server import EngineFactory, ModelServer
 from model_zoo import CATALOGUE
 
@@ -18,13 +19,17 @@ from model_zoo import CATALOGUE
 def build_app(args: dict[str, Any]) -> serve.Application:
     """The application described by `args` (see `deployments.config.AppConfig`); ConfigError if invalid."""
     config: AppConfig = parse_app_config(args)
-    return build_app_from_configs(config.models, ingress=config.ingress)
+    return build_app_from_configs(
+        config.models, ingress=config.ingress, limits=config.limits, auth=config.auth
+    )
 
 
 def build_app_from_configs(
     models: list[ModelConfig],
     engine_factory: EngineFactory | None = None,
     ingress: IngressSettings | None = None,
+    limits: LimitSettings | None = None,
+    auth: AuthSettings | None = None,
 ) -> serve.Application:
     """The application for already-validated model configs; tests pass a fake `engine_factory`."""
     model_server = serve.deployment(ModelServer)
@@ -35,8 +40,14 @@ def build_app_from_configs(
         for m in models
     }
     model_names = {m.name: _base_model_name(m) for m in models}
+    wait_timeouts_s = {m.name: m.replica_wait_timeout_s for m in models}
     ingress_options = (ingress or IngressSettings()).to_options()
-    return serve.deployment(Ingress).options(name="Ingress", **ingress_options).bind(handles, model_names)
+    api_keys = (auth or AuthSettings()).resolve_keys()  # the env var is read here, where the app is built
+    return (
+        serve.deployment(Ingress)
+        .options(name="Ingress", **ingress_options)
+        .bind(handles, model_names, limits or LimitSettings(), api_keys, wait_timeouts_s)
+    )
 
 
 def _base_model_name(config: ModelConfig) -> str:

@@ -8,9 +8,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from deployments.limits import AuthSettings, LimitSettings
 from engine.types import EngineConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Default autoscaling target per replica, as a fraction of the engine's batch (max_num_seqs); see
+# DeploymentSettings.with_engine_defaults. Ray Serve LLM's default (1e9) never scales up.
+TARGET_BATCH_FRACTION = 0.75
 _ENGINE_DEFAULTS = EngineConfig()
 
 
@@ -65,7 +69,9 @@ class DeploymentSettings(BaseModel):
     )
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica handles at once.")
     max_queued_requests: int = Field(
-        -1, ge=-1, description="Requests queued per caller before 429; -1 = no limit."
+        128,
+        ge=-1,
+        description="Requests queued per caller (ingress replica) before an immediate 429; -1 = no limit.",
     )
     autoscaling_config: dict[str, Any] | None = Field(
         None, description="Serve autoscaling (min_replicas, max_replicas, target_ongoing_requests...)."
@@ -82,6 +88,30 @@ class DeploymentSettings(BaseModel):
         """Keyword arguments of `Deployment.options`."""
         return self.model_dump(exclude_none=True)
 
+    def with_engine_defaults(self, max_num_seqs: int, max_waiting: int) -> DeploymentSettings:
+        """Fill what the user left out from the engine's batch size (docs/models.md, "Autoscaling").
+
+        max_ongoing_requests = one full batch running + at most one batch waiting in the engine, so Serve
+        keeps the rest in the handle's queue (where autoscaling counts it and any new replica can take it);
+        target_ongoing_requests = TARGET_BATCH_FRACTION of a batch, so scaling starts before queueing.
+        """
+        update: dict[str, Any] = {}
+        if "max_ongoing_requests" not in self.model_fields_set:
+            update["max_ongoing_requests"] = max_num_seqs + min(max_waiting, max_num_seqs)
+        max_ongoing = update.get("max_ongoing_requests", self.max_ongoing_requests)
+        autoscaling = self.autoscaling_config
+        if autoscaling is not None and "target_ongoing_requests" not in autoscaling:
+            # Never above max_ongoing_requests: a replica can never hold more than that.
+            target = max(1, min(round(max_num_seqs * TARGET_BATCH_FRACTION), max_ongoing))
+            update["autoscaling_config"] = {**autoscaling, "target_ongoing_requests": target}
+        target = (update.get("autoscaling_config") or autoscaling or {}).get("target_ongoing_requests")
+        if target is not None and target > max_ongoing:
+            raise ValueError(
+                f"autoscaling_config.target_ongoing_requests ({target}) exceeds max_ongoing_requests "
+                f"({max_ongoing}): a replica could never reach its target, so it would never scale up"
+            )
+        return self.model_copy(update=update) if update else self
+
 
 class ModelConfig(BaseModel):
     """One served model: its name on the API, its weights, its engine and its deployment."""
@@ -95,6 +125,21 @@ class ModelConfig(BaseModel):
     )
     engine: EngineSettings = Field(default_factory=EngineSettings, description="Engine knobs.")
     deployment: DeploymentSettings = Field(default_factory=DeploymentSettings, description="Serve options.")
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="Longest time one generation may take; then it is aborted (504/error event)."
+    )
+    replica_wait_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Longest wait for a replica to take a request (cold start from 0 replicas); then 503.",
+    )
+
+    @model_validator(mode="after")
+    def _deployment_defaults(self) -> ModelConfig:
+        self.deployment = self.deployment.with_engine_defaults(
+            self.engine.max_num_seqs, self.engine.max_waiting
+        )
+        return self
 
 
 class IngressSettings(BaseModel):
@@ -121,6 +166,8 @@ class AppConfig(BaseModel):
         min_length=1, description="Served models, or paths to their YAML files."
     )
     ingress: IngressSettings = Field(default_factory=IngressSettings, description="Ingress options.")
+    limits: LimitSettings = Field(default_factory=LimitSettings, description="What one request may ask for.")
+    auth: AuthSettings = Field(default_factory=AuthSettings, description="API keys; none = open.")
 
     @field_validator("models", mode="before")
     @classmethod

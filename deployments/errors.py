@@ -4,17 +4,20 @@ import logging
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from engine.errors import ServingError
 
 logger = logging.getLogger("ray.serve")
 
-# Serve's own errors, by the status they mean to a client.
-_SERVE_ERROR_STATUS: dict[type[Exception], int] = {
-    BackPressureError: 429,  # max_queued_requests of the model's deployment reached
-    DeploymentUnavailableError: 503,
+# Serve's and Ray's own errors, by the status and the words they mean to a client.
+_SERVE_ERROR_STATUS: dict[type[Exception], tuple[int, str]] = {
+    # max_queued_requests of the model's deployment reached: refused at once.
+    BackPressureError: (429, "the model is overloaded, try again later"),
+    DeploymentUnavailableError: (503, "the model is unavailable"),
+    # The replica's process died mid-request (Serve starts a new one): retrying later can succeed.
+    RayActorError: (503, "the model replica serving this request stopped; retry shortly"),
 }
 
 
@@ -37,6 +40,8 @@ def validation_message(errors: list[dict]) -> str:
             message, loc = f"malformed JSON body: {error.get('ctx', {}).get('error', message)}", []
         elif error.get("type") == "model_attributes_type" and not loc:
             message = "the body must be a JSON object"
+        elif error.get("type") == "missing" and not loc:
+            message = "the request body is missing: send a JSON object"
         parts.append(f"{'.'.join(loc)}: {message}" if loc else message)
     return "; ".join(parts)
 
@@ -48,8 +53,22 @@ def http_error(exc: BaseException) -> tuple[int, str]:
         return exc.status_code, str(exc)
     if isinstance(exc, RequestValidationError | ValidationError):
         return 400, validation_message(list(exc.errors()))
-    for error_class, status_code in _SERVE_ERROR_STATUS.items():
+    for error_class, (status_code, meaning) in _SERVE_ERROR_STATUS.items():
         if isinstance(exc, error_class):
-            return status_code, str(exc)
+            return status_code, f"{meaning} ({type(exc).__name__}: {_first_line(exc)})"
     logger.error("internal error", exc_info=exc)
     return 500, f"internal error: {type(exc).__name__}: {exc}"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else "no details"
+
+
+def as_serving_error(exc: BaseException) -> ServingError:
+    """Serve's own errors as ours: Serve replaces the app's handlers of BackPressureError and
+    DeploymentUnavailableError with plain-text 503s, so the ingress converts them before they escape."""
+    status_code, message = http_error(exc)
+    error = ServingError(message)
+    error.status_code = status_code
+    return error

@@ -1,6 +1,7 @@
 """The HTTP face: LLM Engine v1 and OpenAI routes, routing by model name, errors rendered per protocol."""
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -10,13 +11,22 @@ from typing import Protocol
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 from ray import serve
 from ray.exceptions import RayTaskError, TaskCancelledError
-from ray.serve.exceptions import RayServeException, RequestCancelledError
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    RayServeException,
+    RequestCancelledError,
+)
+from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
-from deployments.errors import http_error
+from deployments.errors import as_serving_error, http_error
+from deployments.guard import GuardSettings, RequestGuard
+from deployments.health import probe_models, readiness
+from deployments.http_metrics import HttpErrorMetrics
+from deployments.limits import LimitSettings
 from deployments.model_server import CompletionResult, ModelRequest
 from deployments.protocol import openai as openai_api
 from deployments.protocol.llm_engine import (
@@ -31,12 +41,13 @@ from deployments.protocol.llm_engine import (
 )
 from deployments.protocol.openai_responses import ChatChunks, ChatCompletion, Completion, CompletionChunks
 from deployments.sse import SSE_DONE, SSE_HEADERS, SSE_MEDIA_TYPE, sse_event
-from engine.errors import InvalidRequestError, ModelNotFoundError, ServingError
+from engine.errors import InvalidRequestError, ModelNotFoundError, ModelUnavailableError, ServingError
 from engine.types import TokenDelta
 
 logger = logging.getLogger("ray.serve")
 
 READY_TIMEOUT_S = 5.0
+DEFAULT_REPLICA_WAIT_TIMEOUT_S = 300.0  # see ModelConfig.replica_wait_timeout_s
 OPENAI_TAG = "openai"  # routes with this tag answer errors in OpenAI's shape
 _CANCELLED = (TaskCancelledError, RequestCancelledError)
 
@@ -113,6 +124,8 @@ app = FastAPI(title="llmserve", description="LLM Engine v1 and OpenAI compatible
 for _exc_class in (RequestValidationError, ValidationError, ServingError, RayTaskError, RayServeException):
     app.add_exception_handler(_exc_class, error_response)
 app.add_exception_handler(Exception, error_response)  # the rest: 500 (Starlette re-raises it to the logs)
+app.add_middleware(RequestGuard)  # API keys (401) and the body-size limit (413), before any parsing
+app.add_middleware(HttpErrorMetrics)  # outermost, so it counts the guard's 401/413 too
 
 
 @serve.ingress(app)
@@ -120,8 +133,17 @@ class Ingress:
     """Routes each request to its model's deployment by `model_endpoint_name` or the body's `model`."""
 
     def __init__(
-        self, model_handles: dict[str, DeploymentHandle], model_names: dict[str, str] | None = None
+        self,
+        model_handles: dict[str, DeploymentHandle],
+        model_names: dict[str, str] | None = None,
+        limits: LimitSettings | None = None,
+        api_keys: tuple[SecretStr, ...] = (),
+        replica_wait_timeouts_s: dict[str, float] | None = None,
     ) -> None:
+        self._replica_wait_timeouts_s = dict(replica_wait_timeouts_s or {})
+        self._limits = limits or LimitSettings()
+        # The middleware reads it from the app: one Ingress per replica process owns this app object.
+        app.state.guard = GuardSettings(max_body_bytes=self._limits.max_body_bytes, api_keys=tuple(api_keys))
         self._handles = dict(model_handles)
         self._stream_handles = {name: h.options(stream=True) for name, h in self._handles.items()}
         self._model_names = dict(model_names or {})
@@ -140,8 +162,9 @@ class Ingress:
         self, body: CompletionRequest, model_endpoint_name: str | None = Query(None)
     ) -> Response:
         name = self._check_model(model_endpoint_name)
+        self._limits.check([body.prompt], body.stop_sequences)
         request = ModelRequest(str(uuid.uuid4()), body.prompt, body.to_sampling_params())
-        result: CompletionResult = await self._handles[name].generate.remote(request)
+        result = await self._generate(name, request)
         tokens = [TokenOutput.from_engine(t) for t in result.tokens] if result.tokens is not None else None
         output = CompletionOutput(
             text=result.text,
@@ -156,10 +179,33 @@ class Ingress:
         self, body: CompletionRequest, model_endpoint_name: str | None = Query(None)
     ) -> StreamingResponse:
         name = self._check_model(model_endpoint_name)
+        self._limits.check([body.prompt], body.stop_sequences)
         request = ModelRequest(str(uuid.uuid4()), body.prompt, body.to_sampling_params())
         first, stream = await self._open_stream(name, request)
         events = _sse_events(request.request_id, first, stream)
         return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
+
+    async def _generate(self, name: str, request: ModelRequest) -> CompletionResult:
+        response: DeploymentResponse = self._handles[name].generate.remote(request)
+        await self._wait_for_replica(name, response)
+        return await response
+
+    async def _wait_for_replica(self, name: str, response: DeploymentResponse | DeploymentResponseGenerator):
+        """Wait until Serve hands `response` to a replica (a cold model starts one first); after the
+        model's replica_wait_timeout_s, cancel it and answer 503. The generation itself is not timed here."""
+        timeout_s = self._replica_wait_timeouts_s.get(name, DEFAULT_REPLICA_WAIT_TIMEOUT_S)
+        try:
+            # Serve's step that resolves once a replica accepted the request (private in Ray 2.x; no
+            # public equivalent). Awaiting the response afterwards reuses its cached result.
+            await asyncio.wait_for(response._fetch_future_result_async(), timeout_s)
+        except (BackPressureError, DeploymentUnavailableError) as exc:  # queue full: 429 at once
+            raise as_serving_error(exc) from None
+        except TimeoutError:
+            response.cancel()
+            raise ModelUnavailableError(
+                f"model {name!r} has no replica to take the request after {timeout_s:g} s: it is starting "
+                "(scaling up from zero) or cannot start; try again later"
+            ) from None
 
     async def _open_stream(
         self, name: str, request: ModelRequest
@@ -168,9 +214,12 @@ class Ingress:
         (context too long, overload) become plain HTTP errors. TTFT is unchanged."""
         stream: DeploymentResponseGenerator = self._stream_handles[name].generate_stream.remote(request)
         try:
+            await self._wait_for_replica(name, stream)
             return await anext(stream, None), stream
         except BaseException:
-            stream.cancel()
+            # Cancelling a stream that Serve refused (queue full) raises the refusal again: ignore it.
+            with contextlib.suppress(BackPressureError, DeploymentUnavailableError):
+                stream.cancel()
             raise
 
     @app.post("/v1/completions", tags=[OPENAI_TAG], response_model=Completion)
@@ -179,12 +228,13 @@ class Ingress:
         """OpenAI completions. The prompt is sent raw, never through the chat template (unlike the LLM
         Engine routes, which apply it for instruct models): here the client owns the exact prompt text."""
         name = self._check_model(body.model)
+        self._limits.check([body.prompt], body.stop)
         request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         request = ModelRequest(request_id, body.prompt, body.to_sampling_params(), is_raw_prompt=True)
         if body.stream:
             chunks = CompletionChunks(request_id, created, body.model)
             return await self._openai_stream(name, request, chunks, body.is_usage_streamed)
-        result: CompletionResult = await self._handles[name].generate.remote(request)
+        result = await self._generate(name, request)
         return _json_response(Completion.from_result(request_id, created, body.model, result))
 
     @app.post("/v1/chat/completions", tags=[OPENAI_TAG], response_model=ChatCompletion)
@@ -192,13 +242,14 @@ class Ingress:
     async def openai_chat_completions(self, body: openai_api.ChatCompletionRequest) -> Response:
         """OpenAI chat: the model server applies the tokenizer's chat template to the whole conversation."""
         name = self._check_model(body.model)
+        self._limits.check((m.content for m in body.to_messages()), body.stop)
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         params, is_auto = body.to_sampling_params(), body.max_new_tokens is None
         request = ModelRequest(request_id, body.to_messages(), params, is_max_tokens_auto=is_auto)
         if body.stream:
             chunks = ChatChunks(request_id, created, body.model)
             return await self._openai_stream(name, request, chunks, body.is_usage_streamed)
-        result: CompletionResult = await self._handles[name].generate.remote(request)
+        result = await self._generate(name, request)
         return _json_response(ChatCompletion.from_result(request_id, created, body.model, result))
 
     async def _openai_stream(
@@ -234,11 +285,7 @@ class Ingress:
 
     @app.get("/readyz")
     async def readyz(self) -> JSONResponse:
-        """200 when every model answers within READY_TIMEOUT_S, else 503 naming the ones that did not."""
-        names = sorted(self._handles)
-        probes = [asyncio.wait_for(self._handles[n].ready.remote(), READY_TIMEOUT_S) for n in names]
-        results = await asyncio.gather(*probes, return_exceptions=True)
-        not_ready = [n for n, r in zip(names, results, strict=True) if r is not True]
-        if not_ready:
-            return JSONResponse({"detail": f"models not ready: {', '.join(not_ready)}"}, status_code=503)
-        return JSONResponse({"status": "ok", "models": names})
+        """200 when every model answers within READY_TIMEOUT_S, else 503 with each model's state:
+        `{"status": "loading", "models": {"a": "ready", "b": "loading"}, "detail": ...}`."""
+        status_code, body = readiness(await probe_models(self._handles, READY_TIMEOUT_S))
+        return JSONResponse(body, status_code=status_code)

@@ -6,15 +6,19 @@ directly. Its engine comes from an `EngineFactory`, so HTTP-layer tests can inje
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from deployments.config import ModelConfig
-from engine.errors import InvalidRequestError
+from deployments.metrics import ModelMetrics, RequestTimer
+from deployments.replica_logging import forward_library_logs_in_replica
+from engine.errors import InvalidRequestError, RequestTimeoutError, ServingError
 from engine.types import (
     EngineStats,
     FinishReason,
@@ -121,11 +125,16 @@ class ModelServer:
 
     def __init__(self, model_config: ModelConfig, engine_factory: EngineFactory | None = None) -> None:
         self._config = model_config
+        forward_library_logs_in_replica()  # model_zoo's and engine's loading messages into this replica's log
+        logger.info("model %s: loading %s", model_config.name, model_config.model)
+        start_s = time.perf_counter()
         serving = (engine_factory or load_serving_model)(model_config)
         self._engine = serving.engine
         self._tokenizer = serving.tokenizer
         self._use_chat_template = serving.use_chat_template
-        logger.info("model %s (%s) ready", model_config.name, model_config.model)
+        self._metrics = ModelMetrics(model_config.name)
+        load_s = time.perf_counter() - start_s
+        logger.info("model %s (%s) ready in %.1f s", model_config.name, model_config.model, load_s)
 
     def encode(self, prompt: str, *, is_raw: bool = False) -> list[int]:
         """Prompt token ids: the prompt as a user turn of the chat template, or the raw prompt."""
@@ -154,11 +163,23 @@ class ModelServer:
             room = self._engine.stats().max_model_len - len(prompt_ids)
             params = dataclasses.replace(params, max_new_tokens=max(room, 1))
         self._engine.check_request(len(prompt_ids), params.max_new_tokens)
-        return self._engine.add_request(GenerationRequest(request.request_id, tuple(prompt_ids), params))
+        deltas = self._engine.add_request(GenerationRequest(request.request_id, tuple(prompt_ids), params))
+        return _with_deadline(deltas, self._config.request_timeout_s)
+
+    def _open(self, request: ModelRequest) -> AsyncIterator[TokenDelta]:
+        """`_start`, timed and counted in this model's metrics."""
+        self._metrics.ensure_stats_task(self._engine.stats)
+        timer = self._metrics.start_request()
+        try:
+            deltas = self._start(request)
+        except Exception as exc:
+            timer.on_error(_status_code(exc))
+            raise
+        return _timed(deltas, timer)
 
     async def generate_stream(self, request: ModelRequest) -> AsyncIterator[TokenDelta]:
         """Deltas as the engine produces them; use with `handle.options(stream=True)`."""
-        deltas = self._start(request)
+        deltas = self._open(request)
         is_finished = False
         try:
             async for delta in deltas:
@@ -172,7 +193,7 @@ class ModelServer:
 
     async def generate(self, request: ModelRequest) -> CompletionResult:
         """The whole completion at once (sync route)."""
-        deltas = self._start(request)
+        deltas = self._open(request)
         texts: list[str] = []
         tokens: list[TokenLogProb] = []
         last: TokenDelta | None = None
@@ -208,6 +229,44 @@ class ModelServer:
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+def _status_code(exc: Exception) -> int:
+    return exc.status_code if isinstance(exc, ServingError) else 500
+
+
+async def _timed(deltas: AsyncIterator[TokenDelta], timer: RequestTimer) -> AsyncIterator[TokenDelta]:
+    """The same deltas; the timer sees each one, then the end or the error."""
+    try:
+        async for delta in deltas:
+            timer.on_delta(delta)
+            yield delta
+    except Exception as exc:
+        timer.on_error(_status_code(exc))
+        raise
+    finally:
+        timer.on_end()
+        await _close(deltas)
+
+
+async def _with_deadline(deltas: AsyncIterator[TokenDelta], timeout_s: float) -> AsyncIterator[TokenDelta]:
+    """The same deltas, or RequestTimeoutError once `timeout_s` have passed; closing aborts the request."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    try:
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    delta = await anext(deltas)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise RequestTimeoutError(
+                    f"the generation took longer than the limit of {timeout_s:g} s and was stopped "
+                    "(request_timeout_s of the model's config)"
+                ) from None
+            yield delta
+    finally:
+        await _close(deltas)
 
 
 async def _close(iterator: AsyncIterator[TokenDelta]) -> None:

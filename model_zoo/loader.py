@@ -1,4 +1,4 @@
-"""Load a model and its tokenizer from the hub, a local folder or a packaged GGUF."""
+"""Load a model and its tokenizer from the hub, a local folder or a packaged (or assembled) GGUF."""
 
 import logging
 import time
@@ -9,8 +9,15 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from model_zoo.assembled import assembled_gguf
 from model_zoo.errors import ModelZooError
-from model_zoo.gguf_cache import converted_dir, ensure_converted, find_gguf, find_package_dir
+from model_zoo.gguf_cache import (
+    converted_dir,
+    default_cache_dir,
+    ensure_converted,
+    find_gguf,
+    find_package_dir,
+)
 from model_zoo.spec import ModelSource, ModelSpec
 
 logger = logging.getLogger("model_zoo")
@@ -39,6 +46,7 @@ def load_model(
 ) -> LoadedModel:
     """Load `spec`'s weights in `dtype` onto `device`; `cache_dir` holds converted GGUF folders."""
     start = time.perf_counter()
+    logger.info("loading %s from %s %s (%s, %s)", spec.name, spec.source, spec.location, dtype, device)
     model, tokenizer = _SOURCE_LOADERS[spec.source](spec, dtype, cache_dir)
     model = model.to(device)
     model.eval()
@@ -88,8 +96,15 @@ def _load_packaged_gguf(spec: ModelSpec, dtype: torch.dtype, cache_dir: Path | N
     return _load_folder(folder, dtype)
 
 
+def _load_assembled_gguf(spec: ModelSpec, dtype: torch.dtype, cache_dir: Path | None) -> Loaded:
+    gguf_path = assembled_gguf(spec.location, cache_dir or default_cache_dir())
+    folder = ensure_converted(gguf_path, converted_dir(spec.name, gguf_path, cache_dir))
+    return _load_folder(folder, dtype)
+
+
 _SOURCE_LOADERS: dict[ModelSource, SourceLoader] = {
     ModelSource.hub: _load_hub,
     ModelSource.local: _load_local,
     ModelSource.packaged_gguf: _load_packaged_gguf,
+    ModelSource.assembled_gguf: _load_assembled_gguf,
 }

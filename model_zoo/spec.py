@@ -10,6 +10,8 @@ class ModelSource(StrEnum):
     hub = "hub"  # location is a Hugging Face repo id
     local = "local"  # location is a folder in Hugging Face layout (config.json, weights, tokenizer)
     packaged_gguf = "packaged_gguf"  # location is an installed Python package whose folder holds a GGUF
+    # location is an installed package that assembles a GGUF from chunk packages (model_zoo.assembled)
+    assembled_gguf = "assembled_gguf"
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,7 +21,7 @@ class ModelSpec:
     name: str
     source: ModelSource
     location: str
-    gguf_file: str | None  # file inside the package folder; None = the only *.gguf there
+    gguf_file: str | None  # packaged_gguf: file inside the package folder; None = the only *.gguf there
     context_length: int
     # Instruct models answer a raw completion prompt as a user turn, as Ollama's generate endpoint does.
     use_chat_template: bool

@@ -31,7 +31,7 @@ def test_default_model_config():
     engine = config.engine.to_engine_config(context_length=8192)
     assert (engine.dtype, engine.max_num_seqs, engine.max_model_len) == ("bfloat16", 32, 2048)
     options = config.deployment.to_options()
-    assert options["ray_actor_options"] == {"num_cpus": 1}
+    assert options["ray_actor_options"] == {"num_cpus": 0.9}
     assert options["max_ongoing_requests"] == 64
     assert "num_replicas" not in options and options["autoscaling_config"]["max_replicas"] == 2
 

@@ -72,10 +72,10 @@ def test_completions_prompt_is_raw_even_for_chat_models(client):
         ),
         (
             "chat/completions",
-            {"response_format": {"type": "json_object"}},
+            {"response_format": {"type": "json_schema"}},
             400,
             "invalid_request_error",
-            "yet",
+            "needs a json_schema object",
         ),
     ],
 )

@@ -21,7 +21,7 @@ ZOO_NAMES = [
 
 
 def test_catalogue_holds_the_zoo_and_the_default() -> None:
-    assert set(CATALOGUE) == {*ZOO_NAMES, DEFAULT_MODEL}
+    assert set(CATALOGUE) == {*ZOO_NAMES, DEFAULT_MODEL, "gemma-3-270m"}
     assert all(name == spec.name for name, spec in CATALOGUE.items())
 
 

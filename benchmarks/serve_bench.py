@@ -1,0 +1,324 @@
+"""Serving benchmark: drive a running server over HTTP with streaming requests, as vLLM's
+`benchmarks/serve` does, at several concurrency levels (and optionally a Poisson request rate).
+
+Reports request throughput, output tokens/s, TTFT, TPOT = (e2e - ttft) / (output tokens - 1) per
+request, and ITL (gaps between streamed tokens), p50 and p99, as a markdown table and a PNG plot.
+`--compare-engine` then loads the same model config in this process and runs `engine_bench`'s
+engine-alone loop on the same prompts, to show what HTTP + Serve add (stop other load first).
+
+    serve run serve_config.yaml &   # then:
+    python benchmarks/serve_bench.py --api openai --png docs/serve_bench.png [--compare-engine]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import math
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+# The engine benchmark's prompts (benchmarks/engine_bench.py, make_prompts): ~32 tokens each.
+TOPICS = [
+    "a lighthouse keeper", "a lost robot", "the last dragon", "a city under the sea", "a time traveller",
+    "a haunted library", "a desert caravan", "a mountain monastery", "a clockwork bird", "a pirate queen",
+    "a forgotten moon base", "a talking river", "a royal chef", "an arctic expedition", "a circus of ghosts",
+    "a garden on Mars",
+]  # fmt: skip
+TEMPLATE = (
+    "Write a long, detailed story about {}. Give it vivid scenes, three named characters "
+    "and a lot of dialogue. Begin:"
+)
+
+
+def prompt_texts(n: int) -> list[str]:
+    return [TEMPLATE.format(TOPICS[i % len(TOPICS)]) for i in range(n)]
+
+
+@dataclass(slots=True)
+class RequestResult:
+    is_ok: bool
+    ttft_s: float = 0.0
+    e2e_s: float = 0.0
+    num_output_tokens: int = 0
+    itl_s: list[float] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def tpot_s(self) -> float | None:
+        if self.num_output_tokens < 2:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.num_output_tokens - 1)
+
+
+@dataclass(slots=True)
+class Api:
+    """How one API's streaming request is built and its events read."""
+
+    url: str
+    model: str
+    max_tokens: int
+    name: str
+
+    def request(self, prompt: str) -> tuple[str, dict, dict]:
+        """(path, query params, JSON body)."""
+        if self.name == "openai":
+            body = {
+                "model": self.model, "prompt": prompt, "max_tokens": self.max_tokens, "temperature": 0,
+                "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True},
+            }  # fmt: skip
+            return "/v1/completions", {}, body
+        body = {"prompt": prompt, "max_new_tokens": self.max_tokens, "temperature": 0}
+        return "/v1/llm/completions-stream", {"model_endpoint_name": self.model}, body
+
+    def read_event(self, data: dict) -> tuple[bool, int | None]:
+        """(carries a token, total output tokens if this event says so)."""
+        if self.name == "openai":
+            usage = data.get("usage")
+            return bool(data.get("choices")), usage["completion_tokens"] if usage else None
+        output = data.get("output") or {}
+        if data.get("error"):
+            raise RuntimeError(str(data["error"]))
+        return bool(output), output.get("num_completion_tokens")  # one event per engine token
+
+
+async def send(client: httpx.AsyncClient, api: Api, prompt: str) -> RequestResult:
+    path, params, body = api.request(prompt)
+    start = time.perf_counter()
+    arrivals: list[float] = []
+    num_tokens: int | None = None
+    try:
+        async with client.stream("POST", api.url + path, params=params, json=body) as response:
+            if response.status_code != 200:
+                return RequestResult(False, error=f"HTTP {response.status_code}: {await response.aread()!r}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                has_token, total = api.read_event(json.loads(line.removeprefix("data: ")))
+                if has_token:
+                    arrivals.append(time.perf_counter())
+                num_tokens = total if total is not None else num_tokens
+    except (httpx.HTTPError, RuntimeError) as exc:
+        return RequestResult(False, error=f"{type(exc).__name__}: {exc}")
+    if not arrivals:
+        return RequestResult(False, error="no token streamed")
+    end = time.perf_counter()
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    return RequestResult(True, arrivals[0] - start, end - start, num_tokens or len(arrivals), gaps)
+
+
+@dataclass(slots=True)
+class LevelResult:
+    label: str
+    concurrency: float  # x of the plot; the rate for Poisson runs
+    duration_s: float
+    results: list[RequestResult]
+
+    @property
+    def ok(self) -> list[RequestResult]:
+        return [r for r in self.results if r.is_ok]
+
+    @property
+    def request_throughput(self) -> float:
+        return len(self.ok) / self.duration_s
+
+    @property
+    def output_throughput(self) -> float:
+        return sum(r.num_output_tokens for r in self.ok) / self.duration_s
+
+    def ms(self, values: list[float], q: float) -> float:
+        return percentile(values, q) * 1e3
+
+    def row(self) -> str:
+        ok = self.ok
+        ttft, itl = [r.ttft_s for r in ok], [g for r in ok for g in r.itl_s]
+        tpot = [t for r in ok if (t := r.tpot_s) is not None]
+        mean_out = statistics.mean(r.num_output_tokens for r in ok) if ok else 0.0
+        cells = [
+            self.label, f"{len(ok)}/{len(self.results)}", f"{self.duration_s:.1f}",
+            f"{self.request_throughput:.2f}", f"{self.output_throughput:.1f}",
+            f"{self.ms(ttft, 50):.0f}", f"{self.ms(ttft, 99):.0f}", f"{self.ms(tpot, 50):.1f}",
+            f"{self.ms(tpot, 99):.1f}", f"{self.ms(itl, 50):.1f}", f"{self.ms(itl, 99):.1f}",
+            f"{mean_out:.0f}",
+        ]  # fmt: skip
+        return "| " + " | ".join(cells) + " |"
+
+
+TABLE_HEADER = (
+    "| load | ok/sent | duration s | req/s | out tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms "
+    "| TPOT p99 ms | ITL p50 ms | ITL p99 ms | out tokens |\n" + "|---" * 12 + "|"
+)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default); NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    low, high = math.floor(pos), math.ceil(pos)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+async def run_concurrency(client, api: Api, concurrency: int, num_requests: int) -> LevelResult:
+    """Closed loop: `concurrency` clients, each sending its next request when the last one ends."""
+    prompts = prompt_texts(num_requests)
+    results: list[RequestResult] = []
+
+    async def worker() -> None:
+        while prompts:
+            results.append(await send(client, api, prompts.pop()))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return LevelResult(f"concurrency {concurrency}", concurrency, time.perf_counter() - start, results)
+
+
+async def run_poisson(client, api: Api, rate: float, num_requests: int, seed: int = 0) -> LevelResult:
+    """Open loop: requests arrive as a Poisson process of `rate` per second, whatever is in flight."""
+    rng, tasks = random.Random(seed), []
+    start = time.perf_counter()
+    for prompt in prompt_texts(num_requests):
+        tasks.append(asyncio.create_task(send(client, api, prompt)))
+        await asyncio.sleep(rng.expovariate(rate))
+    results = list(await asyncio.gather(*tasks))
+    return LevelResult(f"Poisson {rate:g} req/s", rate, time.perf_counter() - start, results)
+
+
+def default_num_requests(concurrency: int) -> int:
+    """As engine_bench: 4 at concurrency 1, 16 at 4, 32 at 16."""
+    return 4 * concurrency if concurrency < 8 else 2 * concurrency
+
+
+async def run_all(args: argparse.Namespace) -> list[LevelResult]:
+    api = Api(args.url.rstrip("/"), args.model, args.max_tokens, args.api)
+    limits = httpx.Limits(max_connections=max(args.concurrency) * 2 + 8)
+    async with httpx.AsyncClient(timeout=args.timeout_s, limits=limits) as client:
+        warm = await asyncio.gather(*(send(client, api, p) for p in prompt_texts(2)))
+        if not all(r.is_ok for r in warm):
+            raise SystemExit(f"warm-up failed: {[r.error for r in warm if not r.is_ok]}")
+        levels = []
+        for concurrency in args.concurrency:
+            num = args.num_requests or default_num_requests(concurrency)
+            levels.append(await run_concurrency(client, api, concurrency, num))
+            print(levels[-1].row(), flush=True)
+        if args.request_rate:
+            levels.append(await run_poisson(client, api, args.request_rate, args.num_requests or 32))
+            print(levels[-1].row(), flush=True)
+    return levels
+
+
+def plot(levels: list[LevelResult], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    closed = [lv for lv in levels if lv.label.startswith("concurrency")]
+    x = [lv.concurrency for lv in closed]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(x, [lv.output_throughput for lv in closed], "o-", label="output tokens/s")
+    left.set_xlabel("concurrency")
+    left.set_ylabel("output tokens/s")
+    twin = left.twinx()
+    twin.plot(x, [lv.request_throughput for lv in closed], "s--", color="tab:orange", label="requests/s")
+    twin.set_ylabel("requests/s")
+    left.set_title("throughput")
+    left.legend(loc="upper left")
+    twin.legend(loc="lower right")
+    for name, pick in (("TTFT", lambda r: [r.ttft_s]), ("TPOT", lambda r: [r.tpot_s] if r.tpot_s else [])):
+        for q, style in ((50, "o-"), (99, "x:")):
+            ys = [percentile([v for r in lv.ok for v in pick(r)], q) * 1e3 for lv in closed]
+            right.plot(x, ys, style, label=f"{name} p{q}")
+    right.set_xlabel("concurrency")
+    right.set_ylabel("ms")
+    right.set_yscale("log")
+    right.set_title("latency")
+    right.legend()
+    for axis in (left, right):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(x, [str(int(c)) for c in x])
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def compare_engine(args: argparse.Namespace, levels: list[LevelResult]) -> None:
+    """Engine alone (engine_bench's loop) on the model config the server runs, in this process."""
+    import threading
+
+    from engine_bench import bench_engine  # benchmarks/ is on sys.path when this runs as a script
+
+    from deployments.config import load_model_config
+    from deployments.model_server import load_serving_model
+
+    serving = load_serving_model(load_model_config(args.model_config))
+    tokenizer, engine = serving.tokenizer, serving.engine
+    prompts = {c: [tokenizer(t).input_ids for t in prompt_texts(default_num_requests(c))] for c in (1, 16)}
+    box: dict = {}
+
+    def run() -> None:
+        async def main() -> None:
+            await bench_engine(engine, prompts[1][:2], 2, 4)  # warm-up
+            for c in (1, 16):
+                box[c] = await bench_engine(engine, prompts[c], c, args.max_tokens)
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=run)  # torch work off the main thread, as engine_bench does
+    thread.start()
+    thread.join()
+    engine.shutdown()
+    by_label = {lv.label: lv for lv in levels}
+    http1, http16 = by_label.get("concurrency 1"), by_label.get("concurrency 16")
+    ttft_engine = statistics.median(box[1].ttft_s) * 1e3
+    print("\n| path | TTFT p50 ms at concurrency 1 | output tok/s at concurrency 16 |\n|---|---|---|")
+    print(f"| engine alone | {ttft_engine:.0f} | {box[16].tok_per_s:.1f} |")
+    if http1 and http16:
+        ttft_http = percentile([r.ttft_s for r in http1.ok], 50) * 1e3
+        print(f"| HTTP + Serve ({args.api}) | {ttft_http:.0f} | {http16.output_throughput:.1f} |")
+        overhead = 100 * (1 - http16.output_throughput / box[16].tok_per_s)
+        print(f"\nHTTP + Serve add {ttft_http - ttft_engine:.0f} ms to TTFT at concurrency 1 and cost "
+              f"{overhead:.0f}% of the engine's throughput at concurrency 16.")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--api", choices=("llm-engine", "openai"), default="openai")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="served model name")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument(
+        "--num-requests", type=int, default=None, help="per level; default 4c, at most 2c>=16"
+    )
+    parser.add_argument("--request-rate", type=float, default=None, help="also run a Poisson arrival rate")
+    parser.add_argument("--max-tokens", type=int, default=64, help="forced with ignore_eos on --api openai")
+    parser.add_argument("--timeout-s", type=float, default=300)
+    parser.add_argument("--png", default=None, help="write the plot here (needs matplotlib)")
+    parser.add_argument("--compare-engine", action="store_true", help="then run the engine alone here")
+    parser.add_argument("--model-config", default="configs/smollm2-135m-instruct.yaml")
+    args = parser.parse_args()
+
+    print(f"{args.api} API at {args.url}, model {args.model}, max tokens {args.max_tokens}, temperature 0\n")
+    print(TABLE_HEADER, flush=True)
+    levels = asyncio.run(run_all(args))
+    for level in levels:
+        for error in {r.error for r in level.results if not r.is_ok}:
+            print(f"{level.label}: {error}")
+    if args.png:
+        plot(levels, args.png, f"{args.model} over HTTP ({args.api} API, streaming)")
+        print(f"\nplot: {args.png}")
+    if args.compare_engine:
+        compare_engine(args, levels)
+
+
+if __name__ == "__main__":
+    main()

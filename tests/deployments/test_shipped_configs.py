@@ -1,0 +1,108 @@
+"""Every shipped config validates (ours and Serve's schema); autoscaling defaults follow the batch size."""
+
+import pytest
+import yaml
+from ray import serve
+from ray.serve.schema import ServeDeploySchema
+
+from deployments.app import build_app
+from deployments.config import (
+    REPO_ROOT,
+    TARGET_BATCH_FRACTION,
+    ConfigError,
+    ModelConfig,
+    load_model_config,
+    parse_app_config,
+)
+from model_zoo import CATALOGUE
+
+SERVE_CONFIGS = ["serve_config.yaml", "configs/gpu/serve_multi_gpu.yaml"]
+MODEL_CONFIGS = sorted(
+    str(p.relative_to(REPO_ROOT)) for d in ("configs", "configs/gpu") for p in (REPO_ROOT / d).glob("*.yaml")
+)
+MODEL_CONFIGS = [p for p in MODEL_CONFIGS if not p.endswith("serve_multi_gpu.yaml")]
+GPU_EXAMPLES = ["llama-2-7b", "llama-3-8b-instruct", "mistral-7b-instruct", "mixtral-8x7b-instruct"]
+
+
+def app_args(path: str) -> list[dict]:
+    schema = ServeDeploySchema.model_validate(yaml.safe_load((REPO_ROOT / path).read_text()))
+    return [app.args for app in schema.applications]
+
+
+@pytest.mark.parametrize("path", MODEL_CONFIGS)
+def test_model_config_is_valid(path: str) -> None:
+    config = load_model_config(path)
+    assert config.model in CATALOGUE
+    options = config.deployment.to_options()
+    serve.deployment(lambda: None).options(name=config.name, **options)  # Serve accepts the options
+    target = (options.get("autoscaling_config") or {}).get("target_ongoing_requests")
+    assert target is None or 1 <= target <= options["max_ongoing_requests"]
+
+
+@pytest.mark.parametrize("path", SERVE_CONFIGS)
+def test_serve_config_is_valid(path: str) -> None:
+    for args in app_args(path):
+        assert isinstance(build_app(args), serve.Application)
+
+
+def test_gpu_examples_are_shipped_and_ask_for_one_gpu() -> None:
+    for name in GPU_EXAMPLES:
+        config = load_model_config(f"configs/gpu/{name}.yaml")
+        assert config.name == name and config.engine.device == "cuda"
+        assert config.deployment.ray_actor_options["num_gpus"] == 1  # one device per model copy
+    (args,) = app_args("configs/gpu/serve_multi_gpu.yaml")
+    assert len(parse_app_config(args).models) >= 3
+
+
+def test_default_app_serves_two_architectures_and_fits_two_cpus() -> None:
+    (args,) = app_args("serve_config.yaml")
+    config = parse_app_config(args)
+    assert [m.name for m in config.models] == ["smollm2-135m-instruct", "gemma-3-270m"]
+    gemma = config.models[1]
+    assert gemma.use_chat_template is False and CATALOGUE["gemma-3-270m"].use_chat_template is False
+    assert "Gemma Terms of Use" in CATALOGUE["gemma-3-270m"].license_note
+    num_cpus = sum(m.deployment.ray_actor_options["num_cpus"] for m in config.models)
+    num_cpus += config.ingress.ray_actor_options["num_cpus"] * config.ingress.num_replicas
+    assert num_cpus <= 2  # one replica of each model and the ingress start on a 2-CPU machine
+
+
+def model(max_num_seqs: int = 16, **deployment) -> ModelConfig:
+    return ModelConfig(name="m", model="m", engine={"max_num_seqs": max_num_seqs}, deployment=deployment)
+
+
+def test_autoscaling_target_is_derived_from_the_batch() -> None:
+    options = model(32, autoscaling_config={"min_replicas": 1, "max_replicas": 3}).deployment.to_options()
+    assert options["autoscaling_config"] == {
+        "min_replicas": 1,
+        "max_replicas": 3,
+        "target_ongoing_requests": round(32 * TARGET_BATCH_FRACTION),
+    }
+    assert options["max_ongoing_requests"] == 64  # one batch running + one waiting
+    assert model(1, autoscaling_config={}).deployment.autoscaling_config["target_ongoing_requests"] == 1
+
+
+def test_stated_values_are_kept() -> None:
+    config = model(32, max_ongoing_requests=40, autoscaling_config={"target_ongoing_requests": 5})
+    assert config.deployment.max_ongoing_requests == 40
+    assert config.deployment.autoscaling_config == {"target_ongoing_requests": 5}
+    assert "autoscaling_config" not in model(8).deployment.to_options()  # no autoscaling asked: none added
+    again = ModelConfig.model_validate(config.model_dump())
+    assert again.deployment == config.deployment
+
+
+def test_target_above_max_ongoing_is_refused() -> None:
+    args = {"models": [{"name": "m", "model": "m", "deployment": {"max_ongoing_requests": 4}}]}
+    args["models"][0]["deployment"]["autoscaling_config"] = {"target_ongoing_requests": 8}
+    with pytest.raises(ConfigError, match="never scale up"):
+        parse_app_config(args)
+
+
+def test_scale_to_zero_example() -> None:
+    config = load_model_config("configs/gpu/mistral-7b-instruct.yaml")
+    assert config.replica_wait_timeout_s == 600
+    assert config.deployment.autoscaling_config["min_replicas"] == 0
+
+
+def test_derived_target_never_exceeds_max_ongoing() -> None:
+    config = model(32, max_ongoing_requests=4, autoscaling_config={"max_replicas": 2})
+    assert config.deployment.autoscaling_config["target_ongoing_requests"] == 4

@@ -1,0 +1,39 @@
+"""A 30-second soak against the tiny-model app: mixed load, nothing unexpected, nothing left running.
+
+Select it with `-m soak`; the 10-minute run on the default app is `python benchmarks/soak.py`.
+"""
+
+import asyncio
+import time
+
+import pytest
+from ray import serve
+
+from benchmarks.soak import SoakConfig, run_soak
+from tests.integration.tiny_app import TINY_MODEL
+
+SOAK_S = 30.0
+
+
+@pytest.mark.soak
+async def test_thirty_second_soak(tiny_app_url: str):
+    config = SoakConfig(
+        url=tiny_app_url,
+        model=TINY_MODEL,
+        duration_s=SOAK_S,
+        concurrency=4,
+        max_new_tokens=16,
+        app_name="tiny",
+    )
+    report = await run_soak(config)
+    print(report.summary())
+    assert report.duration_s < SOAK_S + 10
+    assert report.num_answered > 20 and not report.errors, report.summary()
+    assert set(report.outcomes) == {"sync", "stream", "chat", "disconnect", "bad_input"}
+    handle = serve.get_deployment_handle(f"ModelServer:{TINY_MODEL}", app_name="tiny")
+    deadline = time.monotonic() + 10
+    while (
+        stats := await handle.stats.remote()
+    ).num_running + stats.num_waiting and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert stats.num_running == 0 and stats.num_waiting == 0

@@ -1,0 +1,24 @@
+"""Routing across nodes: runs two_node_check.py in its own process (it needs its own Ray cluster)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).with_name("two_node_check.py")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RESULT_PREFIX = "TWO_NODE_RESULT "
+
+
+def test_replicas_on_both_nodes_answer() -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "RAY_ADDRESS": ""}
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT)], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    result = json.loads(line.removeprefix(RESULT_PREFIX))
+    assert result["nodes"] == {"on-head": result["head"], "on-worker": result["worker"]}
+    assert result["head"] != result["worker"]
+    assert result["status"] == {"on-head": 200, "on-worker": 200}
