@@ -251,8 +251,11 @@ def plot(levels: list[LevelResult], path: str, title: str) -> None:
 
 def compare_engine(args: argparse.Namespace, levels: list[LevelResult]) -> None:
     """Engine alone (engine_bench's loop) on the model config the server runs, in this process."""
+    import sys
     import threading
+    from pathlib import Path
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for its packages
     from engine_bench import bench_engine  # benchmarks/ is on sys.path when this runs as a script
 
     from deployments.config import load_model_config
