@@ -280,12 +280,15 @@ def compare_engine(args: argparse.Namespace, levels: list[LevelResult]) -> None:
     engine.shutdown()
     by_label = {lv.label: lv for lv in levels}
     http1, http16 = by_label.get("concurrency 1"), by_label.get("concurrency 16")
-    ttft_engine = statistics.median(box[1].ttft_s) * 1e3
-    print("\n| path | TTFT p50 ms at concurrency 1 | output tok/s at concurrency 16 |\n|---|---|---|")
-    print(f"| engine alone | {ttft_engine:.0f} | {box[16].tok_per_s:.1f} |")
+    ttft_engine, tpot_engine = (statistics.median(v) * 1e3 for v in (box[1].ttft_s, box[1].tpot_s))
+    print("\n| path | concurrency 1: TTFT p50 ms | TPOT p50 ms | concurrency 16: output tok/s |")
+    print("|---|---|---|---|")
+    print(f"| engine alone | {ttft_engine:.0f} | {tpot_engine:.1f} | {box[16].tok_per_s:.1f} |")
     if http1 and http16:
         ttft_http = percentile([r.ttft_s for r in http1.ok], 50) * 1e3
-        print(f"| HTTP + Serve ({args.api}) | {ttft_http:.0f} | {http16.output_throughput:.1f} |")
+        tpot_http = percentile([t for r in http1.ok if (t := r.tpot_s) is not None], 50) * 1e3
+        cells = f"{ttft_http:.0f} | {tpot_http:.1f} | {http16.output_throughput:.1f}"
+        print(f"| HTTP + Serve ({args.api}) | {cells} |")
         overhead = 100 * (1 - http16.output_throughput / box[16].tok_per_s)
         print(f"\nHTTP + Serve add {ttft_http - ttft_engine:.0f} ms to TTFT at concurrency 1 and cost "
               f"{overhead:.0f}% of the engine's throughput at concurrency 16.")  # fmt: skip
