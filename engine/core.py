@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -133,6 +134,8 @@ class EngineCore:
             seq.output_ids.append(token_id)
             log_prob = result.log_probs[i] if result.log_probs is not None else None
             delta = self._outputs[seq.request_id].on_token(token_id, log_prob)
+            if delta.num_completion_tokens == 1 and seq.admitted_s is not None:
+                delta = dataclasses.replace(delta, queue_time_s=seq.admitted_s - seq.arrival_s)
             deltas.append(delta)
             if delta.is_finished:
                 self._drop(seq)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -19,6 +20,8 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose keys and values are in the cache
+    arrival_s: float = field(default_factory=time.monotonic)
+    admitted_s: float | None = None  # when it first got a batch slot
 
     @property
     def num_tokens(self) -> int:
@@ -97,6 +100,7 @@ class Scheduler:
         return len(self.running) < self.max_num_seqs and self.allocator.can_allocate(needed)
 
     def _admit(self, seq: Sequence) -> Sequence:
+        seq.admitted_s = time.monotonic()
         seq.block_table = self.allocator.allocate(num_blocks_for(seq.max_num_tokens, self.block_size))
         self.running.append(seq)
         return seq

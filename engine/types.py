@@ -61,6 +61,7 @@ class TokenDelta:
     num_completion_tokens: int  # running total
     token: TokenLogProb | None = None  # set when log probs were asked for
     finish_reason: FinishReason | None = None
+    queue_time_s: float | None = None  # on the first delta: from arrival to first scheduled
 
     @property
     def is_finished(self) -> bool:

@@ -79,6 +79,7 @@ def test_max_new_tokens_and_counts(tiny):
     assert deltas[-1].finish_reason is FinishReason.LENGTH
     assert all(d.finish_reason is None for d in deltas[:-1])
     assert deltas[-1].num_prompt_tokens == len(req.prompt_token_ids)
+    assert deltas[0].queue_time_s >= 0 and all(d.queue_time_s is None for d in deltas[1:])
 
 
 def run_to_completion_one(core, req):
