@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass
 
 import torch
+from prompts import prompt_texts  # benchmarks/ is on sys.path when run as a script
 
 from engine.async_engine import AsyncEngine
 from engine.device import default_num_threads, resolve_device, resolve_dtype
@@ -24,13 +25,6 @@ from engine.guided_spec import GuidedSpec
 from engine.types import EngineConfig, GenerationRequest, SamplingParams
 from model_zoo.catalogue import resolve
 from model_zoo.loader import load_model
-
-TOPICS = [
-    "a lighthouse keeper", "a lost robot", "the last dragon", "a city under the sea", "a time traveller",
-    "a haunted library", "a desert caravan", "a mountain monastery", "a clockwork bird", "a pirate queen",
-    "a forgotten moon base", "a talking river", "a royal chef", "an arctic expedition", "a circus of ghosts",
-    "a garden on Mars",
-]  # fmt: skip
 
 
 @dataclass
@@ -52,12 +46,7 @@ class Result:
 
 
 def make_prompts(tokenizer, n: int) -> list[list[int]]:
-    template = (
-        "Write a long, detailed story about {}. Give it vivid scenes, three named characters "
-        "and a lot of dialogue. Begin:"
-    )
-    texts = [template.format(TOPICS[i % len(TOPICS)]) for i in range(n)]
-    return [tokenizer(t).input_ids for t in texts]
+    return [tokenizer(t).input_ids for t in prompt_texts(n)]
 
 
 def bench_sequential_generate(model, prompts, new_tokens: int) -> Result:
