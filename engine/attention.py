@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from engine.kv_cache import KVCache
+from engine.native_attention import DecodeAttentionKernel
 
 ATTN_IMPLEMENTATION = "llmserve_paged"
 
@@ -37,6 +38,9 @@ class AttentionMetadata:
     decode_lens: torch.Tensor | None  # (D,) context length of each decode sequence
     max_decode_ctx: int
     prefills: list[PrefillSpan]
+    # With the CPU kernel, decode reads the cache in place through the block tables (no gather).
+    decode_kernel: DecodeAttentionKernel | None = None
+    decode_block_tables: torch.Tensor | None = None  # (D, width) int64 block ids, padded with 0
     _masks: dict = field(default_factory=dict)  # (kind, window) -> mask, shared by all layers
 
     def decode_mask(self, window: int | None) -> torch.Tensor:
@@ -94,7 +98,20 @@ def attend_paged(
     num_kv_heads = key.shape[1]
     out = query.new_empty(num_tokens, num_heads, head_dim)
     num_decode = meta.num_decode
-    if num_decode:
+    if num_decode and meta.decode_kernel is not None:
+        meta.decode_kernel(
+            query[:num_decode],
+            k_cache,
+            v_cache,
+            meta.decode_block_tables,
+            meta.decode_lens,
+            meta.kv_cache.block_size,
+            head_dim**-0.5 if scaling is None else scaling,
+            sliding_window,
+            softcap,
+            out[:num_decode],
+        )
+    elif num_decode:
         ctx = meta.max_decode_ctx
         # One query token per sequence: fold the query heads of a group into the query-length axis.
         q = query[:num_decode].reshape(num_decode, num_kv_heads, -1, head_dim)  # (D, Hk, G, hd)

@@ -29,6 +29,13 @@ def _can_pack(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.float32
 
 
+# oneDNN computes a single row (M = 1) on a matrix-vector path that sums in another order than its
+# matrix-matrix kernels, which give every row the same bits whatever M >= 2 is (checked here for every
+# SmolLM2 shape, bf16 and fp32). A lone row is therefore run as two, so a request decoded alone gets
+# the very numbers it gets amid a batch; the second row costs nothing measurable (weights dominate).
+_BATCH_INVARIANT_MIN_ROWS = 2
+
+
 class PackedLinear(nn.Module):
     """y = x W^T + b with W held in oneDNN's packed layout (CPU) or as a plain tensor elsewhere."""
 
@@ -43,7 +50,11 @@ class PackedLinear(nn.Module):
         if not self.is_packed:
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(-1, self.in_features)  # oneDNN wants (M, K)
-        y = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
+        if flat.shape[0] == 1:  # see _BATCH_INVARIANT_MIN_ROWS
+            flat = flat.expand(_BATCH_INVARIANT_MIN_ROWS, -1)
+            y = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")[:1]
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)
 
 

@@ -55,7 +55,7 @@ class KVCache:
     def __init__(
         self, shape: KVCacheShape, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
     ) -> None:
-        self.shape, self.num_blocks, self.block_size = shape, num_blocks, block_size
+        self.shape, self.num_blocks, self.block_size, self.dtype = shape, num_blocks, block_size, dtype
         num_slots = num_blocks * block_size
         dims = (num_slots, shape.num_kv_heads, shape.head_dim)
         self.keys = [torch.zeros(dims, dtype=dtype, device=device) for _ in range(shape.num_layers)]

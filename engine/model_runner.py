@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from engine import attention
+from engine import native_attention as native_attention_kernel
 from engine.attention import AttentionMetadata, PrefillSpan
 from engine.fusion import optimize_model
 from engine.kv_cache import KVCache
@@ -15,12 +16,21 @@ class ModelRunner:
     """Owns the model and the cache tensors; returns logits of the sequences that sample this step."""
 
     def __init__(
-        self, model: torch.nn.Module, kv_cache: KVCache, device: torch.device, optimize: bool
+        self,
+        model: torch.nn.Module,
+        kv_cache: KVCache,
+        device: torch.device,
+        optimize: bool,
+        native_attention: bool = True,
     ) -> None:
-        """Takes the model over: its attention becomes the paged one and, if `optimize`, its linears fused."""
+        """Takes the model over: its attention becomes the paged one and, if `optimize`, its linears fused.
+
+        `native_attention`: decode attention in the C kernel where it supports the device and dtype."""
         model.set_attn_implementation(attention.register())
         if optimize:
             optimize_model(model)
+        use_kernel = native_attention and native_attention_kernel.supports(device, kv_cache.dtype)
+        self.decode_kernel = native_attention_kernel.load() if use_kernel else None
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
@@ -58,7 +68,7 @@ class ModelRunner:
                         positions=torch.arange(start, start + n, device=self.device),
                     )
                 )
-        decode_gather = decode_lens = None
+        decode_gather = decode_lens = tables = None
         max_ctx = 0
         if batch.num_decode:
             decode = [seq for seq, _ in batch.items[: batch.num_decode]]
@@ -66,7 +76,8 @@ class ModelRunner:
             max_ctx = max(lens)
             width = max(len(seq.block_table) for seq in decode)
             tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in decode])
-            decode_gather = self._gather(tables, max_ctx).flatten().to(self.device)
+            if self.decode_kernel is None:
+                decode_gather = self._gather(tables, max_ctx).flatten().to(self.device)
             decode_lens = torch.tensor(lens, device=self.device)
         meta = AttentionMetadata(
             kv_cache=self.kv_cache,
@@ -76,6 +87,8 @@ class ModelRunner:
             decode_lens=decode_lens,
             max_decode_ctx=max_ctx,
             prefills=prefills,
+            decode_kernel=self.decode_kernel if batch.num_decode else None,
+            decode_block_tables=tables,
         )
         ids = torch.tensor([input_ids], device=self.device)
         pos = torch.tensor([positions], device=self.device)

@@ -91,3 +91,4 @@ class EngineConfig:
     max_waiting: int = 256  # requests queued in the engine before new ones are refused (429)
     guided_compile_timeout_s: float = 10.0  # a grammar that takes longer to compile is refused (400)
     optimize_model: bool = True  # fuse q/k/v and gate/up products, prepack CPU weights for oneDNN
+    native_attention: bool = True  # CPU decode attention in the C kernel (engine/native_attention.py)

@@ -1,0 +1,132 @@
+"""The C decode-attention kernel against a float64 reference, its batch invariance, and the fallback."""
+
+import math
+
+import pytest
+import torch
+
+from engine import native_attention
+from tests.engine.conftest import make_core, request, run_to_completion, text_of
+
+kernel = native_attention.load()
+needs_kernel = pytest.mark.skipif(kernel is None, reason="no C compiler: the kernel could not be built")
+
+
+def reference(query, k_cache, v_cache, tables, lens, block_size, scale, window, softcap):
+    """Textbook attention in float64, one sequence at a time, over the cache slots it owns."""
+    num_seqs, num_heads, head_dim = query.shape
+    group = num_heads // k_cache.shape[1]
+    out = torch.empty(num_seqs, num_heads, head_dim, dtype=torch.float64)
+    for s in range(num_seqs):
+        length = int(lens[s])
+        first = max(0, length - window) if window else 0
+        pos = torch.arange(first, length)
+        slots = tables[s, pos // block_size] * block_size + pos % block_size
+        k = k_cache[slots].double()  # (n, Hk, hd)
+        v = v_cache[slots].double()
+        for h in range(num_heads):
+            scores = k[:, h // group] @ query[s, h].double() * scale
+            if softcap:
+                scores = torch.tanh(scores / softcap) * softcap
+            out[s, h] = scores.softmax(0) @ v[:, h // group]
+    return out
+
+
+def make_case(dtype, num_heads, num_kv_heads, head_dim, block_size, lens, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks = 64
+    k_cache = torch.randn(num_blocks * block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks * block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
+    width = max(math.ceil(n / block_size) for n in lens)
+    blocks = torch.randperm(num_blocks, generator=gen)[: len(lens) * width]
+    tables = blocks.view(len(lens), width).contiguous()
+    query = torch.randn(len(lens), num_heads, head_dim, generator=gen).to(dtype)
+    return query, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int64)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("dtype", "heads", "kv_heads", "head_dim", "block_size", "window", "softcap"),
+    [
+        (torch.float32, 9, 3, 64, 16, None, None),  # SmolLM2's shape, grouped heads
+        (torch.float32, 4, 4, 32, 4, None, None),  # plain multi-head, generic head_dim and block size
+        (torch.float32, 8, 1, 128, 16, 5, None),  # one kv head, sliding window
+        (torch.float32, 4, 2, 64, 16, None, 30.0),  # logit soft-capping
+        (torch.bfloat16, 9, 3, 64, 16, None, None),
+        (torch.bfloat16, 4, 2, 128, 16, 7, None),
+    ],
+)
+def test_kernel_matches_reference(dtype, heads, kv_heads, head_dim, block_size, window, softcap):
+    lens = [1, 5, 16, 17, 40, 33]
+    query, k_cache, v_cache, tables, ctx = make_case(dtype, heads, kv_heads, head_dim, block_size, lens)
+    scale = head_dim**-0.5
+    out = torch.full_like(query, float("nan"))
+    kernel(query, k_cache, v_cache, tables, ctx, block_size, scale, window, softcap, out)
+    expected = reference(query, k_cache, v_cache, tables, ctx, block_size, scale, window, softcap)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding
+    torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=tolerance)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_rows_do_not_depend_on_the_batch(dtype):
+    lens = [23, 64, 7, 50, 31]
+    query, k_cache, v_cache, tables, ctx = make_case(dtype, 9, 3, 64, 16, lens, seed=1)
+    together = torch.empty_like(query)
+    kernel(query, k_cache, v_cache, tables, ctx, 16, 0.125, None, None, together)
+    for s in range(len(lens)):
+        alone = torch.empty_like(query[s : s + 1])
+        table = tables[s : s + 1, : math.ceil(lens[s] / 16)].contiguous()
+        kernel(query[s : s + 1], k_cache, v_cache, table, ctx[s : s + 1], 16, 0.125, None, None, alone)
+        assert torch.equal(alone[0], together[s])  # bit for bit
+
+
+@needs_kernel
+def test_kernel_rejects_mismatched_inputs():
+    query, k_cache, v_cache, tables, ctx = make_case(torch.float32, 4, 2, 64, 16, [3])
+    out = torch.empty_like(query)
+    with pytest.raises(ValueError, match="int64"):
+        kernel(query, k_cache, v_cache, tables.int(), ctx, 16, 0.125, None, None, out)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernel(query, k_cache, v_cache.bfloat16(), tables, ctx, 16, 0.125, None, None, out)
+
+
+def test_torch_path_and_kernel_give_the_same_greedy_text(tiny):
+    _, tokenizer = tiny
+    texts = []
+    for native in (False, True):
+        core = make_core(tiny, native_attention=native)
+        for i, prompt in enumerate(["Hello there", "The capital of France is", "1 2 3"]):
+            core.add_request(request(tokenizer, prompt, f"r{i}", max_new_tokens=24, ignore_eos=True))
+        out = run_to_completion(core)
+        texts.append([text_of(out[f"r{i}"]) for i in range(3)])
+        assert (core.runner.decode_kernel is not None) == (native and kernel is not None)
+    assert texts[0] == texts[1]
+
+
+def test_without_a_compiler_attention_stays_on_torch(monkeypatch, tmp_path):
+    monkeypatch.setattr(native_attention.shutil, "which", lambda name: None)
+    native_attention.load.cache_clear()
+    try:
+        assert native_attention.load() is None
+    finally:
+        native_attention.load.cache_clear()
+
+
+def test_a_failed_build_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv(native_attention.KERNEL_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    monkeypatch.setattr(native_attention.shutil, "which", lambda name: "/bin/false")
+    native_attention.load.cache_clear()
+    try:
+        assert native_attention.load() is None
+        assert not list(tmp_path.glob("*.so"))
+    finally:
+        native_attention.load.cache_clear()
+
+
+def test_only_cpu_float32_and_bfloat16_are_supported():
+    assert native_attention.supports(torch.device("cpu"), torch.bfloat16)
+    assert native_attention.supports(torch.device("cpu"), torch.float32)
+    assert not native_attention.supports(torch.device("cpu"), torch.float16)
+    assert not native_attention.supports(torch.device("cuda"), torch.bfloat16)
