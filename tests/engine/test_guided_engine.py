@@ -7,7 +7,7 @@ import jsonschema
 import pytest
 
 from engine.async_engine import AsyncEngine
-from engine.errors import InvalidRequestError
+from engine.errors import InvalidRequestError, ServingError
 from engine.guided_spec import GuidedSpec
 from engine.types import EngineConfig, FinishReason
 from tests.engine.conftest import request, text_of
@@ -98,3 +98,31 @@ async def test_length_can_cut_a_structure_short(engine, tiny):
     )
     assert deltas[-1].finish_reason is FinishReason.LENGTH
     assert text_of(deltas).startswith("{")
+
+
+async def wait_until(condition, timeout_s: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_the_compiler_is_built_at_start_not_on_the_first_request(engine):
+    await wait_until(lambda: engine._compiler is not None)  # no guided request was sent
+
+
+async def test_a_failing_compiler_ends_the_request_with_an_error(tiny, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("tokenizer not supported")
+
+    monkeypatch.setattr("engine.async_engine.GuidedCompiler", broken)
+    model, tokenizer = tiny
+    eng = AsyncEngine(model, tokenizer, EngineConfig(max_model_len=256, kv_cache_bytes=8 * 2**20))
+    try:
+        stream = eng.add_request(request(tokenizer, "hi", "g", guided=GuidedSpec.choice(["a", "b"])))
+        with pytest.raises(ServingError, match="tokenizer not supported") as caught:
+            await asyncio.wait_for(anext(stream), 30)
+        assert caught.value.status_code == 500
+        assert [d.text async for d in eng.add_request(request(tokenizer, "hi", "free"))]  # still serves
+    finally:
+        eng.shutdown()
