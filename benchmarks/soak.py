@@ -248,22 +248,27 @@ async def _sample_rss(report: SoakReport, deadline: float, app_name: str | None,
         await asyncio.sleep(5)
 
 
-def main() -> None:
+def parse_config(argv: list[str] | None = None) -> SoakConfig:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    defaults = SoakConfig()  # a slots dataclass: its class attributes are descriptors, not the defaults
     parser.add_argument("--minutes", type=float, default=10.0, help="how long to run")
-    parser.add_argument("--url", default=SoakConfig.url, help="server base URL (loopback only)")
-    parser.add_argument("--model", default=SoakConfig.model, help="model_endpoint_name / model")
-    parser.add_argument("--concurrency", type=int, default=SoakConfig.concurrency, help="parallel clients")
-    parser.add_argument("--max-requests", type=int, default=SoakConfig.max_requests, help="request bound")
-    parser.add_argument("--max-new-tokens", type=int, default=SoakConfig.max_new_tokens)
+    parser.add_argument("--url", default=defaults.url, help="server base URL (loopback only)")
+    parser.add_argument("--model", default=defaults.model, help="model_endpoint_name / model")
+    parser.add_argument("--concurrency", type=int, default=defaults.concurrency, help="parallel clients")
+    parser.add_argument("--max-requests", type=int, default=defaults.max_requests, help="request bound")
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     parser.add_argument("--app", default=None, help="Serve app whose replicas' RSS to watch (default: all)")
-    args = parser.parse_args()
-    config = SoakConfig(
+    args = parser.parse_args(argv)
+    return SoakConfig(
         url=args.url, model=args.model, duration_s=args.minutes * 60, concurrency=args.concurrency,
         max_requests=args.max_requests, max_new_tokens=args.max_new_tokens, app_name=args.app,
     )  # fmt: skip
+
+
+def main() -> None:
+    config = parse_config()
     report = asyncio.run(run_soak(config))
     print(json.dumps(report.summary(), indent=2))
     print(

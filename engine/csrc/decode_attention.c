@@ -14,6 +14,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static int omp_get_max_threads(void) { return 1; }
+#endif
+
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;
@@ -47,89 +53,103 @@ static inline void store_row(void *base, int64_t row, int64_t n, int dtype, cons
     }
 }
 
-/* One (sequence, kv head) pair: its `group` query heads attend to the sequence's cached tokens. */
-static inline __attribute__((always_inline)) void attend_pair(
+/* Work item: the query heads of kv heads [kv_begin, kv_end) of sequence s attend to its cached tokens.
+   Each cached token's keys (and values) for those heads are one contiguous run, read once. */
+static inline __attribute__((always_inline)) void attend(
     const int dtype, const void *query, const void *k_cache, const void *v_cache, const int64_t *table,
-    int64_t len, int64_t s, int64_t kvh, int64_t num_heads, int64_t num_kv_heads, const int64_t head_dim,
-    const int64_t block_size, float scale, int64_t window, float softcap, void *out, int64_t max_len,
-    float *restrict scores, float *restrict q, float *restrict acc, float *restrict row) {
+    int64_t len, int64_t s, int64_t kv_begin, int64_t kv_end, int64_t num_heads, int64_t num_kv_heads,
+    const int64_t head_dim, const int64_t block_size, float scale, int64_t window, float softcap,
+    void *out, int64_t max_len, float *restrict scores, float *restrict q, float *restrict acc,
+    float *restrict row) {
     const int64_t group = num_heads / num_kv_heads;
+    const int64_t num_kv = kv_end - kv_begin, heads = num_kv * group, width = num_kv * head_dim;
     const int64_t first = (window > 0 && len > window) ? len - window : 0;
     const int64_t n = len - first;
-    for (int64_t g = 0; g < group; g++)
-        load_row(query, s * num_heads + kvh * group + g, head_dim, dtype, q + g * head_dim);
+    const int64_t head0 = s * num_heads + kv_begin * group; /* first query row of this item */
+    for (int64_t h = 0; h < heads; h++) load_row(query, head0 + h, head_dim, dtype, q + h * head_dim);
     for (int64_t t = 0; t < n; t++) { /* scores = q . k * scale */
         const int64_t pos = first + t;
         const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
-        load_row(k_cache, slot * num_kv_heads + kvh, head_dim, dtype, row);
-        for (int64_t g = 0; g < group; g++) {
-            const float *qg = q + g * head_dim;
+        if (dtype == 0)
+            memcpy(row, (const float *)k_cache + (slot * num_kv_heads + kv_begin) * head_dim,
+                   sizeof(float) * (size_t)width);
+        else
+            for (int64_t i = 0; i < width; i++)
+                row[i] = bf16_to_f32(((const uint16_t *)k_cache)[(slot * num_kv_heads + kv_begin) * head_dim + i]);
+        for (int64_t h = 0; h < heads; h++) {
+            const float *qh = q + h * head_dim, *kh = row + (h / group) * head_dim;
             float dot = 0.0f;
-            for (int64_t i = 0; i < head_dim; i++) dot += qg[i] * row[i];
-            scores[g * max_len + t] = dot * scale;
+            for (int64_t i = 0; i < head_dim; i++) dot += qh[i] * kh[i];
+            scores[h * max_len + t] = dot * scale;
         }
     }
-    for (int64_t g = 0; g < group; g++) { /* softmax */
-        float *sg = scores + g * max_len;
+    for (int64_t h = 0; h < heads; h++) { /* softmax */
+        float *sh = scores + h * max_len;
         if (softcap > 0.0f)
-            for (int64_t t = 0; t < n; t++) sg[t] = tanhf(sg[t] / softcap) * softcap;
-        float top = sg[0];
-        for (int64_t t = 1; t < n; t++) top = sg[t] > top ? sg[t] : top;
+            for (int64_t t = 0; t < n; t++) sh[t] = tanhf(sh[t] / softcap) * softcap;
+        float top = sh[0];
+        for (int64_t t = 1; t < n; t++) top = sh[t] > top ? sh[t] : top;
         float total = 0.0f;
         for (int64_t t = 0; t < n; t++) {
-            sg[t] = expf(sg[t] - top);
-            total += sg[t];
+            sh[t] = expf(sh[t] - top);
+            total += sh[t];
         }
         const float inv = 1.0f / total;
-        for (int64_t t = 0; t < n; t++) sg[t] *= inv;
+        for (int64_t t = 0; t < n; t++) sh[t] *= inv;
     }
-    memset(acc, 0, sizeof(float) * (size_t)(group * head_dim));
+    memset(acc, 0, sizeof(float) * (size_t)(heads * head_dim));
     for (int64_t t = 0; t < n; t++) { /* acc += p * v */
         const int64_t pos = first + t;
         const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
-        load_row(v_cache, slot * num_kv_heads + kvh, head_dim, dtype, row);
-        for (int64_t g = 0; g < group; g++) {
-            const float p = scores[g * max_len + t];
-            float *ag = acc + g * head_dim;
-            for (int64_t i = 0; i < head_dim; i++) ag[i] += p * row[i];
+        if (dtype == 0)
+            memcpy(row, (const float *)v_cache + (slot * num_kv_heads + kv_begin) * head_dim,
+                   sizeof(float) * (size_t)width);
+        else
+            for (int64_t i = 0; i < width; i++)
+                row[i] = bf16_to_f32(((const uint16_t *)v_cache)[(slot * num_kv_heads + kv_begin) * head_dim + i]);
+        for (int64_t h = 0; h < heads; h++) {
+            const float p = scores[h * max_len + t];
+            const float *vh = row + (h / group) * head_dim;
+            float *ah = acc + h * head_dim;
+            for (int64_t i = 0; i < head_dim; i++) ah[i] += p * vh[i];
         }
     }
-    for (int64_t g = 0; g < group; g++)
-        store_row(out, s * num_heads + kvh * group + g, head_dim, dtype, acc + g * head_dim);
+    for (int64_t h = 0; h < heads; h++) store_row(out, head0 + h, head_dim, dtype, acc + h * head_dim);
 }
 
 int decode_attention(int dtype, const void *query, const void *k_cache, const void *v_cache,
                      const int64_t *block_tables, int64_t table_width, const int64_t *ctx_lens,
                      int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                      int64_t block_size, float scale, int64_t window, float softcap, void *out) {
-    const int64_t group = num_heads / num_kv_heads;
     int64_t max_len = 1;
     for (int64_t s = 0; s < num_seqs; s++) max_len = ctx_lens[s] > max_len ? ctx_lens[s] : max_len;
-    /* per thread: scores (group x max_len), q and acc (group x head_dim each), one k/v row */
-    const size_t scratch_floats = (size_t)(group * max_len + 2 * group * head_dim + head_dim);
+    /* Work items: whole sequences when there are enough for every thread, else (sequence, kv head). */
+    const int64_t split = num_seqs >= omp_get_max_threads() ? 1 : num_kv_heads;
+    const int64_t kv_per_item = num_kv_heads / split;
+    /* per thread: scores (heads x max_len), q and acc (heads x head_dim each), one k/v row */
+    const size_t scratch_floats = (size_t)(num_heads * max_len + 2 * num_heads * head_dim + num_kv_heads * head_dim);
     int failed = 0;
     /* OpenMP from the runtime torch already loaded (same soname): the engine thread's team is reused. */
 #pragma omp parallel reduction(| : failed)
     {
         float *scratch = malloc(sizeof(float) * scratch_floats);
         failed = scratch == NULL;
-        float *scores = scratch, *q = scores + group * max_len, *acc = q + group * head_dim;
-        float *row = acc + group * head_dim;
+        float *scores = scratch, *q = scores + num_heads * max_len, *acc = q + num_heads * head_dim;
+        float *row = acc + num_heads * head_dim;
 #define ATTEND(DTYPE, HD, BS)                                                                          \
-    attend_pair(DTYPE, query, k_cache, v_cache, block_tables + s * table_width, ctx_lens[s], s, kvh,    \
-                num_heads, num_kv_heads, HD, BS, scale, window, softcap, out, max_len, scores, q, acc,   \
-                row)
-#pragma omp for collapse(2) schedule(static)
-        for (int64_t s = 0; s < num_seqs; s++) {
-            for (int64_t kvh = 0; kvh < num_kv_heads; kvh++) {
-                if (failed) continue;
-                /* constant copies for the common shapes; anything else takes the generic loop */
-                if (dtype == 1 && head_dim == 64 && block_size == 16) ATTEND(1, 64, 16);
-                else if (dtype == 1 && head_dim == 128 && block_size == 16) ATTEND(1, 128, 16);
-                else if (dtype == 0 && head_dim == 64 && block_size == 16) ATTEND(0, 64, 16);
-                else if (dtype == 0 && head_dim == 128 && block_size == 16) ATTEND(0, 128, 16);
-                else ATTEND(dtype, head_dim, block_size);
-            }
+    attend(DTYPE, query, k_cache, v_cache, block_tables + s * table_width, ctx_lens[s], s, kv_begin,    \
+           kv_begin + kv_per_item, num_heads, num_kv_heads, HD, BS, scale, window, softcap, out,        \
+           max_len, scores, q, acc, row)
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < num_seqs * split; item++) {
+            if (failed) continue;
+            const int64_t s = item / split, kv_begin = (item % split) * kv_per_item;
+            /* constant copies for the common shapes; anything else takes the generic loop */
+            if (dtype == 1 && head_dim == 64 && block_size == 16) ATTEND(1, 64, 16);
+            else if (dtype == 1 && head_dim == 128 && block_size == 16) ATTEND(1, 128, 16);
+            else if (dtype == 0 && head_dim == 64 && block_size == 16) ATTEND(0, 64, 16);
+            else if (dtype == 0 && head_dim == 128 && block_size == 16) ATTEND(0, 128, 16);
+            else ATTEND(dtype, head_dim, block_size);
         }
 #undef ATTEND
         free(scratch);

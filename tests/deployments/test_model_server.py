@@ -52,7 +52,9 @@ async def test_closing_the_stream_aborts(server):
 
 async def test_cancelling_generate_aborts(server):
     task = asyncio.create_task(server.generate(request("[slow]", max_new_tokens=50)))
-    await asyncio.sleep(0.3)
+    async with asyncio.timeout(10):  # wait until the engine is generating it
+        while (await server.stats()).num_running == 0:
+            await asyncio.sleep(0.01)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

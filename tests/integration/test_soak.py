@@ -37,3 +37,12 @@ async def test_thirty_second_soak(tiny_app_url: str):
     ).num_running + stats.num_waiting and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert stats.num_running == 0 and stats.num_waiting == 0
+
+
+def test_command_line_gives_the_documented_defaults():
+    from benchmarks.soak import parse_config
+
+    config = parse_config([])
+    assert (config.url, config.model, config.duration_s) == (SoakConfig().url, SoakConfig().model, 600.0)
+    custom = parse_config(["--minutes", "0.5", "--url", "http://localhost:9000/", "--app", "llm"])
+    assert (custom.url, custom.duration_s, custom.app_name) == ("http://localhost:9000/", 30.0, "llm")
