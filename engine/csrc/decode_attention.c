@@ -35,11 +35,12 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, NaN kept
     return (uint16_t)(u >> 16);
 }
 
-static inline void load_row(const void *base, int64_t row, int64_t n, int dtype, float *restrict dst) {
+/* n values starting at element `offset` of base, as float32 */
+static inline void load_span(const void *base, int64_t offset, int64_t n, int dtype, float *restrict dst) {
     if (dtype == 0) {
-        memcpy(dst, (const float *)base + row * n, (size_t)n * sizeof(float));
+        memcpy(dst, (const float *)base + offset, (size_t)n * sizeof(float));
     } else {
-        const uint16_t *src = (const uint16_t *)base + row * n;
+        const uint16_t *src = (const uint16_t *)base + offset;
         for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(src[i]);
     }
 }
@@ -66,16 +67,11 @@ static inline __attribute__((always_inline)) void attend(
     const int64_t first = (window > 0 && len > window) ? len - window : 0;
     const int64_t n = len - first;
     const int64_t head0 = s * num_heads + kv_begin * group; /* first query row of this item */
-    for (int64_t h = 0; h < heads; h++) load_row(query, head0 + h, head_dim, dtype, q + h * head_dim);
+    for (int64_t h = 0; h < heads; h++) load_span(query, (head0 + h) * head_dim, head_dim, dtype, q + h * head_dim);
     for (int64_t t = 0; t < n; t++) { /* scores = q . k * scale */
         const int64_t pos = first + t;
         const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
-        if (dtype == 0)
-            memcpy(row, (const float *)k_cache + (slot * num_kv_heads + kv_begin) * head_dim,
-                   sizeof(float) * (size_t)width);
-        else
-            for (int64_t i = 0; i < width; i++)
-                row[i] = bf16_to_f32(((const uint16_t *)k_cache)[(slot * num_kv_heads + kv_begin) * head_dim + i]);
+        load_span(k_cache, (slot * num_kv_heads + kv_begin) * head_dim, width, dtype, row);
         for (int64_t h = 0; h < heads; h++) {
             const float *qh = q + h * head_dim, *kh = row + (h / group) * head_dim;
             float dot = 0.0f;
@@ -101,12 +97,7 @@ static inline __attribute__((always_inline)) void attend(
     for (int64_t t = 0; t < n; t++) { /* acc += p * v */
         const int64_t pos = first + t;
         const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
-        if (dtype == 0)
-            memcpy(row, (const float *)v_cache + (slot * num_kv_heads + kv_begin) * head_dim,
-                   sizeof(float) * (size_t)width);
-        else
-            for (int64_t i = 0; i < width; i++)
-                row[i] = bf16_to_f32(((const uint16_t *)v_cache)[(slot * num_kv_heads + kv_begin) * head_dim + i]);
+        load_span(v_cache, (slot * num_kv_heads + kv_begin) * head_dim, width, dtype, row);
         for (int64_t h = 0; h < heads; h++) {
             const float p = scores[h * max_len + t];
             const float *vh = row + (h / group) * head_dim;
