@@ -1,7 +1,7 @@
 /* Decode attention straight from the paged KV cache, for the CPU.
 
    One query token per sequence attends to its cached keys/values, read in place through the
-   sequence's block table (no gather copy). Every (sequence, kv head) pair is computed on its own, in a
+   sequence's block table (no gather copy). Every sequence (or sequence and kv head) is computed on its own, in a
    fixed order, in float32: a sequence's result never depends on the rest of the batch.
 
    Layouts (contiguous, row-major): query and out (num_seqs, num_heads, head_dim); k_cache and v_cache
