@@ -26,29 +26,6 @@ class KVCacheShape:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype.itemsize
 
 
-class BlockAllocator:
-    """Hands out block ids; the scheduler is its only caller."""
-
-    def __init__(self, num_blocks: int) -> None:
-        self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))  # pop() yields low ids first
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= len(self._free)
-
-    def allocate(self, num_blocks: int) -> list[int]:
-        if num_blocks > len(self._free):
-            raise RuntimeError(f"KV cache exhausted: asked {num_blocks} blocks, {len(self._free)} free")
-        return [self._free.pop() for _ in range(num_blocks)]
-
-    def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
-
-
 class KVCache:
     """Per-layer key and value tensors, each (num_blocks * block_size, num_kv_heads, head_dim)."""
 

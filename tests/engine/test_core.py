@@ -38,7 +38,7 @@ def test_greedy_matches_transformers_generate(tiny, tiny_reference):
     for p in PROMPTS:
         core.add_request(request(tokenizer, p, max_new_tokens=16, ignore_eos=True))
     captured: dict[str, list[int]] = {}
-    original = core._outputs.copy()
+    original = {rid: state.output for rid, state in core._requests.items()}
     for rid, out in original.items():
         captured[rid] = []
         out.on_token = _recorder(out.on_token, captured[rid])
@@ -48,9 +48,9 @@ def test_greedy_matches_transformers_generate(tiny, tiny_reference):
 
 
 def _recorder(on_token, sink):
-    def wrapped(token_id, log_prob):
+    def wrapped(token_id, log_prob, top=None):
         sink.append(token_id)
-        return on_token(token_id, log_prob)
+        return on_token(token_id, log_prob, top)
 
     return wrapped
 
@@ -158,9 +158,12 @@ def test_requests_wait_when_cache_is_full(tiny):
         core.add_request(request(tokenizer, PROMPTS[0], f"r{i}", max_new_tokens=40, ignore_eos=True))
     with torch.inference_mode():
         first = core.step()
-    assert len(core.scheduler.running) == 1 and len(core.scheduler.waiting) == 2
+    # Blocks come on demand: all three start, and the newest are preempted as they grow.
+    assert len(core.scheduler.running) == 3 and len(core.scheduler.waiting) == 0
     out = run_to_completion(core)
-    out["r0"] = first + out["r0"]
+    assert core.scheduler.num_preemptions > 0
+    for delta in reversed(first):
+        out[delta.request_id].insert(0, delta)
     assert all(len(out[f"r{i}"]) == 40 for i in range(3))
     assert len({text_of(out[f"r{i}"]) for i in range(3)}) == 1
 
