@@ -1,0 +1,44 @@
+"""The app config's `batch:` section: where batch files live, how big uploads may be, how many workers."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_DATA_ROOT = "/tmp/llmserve-batch"
+
+
+class BatchSettings(BaseModel):
+    """Batch jobs read and write only under `data_root`; each engine worker is one Ray Data actor."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data_root: str = Field(
+        DEFAULT_DATA_ROOT,
+        min_length=1,
+        description="Folder or fsspec URL (file://, s3://...) under which every batch input and output lies; "
+        "uploaded files are kept in its files/ folder. Shared storage on multi-node clusters.",
+    )
+    max_upload_bytes: int = Field(
+        256 * 1024**2, ge=1024, description="Largest file accepted by POST /v1/files (413 beyond)."
+    )
+    max_data_parallelism: int = Field(
+        4, ge=1, le=64, description="Most engine workers one job may ask for (data_parallelism)."
+    )
+    worker_num_cpus: float = Field(
+        1.0, gt=0, description="Logical CPUs reserved by each engine worker (its Ray Data actor)."
+    )
+    worker_num_gpus: float = Field(0.0, ge=0, description="GPUs reserved by each engine worker.")
+    worker_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="OS niceness added to each worker process, so online replicas on the same node "
+        "get the CPU first.",
+    )
+    worker_num_threads: int | None = Field(
+        1, ge=1, description="Torch threads per worker on CPU; null = the model's engine setting."
+    )
+    batch_size: int = Field(
+        32, ge=1, description="Prompts per Ray Data batch handed to one worker (and per progress step)."
+    )
+    max_jobs_kept: int = Field(1000, ge=1, description="Finished jobs remembered; the oldest are forgotten.")
