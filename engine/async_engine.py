@@ -22,9 +22,16 @@ import torch
 
 from engine.core import EngineCore
 from engine.device import default_num_threads
-from engine.errors import EngineDeadError, InvalidRequestError, OverloadedError, ServingError
+from engine.errors import (
+    EngineDeadError,
+    InvalidRequestError,
+    OverloadedError,
+    RequestFailedError,
+    ServingError,
+)
 from engine.guided import CompiledGuide, GuidedCompiler
 from engine.guided_spec import GuidedSpec
+from engine.params import normalize_params
 from engine.types import EngineConfig, EngineStats, GenerationRequest, TokenDelta
 
 logger = logging.getLogger("engine")
@@ -48,6 +55,8 @@ class RequestStream:
         while not self._pending:
             self._pending.extend(await self._out.get())
         item = self._pending.popleft()
+        if isinstance(item, TokenDelta) and item.error is not None:
+            item = item.error  # this request failed in the engine; the others go on
         if isinstance(item, BaseException):
             self._is_finished = True
             self.close()
@@ -104,9 +113,9 @@ class AsyncEngine:
         self.config = config
         self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._lock = threading.Lock()  # guards _streams
+        self._lock = threading.Lock()  # guards _streams and _dead
         self._wakeup = threading.Event()
-        self._dead: BaseException | None = None
+        self._dead: EngineDeadError | None = None  # set once, when the engine loop ends for any reason
         self._compile_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="guide-compile")
         self._compiler: GuidedCompiler | None = None
         self._compiler_lock = threading.Lock()
@@ -120,7 +129,7 @@ class AsyncEngine:
         self.device = self.core.device
         # The guided-decoding compiler walks the whole vocabulary (~0.4 s): build it now, beside the
         # idle engine, rather than on the first guided request's path.
-        self._compile_pool.submit(self._guided_compiler)
+        self._compile_pool.submit(self._guided_compiler).add_done_callback(_log_failure)
 
     @property
     def tokenizer(self):
@@ -140,11 +149,12 @@ class AsyncEngine:
         Refusals (context length, full queue, dead engine) raise here, before any iteration.
         Closing the iterator early aborts the request.
         """
-        if self._dead is not None:
-            raise EngineDeadError(f"the engine stopped after an error: {self._dead}")
         self.check_request(len(request.prompt_token_ids), request.params.max_new_tokens)
+        normalize_params(request.params, self.core.vocab_size)  # refuse bad settings here, before queueing
         out: asyncio.Queue = asyncio.Queue()
         with self._lock:
+            if self._dead is not None:
+                raise self._dead
             if len(self._streams) >= self.config.max_num_seqs + self.config.max_waiting:
                 raise OverloadedError(
                     f"the model is overloaded: {len(self._streams)} requests in flight; try again later"
@@ -204,12 +214,22 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         sched = self.core.scheduler
-        return EngineStats(len(sched.running), len(sched.waiting), sched.kv_cache_usage, self.max_model_len)
+        return EngineStats(
+            len(sched.running),
+            len(sched.waiting),
+            sched.kv_cache_usage,
+            self.max_model_len,
+            num_preemptions=sched.num_preemptions,
+            prefix_cache_queries=sched.allocator.num_queries,
+            prefix_cache_hits=sched.allocator.num_hits,
+        )
 
     def check_health(self) -> None:
         """Raise EngineDeadError once the compute thread has stopped."""
-        if self._dead is not None or not self._thread.is_alive():
-            raise EngineDeadError(f"the engine thread has stopped: {self._dead or 'no reason recorded'}")
+        if self._dead is not None:
+            raise self._dead
+        if not self._thread.is_alive():
+            raise EngineDeadError("the engine thread has stopped")
 
     def shutdown(self) -> None:
         self._send(None)
@@ -232,20 +252,47 @@ class AsyncEngine:
             started.set_exception(exc)
             return
         started.set_result(self.core)
-        with torch.inference_mode():
-            while True:
-                if not self.core.has_unfinished:
-                    self._wakeup.wait()
-                self._wakeup.clear()
-                if not self._drain_inbox():
-                    return
-                try:
-                    deltas = self.core.step()
-                except Exception as exc:  # a failed step fails its requests, not the replica
-                    logger.exception("engine step failed")
-                    self._fail_all(exc)
-                    continue
-                self._deliver(deltas)
+        reason: BaseException = EngineDeadError("the engine was shut down")
+        try:
+            with torch.inference_mode():
+                self._run_steps()
+        except BaseException as exc:  # whatever ends the loop is recorded and ends every stream
+            logger.exception("the engine loop died")
+            reason = exc
+        finally:
+            self._die(reason)
+
+    def _run_steps(self) -> None:
+        """Step until shut down. A failed step fails the requests in it; EngineDeadError ends the loop."""
+        while True:
+            if not self.core.has_unfinished:
+                self._wakeup.wait()
+            self._wakeup.clear()
+            if not self._drain_inbox():
+                return
+            try:
+                deltas = self.core.step()
+            except EngineDeadError:
+                raise
+            except Exception as exc:  # outside the core's own isolation: fail the step's requests
+                logger.exception("engine step failed")
+                self._fail_all(exc)
+                continue
+            self._deliver(deltas)
+
+    def _die(self, reason: BaseException) -> None:
+        """Record why the engine stopped and end every open stream (queued, compiling or running) with it."""
+        error = (
+            reason
+            if isinstance(reason, EngineDeadError)
+            else EngineDeadError(f"the engine stopped: {reason!r}")
+        )
+        with self._lock:
+            self._dead = error
+            request_ids = list(self._streams)
+        with contextlib.suppress(Exception):
+            self.core.abort_all()
+        self._send_out({request_id: [error] for request_id in request_ids})
 
     def _drain_inbox(self) -> bool:
         while True:
@@ -254,8 +301,6 @@ class AsyncEngine:
             except queue.Empty:
                 return True
             if message is None:
-                self._dead = EngineDeadError("the engine was shut down")
-                self._fail_all(self._dead)
                 return False
             if isinstance(message, _Abort):
                 delta = self.core.abort(message.request_id)
@@ -266,6 +311,10 @@ class AsyncEngine:
                 self.core.add_request(message.request, message.guide)
             except ServingError as exc:
                 self._deliver_error(message.request.request_id, exc)
+            except Exception as exc:  # a bug, but one request's: it must not end the loop
+                logger.exception("adding request %s failed", message.request.request_id)
+                error = RequestFailedError(f"adding the request failed: {exc}")
+                self._deliver_error(message.request.request_id, error)
 
     def _deliver(self, deltas: list[TokenDelta]) -> None:
         by_request: dict[str, list] = {}
@@ -291,8 +340,13 @@ class AsyncEngine:
 
     def _fail_all(self, exc: BaseException) -> None:
         for request_id in self.core.abort_all():
-            error = exc if isinstance(exc, ServingError) else EngineDeadError(f"generation failed: {exc}")
+            error = exc if isinstance(exc, ServingError) else RequestFailedError(f"generation failed: {exc}")
             self._deliver_error(request_id, error)
+
+
+def _log_failure(future: Future) -> None:
+    if future.exception() is not None:
+        logger.error("building the guided-decoding compiler failed: %r", future.exception())
 
 
 def _put_all(batch: list[tuple[asyncio.Queue, list]]) -> None:

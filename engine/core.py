@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from engine.device import release_free_memory
-from engine.errors import ContextLengthError, InvalidRequestError
+from engine.errors import (
+    ContextLengthError,
+    EngineDeadError,
+    InvalidRequestError,
+    RequestFailedError,
+    ServingError,
+)
 from engine.guided import CompiledGuide, GuideState, apply_guides
 from engine.kv_cache import KVCache, KVCacheShape, plan_num_blocks
 from engine.model_runner import ModelRunner
 from engine.output import RequestOutput
+from engine.params import normalize_params
 from engine.sampler import SamplingMetadata, make_generator, sample
-from engine.scheduler import Scheduler, Sequence
+from engine.scheduler import ScheduledBatch, Scheduler, Sequence
 from engine.types import EngineConfig, GenerationRequest, TokenDelta
 
 logger = logging.getLogger("engine")
@@ -30,8 +38,30 @@ def eos_token_ids(model, tokenizer) -> frozenset[int]:
     return frozenset(ids)
 
 
+@dataclass(slots=True, eq=False)
+class _RequestState:
+    """Everything the core keeps for one request, built whole before any shared structure sees it."""
+
+    seq: Sequence
+    output: RequestOutput
+    generator: torch.Generator | None
+    guide: GuideState | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Sampled:
+    token_id: int
+    log_prob: float | None
+    top: list[tuple[int, float]] | None
+
+
 class EngineCore:
-    """Owns the scheduler, the model runner and per-request output state. Not thread-safe."""
+    """Owns the scheduler, the model runner and per-request output state. Not thread-safe.
+
+    Failure model (docs/reliability.md): whatever fails for one request (its settings, seed, guide,
+    detokenizing, stop matching, or a forward pass that fails only with it in the batch) ends that request
+    with a FinishReason.ERROR delta and the rest go on; a forward that keeps failing for one lone sequence
+    after another (`max_consecutive_failures`) raises EngineDeadError: the device is broken."""
 
     def __init__(self, model, tokenizer, config: EngineConfig, device: torch.device) -> None:
         self.config = config
@@ -60,12 +90,11 @@ class EngineCore:
             max_num_batched_tokens=config.max_num_batched_tokens,
             block_size=config.block_size,
             num_blocks=num_blocks,
+            enable_prefix_caching=config.enable_prefix_caching,
         )
         release_free_memory()
-        self._seqs: dict[str, Sequence] = {}
-        self._outputs: dict[str, RequestOutput] = {}
-        self._generators: dict[str, torch.Generator | None] = {}
-        self._guides: dict[str, GuideState] = {}
+        self._requests: dict[str, _RequestState] = {}
+        self._num_consecutive_failures = 0  # lone-sequence forward failures since the last success
 
     def check_request(self, num_prompt_tokens: int, max_new_tokens: int) -> None:
         """Refuse what can never fit in the context."""
@@ -79,71 +108,156 @@ class EngineCore:
             )
 
     def add_request(self, request: GenerationRequest, guide: CompiledGuide | None = None) -> None:
-        """Queue a request; a guided one comes with its compiled guide (compiled off this thread)."""
+        """Queue a request; a guided one comes with its compiled guide (compiled off this thread).
+
+        Its whole state is built first: a failure raises a ServingError and leaves nothing behind."""
+        if request.request_id in self._requests:
+            raise InvalidRequestError(f"duplicate request id {request.request_id}")
         self.check_request(len(request.prompt_token_ids), request.params.max_new_tokens)
         if (guide is None) != (request.params.guided is None):
             raise InvalidRequestError("a guided request needs its compiled guide, and only it")
         if guide is not None and request.params.ignore_eos:
             raise InvalidRequestError("ignore_eos cannot be combined with guided decoding")
-        if guide is not None:
-            self._guides[request.request_id] = guide.new_state()
-        seq = Sequence(request.request_id, list(request.prompt_token_ids), request.params)
-        self._seqs[request.request_id] = seq
-        self._outputs[request.request_id] = RequestOutput(request, self.tokenizer, self.eos_token_ids)
-        self._generators[request.request_id] = make_generator(request.params.seed, self.device)
-        self.scheduler.add(seq)
+        if not all(0 <= t < self.vocab_size for t in request.prompt_token_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size}) for this model")
+        params = normalize_params(request.params, self.vocab_size)
+        request = dataclasses.replace(request, params=params)
+        try:
+            state = _RequestState(
+                seq=Sequence(request.request_id, list(request.prompt_token_ids), params),
+                output=RequestOutput(request, self.tokenizer, self.eos_token_ids),
+                generator=make_generator(params.seed, self.device),
+                guide=guide.new_state() if guide is not None else None,
+            )
+        except Exception as exc:  # not the request's fault as far as we know, but only its problem
+            logger.exception("setting up request %s failed", request.request_id)
+            raise RequestFailedError(f"setting up the request failed: {exc}") from exc
+        self._requests[request.request_id] = state
+        self.scheduler.add(state.seq)
 
     def abort(self, request_id: str) -> TokenDelta | None:
         """Drop a request now; returns its final ABORT delta, or None if it is unknown."""
-        seq = self._seqs.get(request_id)
-        if seq is None:
+        state = self._requests.get(request_id)
+        if state is None:
             return None
-        delta = self._outputs[request_id].on_abort()
-        self._drop(seq)
-        return delta
+        self._drop(state.seq)
+        return state.output.on_abort()
 
     def abort_all(self) -> list[str]:
-        ids = list(self._seqs)
+        ids = list(self._requests)
         for request_id in ids:
-            self._drop(self._seqs[request_id])
+            self._drop(self._requests[request_id].seq)
         return ids
 
     @property
     def has_unfinished(self) -> bool:
-        return bool(self._seqs)
+        return bool(self._requests)
 
     def step(self) -> list[TokenDelta]:
+        """One forward pass and one sampled token per ready sequence; failed requests get ERROR deltas."""
         batch = self.scheduler.schedule()
         if batch.is_empty():
             return []
-        logits = self.runner.execute(batch)  # (S, V) for sequences that sample
-        ready = [seq for seq, _ in batch.items if seq.num_computed == seq.num_tokens]
-        if not ready:
-            return []
-        meta = SamplingMetadata.build(
-            [s.params for s in ready],
-            [s.output_ids for s in ready],
-            [self._generators[s.request_id] for s in ready],
-            self.device,
-        )
-        guides = [self._guides.get(s.request_id) for s in ready]
-        result = sample(apply_guides(logits, guides), meta, raw_logits=logits)
-        deltas = []
-        for i, seq in enumerate(ready):
-            token_id = result.token_ids[i]
-            if guides[i] is not None and not guides[i].accept(token_id):
-                logger.warning("guide of %s rejected token %d: %s", seq.request_id, token_id, guides[i].error)
-            seq.output_ids.append(token_id)
-            log_prob = result.log_probs[i] if result.log_probs is not None else None
-            delta = self._outputs[seq.request_id].on_token(token_id, log_prob)
-            if delta.num_completion_tokens == 1 and seq.admitted_s is not None:
-                delta = dataclasses.replace(delta, queue_time_s=seq.admitted_s - seq.arrival_s)
-            deltas.append(delta)
-            if delta.is_finished:
-                self._drop(seq)
+        deltas: list[TokenDelta] = []
+        ready, logits = self._forward(batch, deltas)  # (S, V) for the sequences that sample
+        if ready:
+            for seq, sampled in zip(ready, self._sample(ready, logits, deltas), strict=True):
+                if sampled is not None:
+                    deltas.append(self._emit(self._requests[seq.request_id], sampled))
         return deltas
+
+    def _forward(
+        self, batch: ScheduledBatch, failed: list[TokenDelta]
+    ) -> tuple[list[Sequence], torch.Tensor | None]:
+        """The sequences that sample this step and their logits. A failing forward is retried on halves
+        of the batch until the sequence that makes it fail is alone; that request fails, the rest go on."""
+        try:
+            logits = self.runner.execute(batch)
+        except Exception as exc:
+            if len(batch.items) == 1:
+                self._on_lone_failure(batch.items[0][0], exc, failed)
+                return [], None
+            logger.warning("a forward of %d sequences failed (%s); retrying in halves", len(batch.items), exc)
+            parts = [self._forward(half, failed) for half in _halves(batch)]
+            tensors = [t for _, t in parts if t is not None]
+            return [s for seqs, _ in parts for s in seqs], (torch.cat(tensors) if tensors else None)
+        self._num_consecutive_failures = 0
+        return [seq for seq, _ in batch.items if seq.num_computed == seq.num_tokens], logits
+
+    def _on_lone_failure(self, seq: Sequence, exc: Exception, failed: list[TokenDelta]) -> None:
+        self._num_consecutive_failures += 1
+        logger.error("the forward failed with %s alone: %r", seq.request_id, exc)
+        if self._num_consecutive_failures >= self.config.max_consecutive_failures:
+            raise EngineDeadError(
+                f"the forward pass failed for {self._num_consecutive_failures} requests in a row, each "
+                f"alone in its batch: the device looks broken (last error: {exc})"
+            ) from exc
+        error = RequestFailedError(f"the model's forward pass failed for this request: {exc}")
+        failed.append(self._fail(seq.request_id, error))
+
+    def _sample(
+        self, seqs: list[Sequence], logits: torch.Tensor, failed: list[TokenDelta]
+    ) -> list[_Sampled | None]:
+        """One token per sequence, batched; if that fails, row by row so that only the bad rows fail."""
+        try:
+            return self._sample_rows(seqs, logits)
+        except Exception as exc:
+            logger.warning("batched sampling failed (%s); sampling row by row", exc)
+        results: list[_Sampled | None] = []
+        for i, seq in enumerate(seqs):
+            try:
+                results += self._sample_rows([seq], logits[i : i + 1])
+            except Exception as exc:
+                logger.exception("sampling failed for %s", seq.request_id)
+                failed.append(self._fail(seq.request_id, RequestFailedError(f"sampling failed: {exc}")))
+                results.append(None)
+        return results
+
+    def _sample_rows(self, seqs: list[Sequence], logits: torch.Tensor) -> list[_Sampled]:
+        states = [self._requests[s.request_id] for s in seqs]
+        meta = SamplingMetadata.build(
+            [s.params for s in seqs], [s.output_ids for s in seqs], [r.generator for r in states], self.device
+        )
+        result = sample(apply_guides(logits, [r.guide for r in states]), meta, raw_logits=logits)
+        log_probs = result.log_probs or [None] * len(seqs)
+        tops = result.top_log_probs or [None] * len(seqs)
+        return [_Sampled(*row) for row in zip(result.token_ids, log_probs, tops, strict=True)]
+
+    def _emit(self, state: _RequestState, sampled: _Sampled) -> TokenDelta:
+        """Append the token and turn it into the request's delta; a failure here fails this request only."""
+        seq = state.seq
+        try:
+            if state.guide is not None and not state.guide.accept(sampled.token_id):
+                raise RequestFailedError(
+                    f"guided decoding: the grammar matcher rejected token {sampled.token_id} "
+                    f"({state.guide.error}); the output cannot follow the constraint"
+                )
+            seq.output_ids.append(sampled.token_id)
+            delta = state.output.on_token(sampled.token_id, sampled.log_prob, sampled.top)
+        except Exception as exc:
+            logger.exception("output processing failed for %s", seq.request_id)
+            error = exc if isinstance(exc, ServingError) else RequestFailedError(f"output failed: {exc}")
+            return self._fail(seq.request_id, error)
+        if delta.num_completion_tokens == 1 and seq.admitted_s is not None:
+            delta = dataclasses.replace(delta, queue_time_s=seq.admitted_s - seq.arrival_s)
+        if delta.is_finished:
+            self._drop(seq)
+        return delta
+
+    def _fail(self, request_id: str, error: ServingError) -> TokenDelta:
+        state = self._requests[request_id]
+        self._drop(state.seq)
+        return state.output.on_error(error)
 
     def _drop(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
-        del self._seqs[seq.request_id], self._outputs[seq.request_id], self._generators[seq.request_id]
-        self._guides.pop(seq.request_id, None)
+        del self._requests[seq.request_id]
+
+
+def _halves(batch: ScheduledBatch) -> list[ScheduledBatch]:
+    """Split a batch in two, each keeping its single-token (decode) items first."""
+    mid = len(batch.items) // 2
+    return [
+        ScheduledBatch(items=batch.items[:mid], num_decode=min(batch.num_decode, mid)),
+        ScheduledBatch(items=batch.items[mid:], num_decode=max(batch.num_decode - mid, 0)),
+    ]

@@ -58,6 +58,13 @@ class RequestTimeoutError(ServingError):
 
 
 class EngineDeadError(ServingError):
-    """The engine loop crashed; in-flight requests end with this (HTTP 500)."""
+    """The engine stopped (a broken device, a crash, shutdown); every open and new request gets this
+    (HTTP 503: Serve's health check replaces the replica, so retrying later reaches a live one)."""
+
+    status_code = 503
+
+
+class RequestFailedError(ServingError):
+    """Generating this one request failed on the server (HTTP 500); other requests go on."""
 
     status_code = 500

@@ -7,8 +7,9 @@ batch 16 on this 2-core machine. The kernel reads the paged cache in place throu
 is computed alone in a fixed order, so a greedy completion is the same alone and amid a batch.
 
 The kernel is compiled with the system C compiler (`$CC`, else `cc`) for this CPU (-march=native)
-into `$LLMSERVE_KERNEL_DIR` (default ~/.cache/llmserve/kernels), keyed by the source, the flags and the
-CPU's feature flags, and loaded with ctypes (no torch headers: it builds in well under a second).
+into `$LLMSERVE_KERNEL_DIR` (default ~/.cache/llmserve/kernels), keyed by the source, the flags, the
+compiler's version and the CPU's feature flags, and loaded with ctypes (no torch headers: it builds in
+well under a second).
 Without a compiler, or for other devices and dtypes, `load()` returns None and attention stays on torch.
 """
 
@@ -31,7 +32,23 @@ logger = logging.getLogger("engine")
 
 KERNEL_DIR_ENV = "LLMSERVE_KERNEL_DIR"
 _SOURCE = Path(__file__).with_name("csrc") / "decode_attention.c"
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-shared", "-fPIC"]
+# The parts of -ffast-math the kernel needs (vectorized sums and max, inlined expf), and no more: the
+# -ffast-math / -Ofast / -funsafe-math-optimizations driver flags link crtfastmath.o, whose constructor
+# turns on flush-to-zero for the whole thread that loads the library (the engine thread: subnormal
+# floats would then read as 0 everywhere in torch and Python). -ffinite-math-only stays off: the kernel
+# relies on -inf.
+_FLAGS = [
+    "-O3",
+    "-march=native",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-fno-signed-zeros",
+    "-fassociative-math",
+    "-freciprocal-math",
+    "-ffp-contract=fast",
+    "-shared",
+    "-fPIC",
+]
 # OpenMP links libgomp by its soname, which resolves to the copy torch already loaded, so the kernel
 # runs on the engine thread's existing OpenMP team. Without OpenMP support it builds single-threaded.
 _OPENMP_FLAGS = ["-fopenmp"]
@@ -61,6 +78,15 @@ def _cpu_fingerprint() -> str:
     return platform.processor() or platform.machine()
 
 
+def _compiler_version(compiler: str) -> str:
+    """`cc --version`'s first line: another compiler (or release) builds another library."""
+    try:
+        result = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return compiler
+    return (result.stdout.splitlines() or [compiler])[0]
+
+
 def _build(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build aside, then rename: atomic
@@ -83,7 +109,8 @@ def load() -> DecodeAttentionKernel | None:
         return None
     source = _SOURCE.read_bytes()
     flags = " ".join(_FLAGS + _OPENMP_FLAGS).encode()
-    key = hashlib.sha256(b"\0".join([source, flags, _cpu_fingerprint().encode()]))
+    parts = [source, flags, _compiler_version(compiler).encode(), _cpu_fingerprint().encode()]
+    key = hashlib.sha256(b"\0".join(parts))
     target = kernel_dir() / f"decode_attention-{key.hexdigest()[:16]}.so"
     try:
         if not target.exists():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from engine.detokenizer import IncrementalDetokenizer, token_text
+from engine.errors import ServingError
 from engine.stopping import StopStringMatcher, check_token_finish
 from engine.types import FinishReason, GenerationRequest, TokenDelta, TokenLogProb
 
@@ -24,7 +25,9 @@ class RequestOutput:
         stops = request.params.stop_sequences
         self._stops = StopStringMatcher(stops, request.params.include_stop_str_in_output) if stops else None
 
-    def on_token(self, token_id: int, log_prob: float | None) -> TokenDelta:
+    def on_token(
+        self, token_id: int, log_prob: float | None, top: list[tuple[int, float]] | None = None
+    ) -> TokenDelta:
         self.num_generated += 1
         finish = check_token_finish(token_id, self.num_generated, self.params, self._eos)
         is_eos = finish is FinishReason.STOP
@@ -40,7 +43,13 @@ class RequestOutput:
                 text += self._stops.flush()
         token = None
         if self.params.return_log_probs:
-            token = TokenLogProb(token_id, token_text(self._tokenizer, token_id), float(log_prob))
+            alternatives = tuple(
+                TokenLogProb(i, token_text(self._tokenizer, i), lp)
+                for i, lp in (top or ())[: self.params.num_top_logprobs]
+            )
+            token = TokenLogProb(
+                token_id, token_text(self._tokenizer, token_id), float(log_prob), alternatives
+            )
         return TokenDelta(
             request_id=self.request_id,
             text=text,
@@ -51,10 +60,17 @@ class RequestOutput:
         )
 
     def on_abort(self) -> TokenDelta:
+        return self._final(FinishReason.ABORT)
+
+    def on_error(self, error: ServingError) -> TokenDelta:
+        return self._final(FinishReason.ERROR, error)
+
+    def _final(self, reason: FinishReason, error: ServingError | None = None) -> TokenDelta:
         return TokenDelta(
             request_id=self.request_id,
             text="",
             num_prompt_tokens=self.num_prompt_tokens,
             num_completion_tokens=self.num_generated,
-            finish_reason=FinishReason.ABORT,
+            finish_reason=reason,
+            error=error,
         )

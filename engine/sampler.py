@@ -18,16 +18,19 @@ from engine.types import SamplingParams
 class SamplerOutput:
     token_ids: list[int]  # one per row
     log_probs: list[float] | None  # raw-model log prob of each chosen token; None if no row asked
+    # each row's most likely (token id, raw log prob), best first, as many as the batch's largest ask
+    top_log_probs: list[list[tuple[int, float]]] | None = None
 
 
 def make_generator(seed: int | None, device: torch.device | str | None = None) -> torch.Generator | None:
     """One generator per seeded request, created once and kept for the request's lifetime.
 
-    It lives on the host whatever `device` is: a draw takes one uniform per row (see sample_from_probs)."""
+    It lives on the host whatever `device` is: a draw takes one uniform per row (see sample_from_probs).
+    Any int seeds it: torch takes [0, 2**64), so the seed is reduced modulo 2**64 (as documented)."""
     del device  # kept so callers need not know where draws happen
     if seed is None:
         return None
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator().manual_seed(seed % 2**64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,6 +118,18 @@ def compute_log_probs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Te
     return (chosen - logits.logsumexp(dim=-1)).clamp_max(0.0)
 
 
+def top_log_probs(logits: torch.Tensor, num: int) -> list[list[tuple[int, float]]]:
+    """Each row's `num` most likely tokens under log_softmax of the raw logits, best first."""
+    # logits: (B, V) -> B lists of (token id, log prob)
+    logits = logits.float()
+    values, ids = logits.topk(min(num, logits.shape[-1]), dim=-1)  # (B, num)
+    values = (values - logits.logsumexp(dim=-1, keepdim=True)).clamp_max(0.0)
+    return [
+        list(zip(row_ids, row_values, strict=True))
+        for row_ids, row_values in zip(ids.tolist(), values.tolist(), strict=True)
+    ]
+
+
 def token_counts(output_ids: torch.Tensor, output_lens: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """How often each vocabulary entry appears in each row's generated tokens."""
     # output_ids: (N,) int64, every row's ids back to back; output_lens: (B,) int64 -> (B, V) float32
@@ -138,6 +153,7 @@ class SamplingMetadata:
     generators: list[torch.Generator | None]  # (B,) own generator of each seeded, non-greedy row
     is_all_greedy: bool
     needs_log_probs: bool
+    max_top_logprobs: int = 0  # the most alternatives any row asked for
     is_greedy: torch.Tensor | None = None  # (B,) bool; None when no row or every row is greedy
     temperature: torch.Tensor | None = None  # (B,) float32; None when every sampled row uses 1.0
     top_k_rows: torch.Tensor | None = None  # (R,) int64 rows that use top-k; None = every row
@@ -164,6 +180,7 @@ class SamplingMetadata:
             generators=[None if greedy else g for greedy, g in zip(is_greedy, generators, strict=True)],
             is_all_greedy=all(is_greedy),
             needs_log_probs=any(p.return_log_probs for p in params),
+            max_top_logprobs=max((p.num_top_logprobs for p in params if p.return_log_probs), default=0),
         )
         if not meta.is_all_greedy:
             _fill_random_fields(meta, params, is_greedy, device)
@@ -233,7 +250,8 @@ def sample(
     token_ids = processed.argmax(dim=-1) if meta.is_all_greedy else _sample_random(processed.float(), meta)
     source = logits if raw_logits is None else raw_logits
     log_probs = compute_log_probs(source, token_ids).tolist() if meta.needs_log_probs else None
-    return SamplerOutput(token_ids=token_ids.tolist(), log_probs=log_probs)
+    top = top_log_probs(source, meta.max_top_logprobs) if meta.max_top_logprobs else None
+    return SamplerOutput(token_ids=token_ids.tolist(), log_probs=log_probs, top_log_probs=top)
 
 
 def _sample_random(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:

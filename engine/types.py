@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from engine.errors import ServingError
 from engine.guided_spec import GuidedSpec
 
 
@@ -12,6 +13,7 @@ class FinishReason(StrEnum):
     STOP = "stop"  # EOS or a stop sequence
     LENGTH = "length"  # max_new_tokens or the context limit
     ABORT = "abort"  # the caller went away
+    ERROR = "error"  # this request failed; TokenDelta.error says why (other requests go on)
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,14 +29,21 @@ class SamplingParams:
     stop_sequences: tuple[str, ...] = ()
     include_stop_str_in_output: bool = False
     return_log_probs: bool = False
+    num_top_logprobs: int = 0  # with return_log_probs: the most likely alternatives of each position
     skip_special_tokens: bool = True
-    seed: int | None = None
+    seed: int | None = None  # any int; reduced modulo 2**64 (engine.params)
     ignore_eos: bool = False  # benchmarks force a fixed number of tokens
     guided: GuidedSpec | None = None  # the output must follow this JSON schema / regex / choice / grammar
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        # As vLLM: below 1e-5 a temperature only magnifies float error (1e-40 is subnormal in float32,
+        # 1e-46 rounds to 0), so it means "greedy". `not >=` also catches NaN.
+        return not self.temperature >= GREEDY_TEMPERATURE_EPS
+
+
+GREEDY_TEMPERATURE_EPS = 1e-5
+MAX_TOP_LOGPROBS = 20  # alternatives per position (OpenAI chat's own limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +58,7 @@ class TokenLogProb:
     token_id: int
     text: str  # the token decoded on its own
     log_prob: float  # log probability under the model's raw distribution (<= 0)
+    top: tuple[TokenLogProb, ...] = ()  # the position's most likely tokens, best first (num_top_logprobs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +72,7 @@ class TokenDelta:
     token: TokenLogProb | None = None  # set when log probs were asked for
     finish_reason: FinishReason | None = None
     queue_time_s: float | None = None  # on the first delta: from arrival to first scheduled
+    error: ServingError | None = None  # with FinishReason.ERROR: why this request failed
 
     @property
     def is_finished(self) -> bool:
@@ -74,6 +85,9 @@ class EngineStats:
     num_waiting: int
     kv_cache_usage: float  # 0..1 of the KV-cache blocks in use
     max_model_len: int
+    num_preemptions: int = 0  # since start: running sequences sent back to recompute (KV cache full)
+    prefix_cache_queries: int = 0  # since start: prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # since start: of those, tokens found cached
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,3 +106,7 @@ class EngineConfig:
     guided_compile_timeout_s: float = 10.0  # a grammar that takes longer to compile is refused (400)
     optimize_model: bool = True  # fuse q/k/v and gate/up products, prepack CPU weights for oneDNN
     native_attention: bool = True  # CPU decode attention in the C kernel (engine/native_attention.py)
+    enable_prefix_caching: bool = True  # reuse the KV blocks of shared prefixes (docs/kv_cache.md)
+    # A forward that fails for one sequence alone fails that request; this many such failures in a row,
+    # with no successful forward between them, mean a broken device: the engine declares itself dead.
+    max_consecutive_failures: int = 3

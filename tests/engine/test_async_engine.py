@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from engine.async_engine import AsyncEngine
-from engine.errors import ContextLengthError, EngineDeadError, OverloadedError
+from engine.errors import ContextLengthError, EngineDeadError, OverloadedError, RequestFailedError
 from engine.types import EngineConfig, FinishReason
 from tests.engine.conftest import request, text_of
 
@@ -87,7 +87,7 @@ async def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(engine, t
         return real_step()
 
     monkeypatch.setattr(engine.core, "step", flaky_step)
-    with pytest.raises(EngineDeadError, match="simulated kernel failure"):
+    with pytest.raises(RequestFailedError, match="simulated kernel failure"):
         await collect(
             engine.add_request(request(tokenizer, "Hello", "doomed", max_new_tokens=20, ignore_eos=True))
         )

@@ -76,7 +76,7 @@ def test_greedy_matches_transformers(gemma, max_num_batched_tokens: int) -> None
     generated: dict[str, list[int]] = {}
     for p, ids in prompt_ids.items():
         core.add_request(GenerationRequest(p, ids, params))
-        generated[p] = _record_tokens(core._outputs[p], [])
+        generated[p] = _record_tokens(core._requests[p].output, [])
     run_to_completion(core)
     for p, ids in prompt_ids.items():
         assert generated[p] == hf_greedy(reference.model, list(ids)), p
@@ -85,9 +85,9 @@ def test_greedy_matches_transformers(gemma, max_num_batched_tokens: int) -> None
 def _record_tokens(output, sink: list[int]) -> list[int]:
     on_token = output.on_token
 
-    def recorded(token_id, log_prob):
+    def recorded(token_id, log_prob, top=None):
         sink.append(token_id)
-        return on_token(token_id, log_prob)
+        return on_token(token_id, log_prob, top)
 
     output.on_token = recorded
     return sink

@@ -130,3 +130,12 @@ def test_only_cpu_float32_and_bfloat16_are_supported():
     assert native_attention.supports(torch.device("cpu"), torch.float32)
     assert not native_attention.supports(torch.device("cpu"), torch.float16)
     assert not native_attention.supports(torch.device("cuda"), torch.bfloat16)
+
+
+def test_loading_the_kernel_leaves_subnormal_floats_alone():
+    """No crtfastmath.o: loading the library must not switch on flush-to-zero for the loading thread."""
+    if native_attention.load() is None:
+        pytest.skip("no C compiler here")
+    subnormal = torch.tensor([1e-40], dtype=torch.float32)
+    assert (subnormal * 1.0).item() != 0.0
+    assert math.ldexp(1.0, -1040) * 1.0 != 0.0  # a float64 subnormal in plain Python
