@@ -14,6 +14,9 @@ A10 = "nvidia-ampere-a10"  # 24 GB: 7-8B models in 16 bit
 A100 = "nvidia-ampere-a100"  # 40 GB
 A100E = "nvidia-ampere-a100e"  # 80 GB
 H100 = "nvidia-hopper-h100"  # 80 GB
+# Not in LLM Engine's list (the client refuses it as a gpu_type): the one device that holds Mixtral
+# 8x7B (93 GB) or Falcon 40B (80 GB) in 16 bit with room for a KV cache.
+H200 = "nvidia-hopper-h200"  # 141 GB
 
 LLAMA2 = "Llama 2 Community License; gated repo: accept it on the hub"
 LLAMA3 = "Meta Llama 3 Community License; gated repo: accept it on the hub"
@@ -21,18 +24,18 @@ LLAMA31 = "Llama 3.1 Community License; gated repo: accept it on the hub"
 GEMMA = "Gemma Terms of Use; gated repo: accept them on the hub"
 APACHE = "Apache-2.0"
 MIT = "MIT"
-QWEN = "Tongyi Qianwen License"
 DEEPSEEK = "DeepSeek Model License"
 FALCON = "Apache-2.0 (Falcon 40B: TII Falcon LLM License before its relicensing)"
 
+# Every entry fits ONE device: a replica serves a model on one GPU (its paged KV cache lives there; no
+# tensor parallelism). LLM Engine's zoo entries that need several GPUs (Llama 2/3/3.1 70B, Mixtral
+# 8x22B, Qwen2 72B: over 130 GB of 16-bit weights) are left out; num_gpus is 1 or 0 (CPU).
 # name, hub repo, context length, use_chat_template, num_gpus, gpu_type, description, license note
 _HUB_MODELS: tuple[tuple[str, str, int, bool, int, str, str, str], ...] = (
     ("llama-2-7b", "meta-llama/Llama-2-7b-hf", 4096, False, 1, A10, "Llama 2 7B base", LLAMA2),
     ("llama-2-7b-chat", "meta-llama/Llama-2-7b-chat-hf", 4096, True, 1, A10, "Llama 2 7B chat", LLAMA2),
     ("llama-2-13b", "meta-llama/Llama-2-13b-hf", 4096, False, 1, A100, "Llama 2 13B base", LLAMA2),
     ("llama-2-13b-chat", "meta-llama/Llama-2-13b-chat-hf", 4096, True, 1, A100, "Llama 2 13B chat", LLAMA2),
-    ("llama-2-70b", "meta-llama/Llama-2-70b-hf", 4096, False, 4, A100E, "Llama 2 70B base", LLAMA2),
-    ("llama-2-70b-chat", "meta-llama/Llama-2-70b-chat-hf", 4096, True, 4, A100E, "Llama 2 70B chat", LLAMA2),
     ("llama-3-8b", "meta-llama/Meta-Llama-3-8B", 8192, False, 1, A10, "Llama 3 8B base", LLAMA3),
     (
         "llama-3-8b-instruct",
@@ -42,17 +45,6 @@ _HUB_MODELS: tuple[tuple[str, str, int, bool, int, str, str, str], ...] = (
         1,
         A10,
         "Llama 3 8B instruct",
-        LLAMA3,
-    ),
-    ("llama-3-70b", "meta-llama/Meta-Llama-3-70B", 8192, False, 4, A100E, "Llama 3 70B base", LLAMA3),
-    (
-        "llama-3-70b-instruct",
-        "meta-llama/Meta-Llama-3-70B-Instruct",
-        8192,
-        True,
-        4,
-        A100E,
-        "Llama 3 70B instruct",
         LLAMA3,
     ),
     ("llama-3-1-8b", "meta-llama/Llama-3.1-8B", 131072, False, 1, A10, "Llama 3.1 8B base", LLAMA31),
@@ -66,18 +58,6 @@ _HUB_MODELS: tuple[tuple[str, str, int, bool, int, str, str, str], ...] = (
         "Llama 3.1 8B instruct",
         LLAMA31,
     ),
-    # 8 GPUs rather than 4: the 128k context needs room for the KV cache.
-    ("llama-3-1-70b", "meta-llama/Llama-3.1-70B", 131072, False, 8, H100, "Llama 3.1 70B base", LLAMA31),
-    (
-        "llama-3-1-70b-instruct",
-        "meta-llama/Llama-3.1-70B-Instruct",
-        131072,
-        True,
-        8,
-        H100,
-        "Llama 3.1 70B instruct",
-        LLAMA31,
-    ),
     ("mistral-7b", "mistralai/Mistral-7B-v0.1", 8000, False, 1, A10, "Mistral 7B base", APACHE),
     (
         "mistral-7b-instruct",
@@ -89,35 +69,15 @@ _HUB_MODELS: tuple[tuple[str, str, int, bool, int, str, str, str], ...] = (
         "Mistral 7B instruct v0.2",
         APACHE,
     ),
-    ("mixtral-8x7b", "mistralai/Mixtral-8x7B-v0.1", 32768, False, 2, A100E, "Mixtral 8x7B MoE base", APACHE),
+    ("mixtral-8x7b", "mistralai/Mixtral-8x7B-v0.1", 32768, False, 1, H200, "Mixtral 8x7B MoE base", APACHE),
     (
         "mixtral-8x7b-instruct",
         "mistralai/Mixtral-8x7B-Instruct-v0.1",
         32768,
         True,
-        2,
-        A100E,
+        1,
+        H200,
         "Mixtral 8x7B MoE instruct",
-        APACHE,
-    ),
-    (
-        "mixtral-8x22b",
-        "mistralai/Mixtral-8x22B-v0.1",
-        65536,
-        False,
-        8,
-        H100,
-        "Mixtral 8x22B MoE base",
-        APACHE,
-    ),
-    (
-        "mixtral-8x22b-instruct",
-        "mistralai/Mixtral-8x22B-Instruct-v0.1",
-        65536,
-        True,
-        8,
-        H100,
-        "Mixtral 8x22B MoE instruct",
         APACHE,
     ),
     ("codellama-7b", "codellama/CodeLlama-7b-hf", 16384, False, 1, A10, "Code Llama 7B base", LLAMA2),
@@ -142,13 +102,13 @@ _HUB_MODELS: tuple[tuple[str, str, int, bool, int, str, str, str], ...] = (
         "Code Llama 13B instruct",
         LLAMA2,
     ),
-    ("codellama-34b", "codellama/CodeLlama-34b-hf", 16384, False, 2, A100E, "Code Llama 34B base", LLAMA2),
+    ("codellama-34b", "codellama/CodeLlama-34b-hf", 16384, False, 1, A100E, "Code Llama 34B base", LLAMA2),
     (
         "codellama-34b-instruct",
         "codellama/CodeLlama-34b-Instruct-hf",
         16384,
         True,
-        2,
+        1,
         A100E,
         "Code Llama 34B instruct",
         LLAMA2,
@@ -172,20 +132,19 @@ _HUB_MODELS: tuple[tuple[str, str, int, bool, int, str, str, str], ...] = (
     ),
     ("falcon-7b", "tiiuae/falcon-7b", 2048, False, 1, A10, "Falcon 7B base", APACHE),
     ("falcon-7b-instruct", "tiiuae/falcon-7b-instruct", 2048, True, 1, A10, "Falcon 7B instruct", APACHE),
-    ("falcon-40b", "tiiuae/falcon-40b", 2048, False, 2, A100E, "Falcon 40B base", FALCON),
+    ("falcon-40b", "tiiuae/falcon-40b", 2048, False, 1, H200, "Falcon 40B base", FALCON),
     (
         "falcon-40b-instruct",
         "tiiuae/falcon-40b-instruct",
         2048,
         True,
-        2,
-        A100E,
+        1,
+        H200,
         "Falcon 40B instruct",
         FALCON,
     ),
     ("mpt-7b", "mosaicml/mpt-7b", 2048, False, 1, A10, "MPT 7B base", APACHE),
     ("mpt-7b-instruct", "mosaicml/mpt-7b-instruct", 2048, True, 1, A10, "MPT 7B instruct", "CC-BY-SA-3.0"),
-    ("qwen2-72b-instruct", "Qwen/Qwen2-72B-Instruct", 32768, True, 4, A100E, "Qwen2 72B instruct", QWEN),
     (
         "deepseek-coder-v2-lite-instruct",
         "deepseek-ai/DeepSeek-Coder-V2-Lite-Instruct",

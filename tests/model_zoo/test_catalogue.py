@@ -7,17 +7,24 @@ import pytest
 
 from model_zoo import CATALOGUE, DEFAULT_MODEL, ModelSource, ModelZooError, resolve
 
+# LLM Engine's zoo minus the entries that need several GPUs (70B+, Mixtral 8x22B): a model fits one device.
 ZOO_NAMES = [
-    "llama-2-7b", "llama-2-7b-chat", "llama-2-13b", "llama-2-13b-chat", "llama-2-70b", "llama-2-70b-chat",
-    "llama-3-8b", "llama-3-8b-instruct", "llama-3-70b", "llama-3-70b-instruct", "llama-3-1-8b",
-    "llama-3-1-8b-instruct", "llama-3-1-70b", "llama-3-1-70b-instruct", "mistral-7b", "mistral-7b-instruct",
-    "mixtral-8x7b", "mixtral-8x7b-instruct", "mixtral-8x22b", "mixtral-8x22b-instruct", "codellama-7b",
-    "codellama-7b-instruct", "codellama-13b", "codellama-13b-instruct", "codellama-34b",
-    "codellama-34b-instruct", "zephyr-7b-alpha", "zephyr-7b-beta", "gemma-2b", "gemma-2b-instruct",
-    "gemma-7b", "gemma-7b-instruct", "phi-3-mini-4k-instruct", "falcon-7b", "falcon-7b-instruct",
-    "falcon-40b", "falcon-40b-instruct", "mpt-7b", "mpt-7b-instruct", "qwen2-72b-instruct",
+    "llama-2-7b", "llama-2-7b-chat", "llama-2-13b", "llama-2-13b-chat", "llama-3-8b", "llama-3-8b-instruct",
+    "llama-3-1-8b", "llama-3-1-8b-instruct", "mistral-7b", "mistral-7b-instruct", "mixtral-8x7b",
+    "mixtral-8x7b-instruct", "codellama-7b", "codellama-7b-instruct", "codellama-13b",
+    "codellama-13b-instruct", "codellama-34b", "codellama-34b-instruct", "zephyr-7b-alpha", "zephyr-7b-beta",
+    "gemma-2b",
+    "gemma-2b-instruct", "gemma-7b", "gemma-7b-instruct", "phi-3-mini-4k-instruct", "falcon-7b",
+    "falcon-7b-instruct", "falcon-40b", "falcon-40b-instruct", "mpt-7b", "mpt-7b-instruct",
     "deepseek-coder-v2-lite-instruct",
 ]  # fmt: skip
+MULTI_GPU_NAMES = [
+    "llama-2-70b",
+    "llama-3-70b-instruct",
+    "llama-3-1-70b",
+    "mixtral-8x22b",
+    "qwen2-72b-instruct",
+]
 
 
 def test_catalogue_holds_the_zoo_and_the_default() -> None:
@@ -61,13 +68,15 @@ def test_chat_variants_use_the_template_and_bases_do_not() -> None:
         assert spec.use_chat_template is is_chat, name
 
 
-def test_gpu_needs_grow_with_size() -> None:
-    assert CATALOGUE["llama-2-7b"].num_gpus == 1
-    assert CATALOGUE["codellama-34b"].num_gpus == 2
-    assert CATALOGUE["mixtral-8x7b"].num_gpus == 2
-    assert CATALOGUE["mixtral-8x22b"].num_gpus == 8
-    assert CATALOGUE["llama-2-70b"].num_gpus >= 4
+def test_every_entry_fits_one_device() -> None:
+    assert {spec.num_gpus for spec in CATALOGUE.values()} == {0, 1}
     assert all(spec.gpu_type for spec in CATALOGUE.values() if spec.num_gpus)
+    assert CATALOGUE["llama-2-7b"].gpu_type == "nvidia-ampere-a10"
+    assert CATALOGUE["codellama-34b"].gpu_type == "nvidia-ampere-a100e"  # 68 GB of weights on an 80 GB GPU
+    assert CATALOGUE["mixtral-8x7b"].gpu_type == "nvidia-hopper-h200"  # 93 GB: only a 141 GB GPU holds it
+    for name in MULTI_GPU_NAMES:
+        with pytest.raises(ModelZooError, match="unknown model"):
+            resolve(name)
 
 
 def test_local_folder_resolves_from_its_files(tiny_model_dir: Path) -> None:
