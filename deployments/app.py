@@ -9,6 +9,8 @@ from typing import Any
 
 from ray import serve
 
+from deployments.batch.config import BatchSettings
+from deployments.batch.service import BatchContext
 from deployments.config import AppConfig, IngressSettings, ModelConfig, parse_app_config
 from deployments.ingress import Ingress
 from deployments.limits import AuthSettings, LimitSettings
@@ -20,7 +22,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     """The application described by `args` (see `deployments.config.AppConfig`); ConfigError if invalid."""
     config: AppConfig = parse_app_config(args)
     return build_app_from_configs(
-        config.models, ingress=config.ingress, limits=config.limits, auth=config.auth
+        config.models, ingress=config.ingress, limits=config.limits, auth=config.auth, batch=config.batch
     )
 
 
@@ -30,6 +32,7 @@ def build_app_from_configs(
     ingress: IngressSettings | None = None,
     limits: LimitSettings | None = None,
     auth: AuthSettings | None = None,
+    batch: BatchSettings | None = None,
 ) -> serve.Application:
     """The application for already-validated model configs; tests pass a fake `engine_factory`."""
     model_server = serve.deployment(ModelServer)
@@ -42,11 +45,12 @@ def build_app_from_configs(
     model_names = {m.name: _base_model_name(m) for m in models}
     wait_timeouts_s = {m.name: m.replica_wait_timeout_s for m in models}
     ingress_options = (ingress or IngressSettings()).to_options()
+    batch_context = BatchContext(batch or BatchSettings(), {m.name: m.model_dump_json() for m in models})
     api_keys = (auth or AuthSettings()).resolve_keys()  # the env var is read here, where the app is built
     return (
         serve.deployment(Ingress)
         .options(name="Ingress", **ingress_options)
-        .bind(handles, model_names, limits or LimitSettings(), api_keys, wait_timeouts_s)
+        .bind(handles, model_names, limits or LimitSettings(), api_keys, wait_timeouts_s, batch=batch_context)
     )
 
 

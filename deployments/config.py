@@ -8,6 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from deployments.batch.config import BatchSettings
 from deployments.limits import AuthSettings, LimitSettings
 from engine.types import EngineConfig
 
@@ -168,6 +169,7 @@ class AppConfig(BaseModel):
     ingress: IngressSettings = Field(default_factory=IngressSettings, description="Ingress options.")
     limits: LimitSettings = Field(default_factory=LimitSettings, description="What one request may ask for.")
     auth: AuthSettings = Field(default_factory=AuthSettings, description="API keys; none = open.")
+    batch: BatchSettings = Field(default_factory=BatchSettings, description="Batch jobs (docs/batch.md).")
 
     @field_validator("models", mode="before")
     @classmethod

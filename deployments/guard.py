@@ -34,6 +34,15 @@ class GuardSettings:
 
     max_body_bytes: int = LimitSettings().max_body_bytes
     api_keys: tuple[SecretStr, ...] = ()
+    # (route path, limit, setting name): a path with its own body limit (batch file uploads).
+    path_body_limits: tuple[tuple[str, int, str], ...] = ()
+
+    def body_limit(self, path: str) -> tuple[int, str]:
+        """The body limit of a route path and the setting that sets it."""
+        for limit_path, max_bytes, setting in self.path_body_limits:
+            if path == limit_path:
+                return max_bytes, setting
+        return self.max_body_bytes, "limits.max_body_bytes"
 
     def is_key_valid(self, key: str | None) -> bool:
         """Constant-time comparison against every key, so timing does not reveal a prefix."""
@@ -87,12 +96,13 @@ class RequestGuard:
         path: str = scope.get("path", "")
         if not self._is_allowed(guard, path, scope):
             return await error_json(path, UnauthorizedError(UNAUTHORIZED_MESSAGE))(scope, receive, send)
+        max_body_bytes, setting = guard.body_limit(path.removeprefix(scope.get("root_path", "")))
         too_large = PayloadTooLargeError(
-            f"the request body is larger than {guard.max_body_bytes} bytes (limits.max_body_bytes)"
+            f"the request body is larger than {max_body_bytes} bytes ({setting})"
         )
-        if _content_length(scope) > guard.max_body_bytes:
+        if _content_length(scope) > max_body_bytes:
             return await error_json(path, too_large)(scope, receive, send)
-        first = await _read_body(receive, guard.max_body_bytes)
+        first = await _read_body(receive, max_body_bytes)
         if first is None:
             return await error_json(path, too_large)(scope, receive, send)
         await self.app(scope, _replay(first, receive), send)

@@ -22,6 +22,8 @@ from ray.serve.exceptions import (
 )
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
+from deployments.batch.routes import router as batch_router
+from deployments.batch.service import BatchContext
 from deployments.errors import as_serving_error, http_error
 from deployments.guard import GuardSettings, RequestGuard
 from deployments.health import probe_models, readiness
@@ -126,6 +128,7 @@ for _exc_class in (RequestValidationError, ValidationError, ServingError, RayTas
 app.add_exception_handler(Exception, error_response)  # the rest: 500 (Starlette re-raises it to the logs)
 app.add_middleware(RequestGuard)  # API keys (401) and the body-size limit (413), before any parsing
 app.add_middleware(HttpErrorMetrics)  # outermost, so it counts the guard's 401/413 too
+app.include_router(batch_router)  # batch jobs, OpenAI Batch and Files (deployments/batch/routes.py)
 
 
 @serve.ingress(app)
@@ -139,11 +142,14 @@ class Ingress:
         limits: LimitSettings | None = None,
         api_keys: tuple[SecretStr, ...] = (),
         replica_wait_timeouts_s: dict[str, float] | None = None,
+        batch: BatchContext | None = None,
     ) -> None:
         self._replica_wait_timeouts_s = dict(replica_wait_timeouts_s or {})
         self._limits = limits or LimitSettings()
         # The middleware reads it from the app: one Ingress per replica process owns this app object.
         app.state.guard = GuardSettings(max_body_bytes=self._limits.max_body_bytes, api_keys=tuple(api_keys))
+        if batch is not None:
+            batch.install(app)  # the batch routes' context and the upload size limit
         self._handles = dict(model_handles)
         self._stream_handles = {name: h.options(stream=True) for name, h in self._handles.items()}
         self._model_names = dict(model_names or {})

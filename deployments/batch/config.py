@@ -25,7 +25,12 @@ class BatchSettings(BaseModel):
         4, ge=1, le=64, description="Most engine workers one job may ask for (data_parallelism)."
     )
     worker_num_cpus: float = Field(
-        1.0, gt=0, description="Logical CPUs reserved by each engine worker (its Ray Data actor)."
+        0.1,
+        gt=0,
+        description="Logical CPUs reserved by each engine worker (its Ray Data actor). It reserves "
+        "scheduling room only (0.1 fits a worker next to the default app on 2 CPUs); what a worker "
+        "uses is bounded by worker_num_threads and yields to online replicas through worker_nice. "
+        "Raise it on clusters to keep batch workers off nodes that online replicas need.",
     )
     worker_num_gpus: float = Field(0.0, ge=0, description="GPUs reserved by each engine worker.")
     worker_nice: int = Field(

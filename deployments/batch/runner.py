@@ -25,6 +25,7 @@ from deployments.batch.worker import EngineWorker
 from engine.errors import ServingError
 
 logger = logging.getLogger("ray.data")
+WORKER_START_TIMEOUT_S = 600
 
 
 def _records(batch: dict[str, Any]) -> list[dict[str, Any]]:
@@ -90,6 +91,9 @@ def _pipeline(spec: JobSpec, kind, rows, v1_content_json: str | None, settings: 
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
+    # Start every worker (model loaded) before the first batch, so rows spread over all of them; a
+    # cluster that cannot place them fails the job after this wait instead of hanging.
+    context.wait_for_min_actors_s = int(min(spec.max_runtime_s, WORKER_START_TIMEOUT_S))
     num_blocks = max(1, math.ceil(len(rows) / settings.batch_size))
     dataset = ray.data.from_items(
         [{"index": i, "payload": p} for i, p in rows], override_num_blocks=num_blocks

@@ -63,18 +63,16 @@ class BatchContext:
         return self.model_configs_json[name]
 
     def check_parallelism(self, asked: int) -> int:
-        """`asked`, or a 400 when it is more than the setting or than the cluster can place."""
+        """`asked`, or a 400 when it is more than the setting or than the cluster can place now (its
+        free CPUs/GPUs: online replicas and other batch jobs keep theirs)."""
         settings = self.settings
-        resources = ray.cluster_resources()
-        placeable = math.floor(resources.get("CPU", 0) / settings.worker_num_cpus)
-        if settings.worker_num_gpus:
-            placeable = min(placeable, math.floor(resources.get("GPU", 0) / settings.worker_num_gpus))
+        placeable = _num_placeable(ray.available_resources(), settings)
         limit = min(settings.max_data_parallelism, placeable)
         if asked > limit:
             raise InvalidRequestError(
-                f"data_parallelism: {asked} workers asked, at most {limit} allowed "
-                f"(batch.max_data_parallelism={settings.max_data_parallelism}; the cluster places "
-                f"{placeable} workers of {settings.worker_num_cpus:g} CPU)"
+                f"data_parallelism: {asked} workers asked, at most {limit} allowed now "
+                f"(batch.max_data_parallelism={settings.max_data_parallelism}; the cluster's free resources "
+                f"place {placeable} workers of {settings.worker_num_cpus:g} CPU, batch.worker_num_cpus)"
             )
         return asked
 
@@ -167,3 +165,10 @@ def _inline_json(content: Any) -> str | None:
     if isinstance(content, V1Content):
         return content.model_dump_json()
     return json.dumps(content)
+
+
+def _num_placeable(free: dict[str, float], settings: BatchSettings) -> int:
+    num = math.floor(free.get("CPU", 0.0) / settings.worker_num_cpus + 1e-9)
+    if settings.worker_num_gpus:
+        num = min(num, math.floor(free.get("GPU", 0.0) / settings.worker_num_gpus + 1e-9))
+    return num
