@@ -79,10 +79,9 @@ class DataRoot:
 
     def _remote_path(self, given: str, field: str) -> str:
         if "://" in given:
-            protocol, _, rest = given.partition("://")
-            if protocol != self._protocol:
+            if given.partition("://")[0] != self._protocol:
                 raise InvalidRequestError(f"{field}: {given!r} is not under the batch data root {self.url}")
-            path = posixpath.normpath(rest)
+            path = posixpath.normpath(self._fs._strip_protocol(given))  # the filesystem's own path form
         else:
             path = posixpath.normpath(posixpath.join(self._root, given))
         if path != self._root and not path.startswith(self._root + "/"):
@@ -90,7 +89,7 @@ class DataRoot:
         return path
 
     def _display(self, path: str) -> str:
-        return path if self._is_local else f"{self._protocol}://{path}"
+        return path if self._is_local else self._fs.unstrip_protocol(path)
 
     def internal(self, *parts: str) -> BatchPath:
         """A server-chosen location under the root (uploaded files, job parts); never user input."""

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import ray
 from llmengine import Completion, File
 from llmengine.data_types import (
     CreateBatchCompletionsModelConfig,
@@ -284,3 +285,33 @@ def test_malformed_input_file_fails_with_the_reason(data_root: Path):
     )
     job = finished_job(response.job_id)
     assert job["status"] == "failed" and "not valid JSON" in job["error"], job
+
+
+def test_job_state_survives_an_ingress_restart(batch_url: str, data_root: Path):
+    """Jobs live in the detached registry actor: a new ingress replica still knows them."""
+    (data_root / "in").mkdir(exist_ok=True)
+    (data_root / "in/restart.json").write_text("[]")  # an empty v1 content: the job fails at once
+    response = Completion.batch_create(
+        input_data_path="in/restart.json",
+        output_data_path="bad/restart.json",
+        model_config=CreateBatchCompletionsModelConfig(model=TINY_MODEL),
+    )
+    before = finished_job(response.job_id)
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    (replica,) = [n for n in names if n.startswith("SERVE_REPLICA::") and f"{APP_NAME}#Ingress" in n]
+    ray.kill(ray.get_actor(replica, namespace="serve"), no_restart=True)
+
+    def read() -> dict:
+        try:
+            answer = httpx.get(f"{batch_url}v2/batch-completions/{response.job_id}", timeout=10)
+        except httpx.TransportError:
+            return {}
+        return answer.json() if answer.status_code == 200 else {}
+
+    after = wait_for(read, lambda state: bool(state) and replica not in _replica_names())
+    assert replica not in _replica_names()  # a new replica answered
+    assert after["job"] == before
+
+
+def _replica_names() -> list[str]:
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
