@@ -80,6 +80,8 @@ class JobRunner:
                 if time.monotonic() > deadline:
                     return JobStatus.FAILED, f"the job ran past max_runtime_sec ({spec.max_runtime_s:g} s)"
         except Exception as exc:  # a worker that cannot start (model load) or crashes for good
+            if time.monotonic() > deadline:  # e.g. the workers' start wait was cut short by the deadline
+                return JobStatus.FAILED, f"the job ran past max_runtime_sec ({spec.max_runtime_s:g} s)"
             logger.exception("batch job %s failed", spec.job_id)
             return JobStatus.FAILED, f"the job's workers failed: {type(exc).__name__}: {exc}"[:2000]
         return JobStatus.COMPLETED, None
@@ -93,7 +95,7 @@ def _pipeline(spec: JobSpec, kind, rows, v1_content_json: str | None, settings: 
     context.enable_progress_bars = False
     # Start every worker (model loaded) before the first batch, so rows spread over all of them; a
     # cluster that cannot place them fails the job after this wait instead of hanging.
-    context.wait_for_min_actors_s = int(min(spec.max_runtime_s, WORKER_START_TIMEOUT_S))
+    context.wait_for_min_actors_s = max(1, int(min(spec.max_runtime_s, WORKER_START_TIMEOUT_S)))
     num_blocks = max(1, math.ceil(len(rows) / settings.batch_size))
     dataset = ray.data.from_items(
         [{"index": i, "payload": p} for i, p in rows], override_num_blocks=num_blocks

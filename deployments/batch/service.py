@@ -149,6 +149,10 @@ class BatchContext:
         )
 
     def _check_output(self, spec: JobSpec) -> None:
+        if spec.kind != JobKind.OPENAI:
+            output = self.root.resolve(spec.output_path, field="output_data_path")
+            if output.fs.isdir(output.path):
+                raise InvalidRequestError(f"output_data_path: {output.url} is a folder; name a file")
         folder = parts_folder(spec)
         try:
             check_writable(folder)

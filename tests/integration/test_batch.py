@@ -103,25 +103,30 @@ def online(prompt: str, max_new_tokens: int) -> dict:
 
 
 def test_v1_batch_outputs_match_online_answers_in_prompt_order(data_root: Path):
+    too_long = "word " * TINY_MAX_MODEL_LEN  # fails alone: null in the list, its reason in the errors file
     response = Completion.batch_create(
         output_data_path="v1/out.json",
         model_config=CreateBatchCompletionsModelConfig(model=TINY_MODEL, checkpoint_path=None),
-        content=CreateBatchCompletionsV1RequestContent(prompts=PROMPTS, max_new_tokens=6, temperature=0.0),
+        content=CreateBatchCompletionsV1RequestContent(
+            prompts=[*PROMPTS, too_long], max_new_tokens=6, temperature=0.0
+        ),
     )
     job = finished_job(response.job_id)
     assert job["status"] == "completed", job
     assert job["progress"] == {
-        "num_total": 5,
-        "num_done": 5,
+        "num_total": 6,
+        "num_done": 6,
         "num_completed": 5,
-        "num_failed": 0,
+        "num_failed": 1,
         "num_workers": 1,
     }
     outputs = json.loads((data_root / "v1/out.json").read_text())
-    assert len(outputs) == len(PROMPTS)
-    for prompt, output in zip(PROMPTS, outputs, strict=True):  # line by line: same text as online, greedy
+    assert len(outputs) == len(PROMPTS) + 1 and outputs[-1] is None
+    for prompt, output in zip(PROMPTS, outputs, strict=False):  # line by line: same text as online, greedy
         expected = online(prompt, 6)
         assert output == {**expected, "tokens": None}, prompt
+    (error,) = [json.loads(x) for x in (data_root / "v1/out.json.errors.jsonl").read_text().splitlines()]
+    assert error["index"] == 5 and error["status_code"] == 400 and "context" in error["error"], error
     assert list((data_root / "v1/out.json.parts").glob("part-*.jsonl"))  # Ray Data's batches, as parts
 
 
@@ -253,6 +258,7 @@ def test_both_clients_share_the_file_store(oai: openai.OpenAI, tmp_path: Path):
 
 def test_bad_input_is_a_clear_4xx(batch_url: str, data_root: Path, tmp_path: Path):
     (tmp_path / "outside.json").write_text("{}")
+    (data_root / "in").mkdir(exist_ok=True)
     (data_root / "link.json").symlink_to(tmp_path / "outside.json")
     base = {"output_data_path": "bad/out.json", "model_config": {"model": TINY_MODEL}}
     content = {"prompts": ["Hi"], "max_new_tokens": 2, "temperature": 0}
@@ -266,6 +272,7 @@ def test_bad_input_is_a_clear_4xx(batch_url: str, data_root: Path, tmp_path: Pat
         ({**base, "output_data_path": "s3://bucket/out.json", "content": content}, 400, "data root"),
         ({**base, "content": content, "data_parallelism": 9}, 400, "batch.max_data_parallelism=2"),
         ({**base, "content": {**content, "temperature": 3}}, 400, "temperature"),
+        ({**base, "content": content, "output_data_path": "in"}, 400, "is a folder"),
     ]
     for body, status, words in cases:
         answer = httpx.post(f"{batch_url}v1/llm/batch-completions", json=body, timeout=30)
@@ -285,6 +292,17 @@ def test_malformed_input_file_fails_with_the_reason(data_root: Path):
     )
     job = finished_job(response.job_id)
     assert job["status"] == "failed" and "not valid JSON" in job["error"], job
+
+
+def test_max_runtime_stops_the_job():
+    response = Completion.batch_create(
+        output_data_path="v1/timeout.json",
+        model_config=CreateBatchCompletionsModelConfig(model=TINY_MODEL),
+        content=CreateBatchCompletionsV1RequestContent(prompts=["Hi"] * 8, max_new_tokens=8, temperature=0.0),
+        max_runtime_sec=1,  # shorter than a worker's start: the job cannot finish
+    )
+    job = finished_job(response.job_id)
+    assert job["status"] == "failed" and "max_runtime_sec" in job["error"], job
 
 
 def test_job_state_survives_an_ingress_restart(batch_url: str, data_root: Path):

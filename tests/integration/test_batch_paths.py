@@ -100,3 +100,37 @@ def test_v1_rows_share_the_settings():
     row = parser.parse(0, json.dumps("Hello"))
     assert row.request.prompt == "Hello" and row.request.params.max_new_tokens == 3
     assert not row.request.is_raw_prompt  # the LLM Engine routes' chat template rule applies
+
+
+def test_batch_routes_need_a_key_and_uploads_have_their_own_limit():
+    """The guard in front of the batch routes (no Ray: it answers before any route runs)."""
+    from fastapi.testclient import TestClient
+    from pydantic import SecretStr
+
+    from deployments.guard import GuardSettings
+    from deployments.ingress import app
+
+    saved = {name: getattr(app.state, name, None) for name in ("guard", "batch")}
+    limits = (("/v1/files", 2048, "batch.max_upload_bytes"),)
+    app.state.guard = GuardSettings(api_keys=(SecretStr("k"),), path_body_limits=limits)
+    app.state.batch = None
+    try:
+        client = TestClient(app)
+        for method, path in [
+            ("post", "/v1/llm/batch-completions"),
+            ("post", "/v2/batch-completions"),
+            ("post", "/v2/batch-completions/job_x/actions/cancel"),
+            ("get", "/v2/batch-completions/job_x"),
+            ("post", "/v1/batches"),
+            ("post", "/v1/batches/batch_x/cancel"),
+            ("post", "/v1/files"),
+        ]:
+            assert getattr(client, method)(path).status_code == 401, path
+        headers = {"x-api-key": "k"}
+        big = client.post("/v1/files", headers=headers, files={"file": ("f", b"x" * 3000)})
+        assert big.status_code == 413 and "batch.max_upload_bytes" in big.text
+        small = client.post("/v1/files", headers=headers, files={"file": ("f", b"x" * 100)})
+        assert small.status_code == 503 and "batch jobs are not enabled" in small.text
+    finally:
+        for name, value in saved.items():
+            setattr(app.state, name, value)
