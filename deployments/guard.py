@@ -1,7 +1,8 @@
 """The ingress's front door, as ASGI middleware: API keys (401) and the body-size limit (413).
 
 It runs before FastAPI reads or parses anything, so a stranger's or an oversized request costs no
-parsing and no more than `max_body_bytes` of memory. Health routes stay open.
+parsing and no more than `max_body_bytes` of memory. Health routes (exact paths) stay open; without its
+settings (the Ingress did not set them) the guard refuses every other request with 503.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from deployments.limits import LimitSettings
 from deployments.protocol.openai import ErrorResponse
 from engine.errors import PayloadTooLargeError, ServingError, UnauthorizedError
 
-OPEN_PATHS = ("/healthz", "/healthcheck", "/readyz")  # path endings that never need a key
+OPEN_PATHS = frozenset({"/healthz", "/healthcheck", "/readyz"})  # exact route paths that never need a key
 UNAUTHORIZED_MESSAGE = (
     "a valid API key is required: send it as 'x-api-key', 'Authorization: Bearer <key>' "
     "or as the Basic auth username"
@@ -92,11 +93,15 @@ class RequestGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         app_state = getattr(scope.get("app"), "state", None)
-        guard: GuardSettings = getattr(app_state, "guard", None) or GuardSettings()
+        guard: GuardSettings | None = getattr(app_state, "guard", None)
         path: str = scope.get("path", "")
-        if not self._is_allowed(guard, path, scope):
+        is_open = route_path(scope) in OPEN_PATHS
+        if guard is None and not is_open:  # refuse rather than pass unchecked
+            return await error_json(path, _unconfigured_error())(scope, receive, send)
+        guard = guard or GuardSettings()
+        if not is_open and not self._is_key_accepted(guard, scope):
             return await error_json(path, UnauthorizedError(UNAUTHORIZED_MESSAGE))(scope, receive, send)
-        max_body_bytes, setting = guard.body_limit(path.removeprefix(scope.get("root_path", "")))
+        max_body_bytes, setting = guard.body_limit(route_path(scope))
         too_large = PayloadTooLargeError(
             f"the request body is larger than {max_body_bytes} bytes ({setting})"
         )
@@ -108,10 +113,28 @@ class RequestGuard:
         await self.app(scope, _replay(first, receive), send)
 
     @staticmethod
-    def _is_allowed(guard: GuardSettings, path: str, scope: Scope) -> bool:
-        if not guard.api_keys or path.rstrip("/").endswith(OPEN_PATHS):
+    def _is_key_accepted(guard: GuardSettings, scope: Scope) -> bool:
+        if not guard.api_keys:  # no keys configured: open, for local use
             return True
         return any(guard.is_key_valid(k) for k in presented_keys(scope.get("headers", ())))
+
+
+def route_path(scope: Scope) -> str:
+    """The path inside the app, without the route prefix Serve mounts it under (its `root_path`)."""
+    path: str = scope.get("path", "")
+    root_path: str = scope.get("root_path", "")
+    if root_path and path.startswith(root_path) and path[len(root_path) : len(root_path) + 1] in ("", "/"):
+        return path[len(root_path) :] or "/"
+    return path
+
+
+def _unconfigured_error() -> ServingError:
+    error = ServingError(
+        "the server's request guard has no settings (the ingress did not start properly): refusing "
+        "requests rather than serving them unchecked"
+    )
+    error.status_code = 503
+    return error
 
 
 def _content_length(scope: Scope) -> int:

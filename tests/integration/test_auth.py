@@ -100,3 +100,10 @@ def test_raw_http(app_url: str):
         assert httpx.post(sync, params=params, json=body, headers=headers).status_code == 200
     for route in ("healthz", "healthcheck", "readyz"):
         assert httpx.get(app_url + route).status_code == 200, route
+    # Open paths match exactly: a path that only ends like a health route still needs a key.
+    for route in ("v1/llm/model-endpoints/healthz", "v1/models/readyz"):
+        assert httpx.get(app_url + route).status_code == 401, route
+    assert (
+        httpx.get(app_url + "v1/llm/model-endpoints/healthz", headers={"x-api-key": CONFIG_KEY}).status_code
+        == 404
+    )
