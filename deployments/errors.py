@@ -6,6 +6,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from starlette.exceptions import HTTPException
 
 from engine.errors import ServingError
 
@@ -30,11 +31,11 @@ def unwrap(exc: BaseException) -> BaseException:
 
 def validation_message(errors: list[dict]) -> str:
     """Pydantic errors as one line: "max_new_tokens: Input should be greater than or equal to 1"."""
+    located = [(_field_path(error), error) for error in errors]
     parts = []
-    for error in errors:
-        loc = [str(p) for p in error.get("loc", ())]
-        if loc and loc[0] in ("body", "query", "path", "header"):
-            loc = loc[1:]
+    for loc, error in located:
+        if _is_other_branch(loc, error, located):
+            continue
         message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
         if error.get("type") == "json_invalid":
             message, loc = f"malformed JSON body: {error.get('ctx', {}).get('error', message)}", []
@@ -46,6 +47,28 @@ def validation_message(errors: list[dict]) -> str:
     return "; ".join(parts)
 
 
+def _field_path(error: dict) -> list[str]:
+    loc = [str(p) for p in error.get("loc", ()) if not _is_union_branch(p)]
+    return loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc
+
+
+def _is_other_branch(loc: list[str], error: dict, located: list[tuple[list[str], dict]]) -> bool:
+    """A type error of one member of a union ("stop: Input should be a valid string") when another
+    member got further and failed on the value ("stop.1: is not valid Unicode"): only that one counts."""
+    if not str(error.get("type", "")).endswith("_type"):
+        return False
+    return any(
+        other is not error and other_loc[: len(loc)] == loc and not str(other.get("type")).endswith("_type")
+        for other_loc, other in located
+    )
+
+
+def _is_union_branch(part: object) -> bool:
+    """Pydantic names the member of a union it tried ("str", "list[str]", "function-after[...]"): not a
+    field name, so it is left out of the field's path ("stop.1", not "stop.list[...].1")."""
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "none"))
+
+
 def http_error(exc: BaseException) -> tuple[int, str]:
     """The one mapping from an exception to (HTTP status, message)."""
     exc = unwrap(exc)
@@ -53,6 +76,8 @@ def http_error(exc: BaseException) -> tuple[int, str]:
         return exc.status_code, str(exc)
     if isinstance(exc, RequestValidationError | ValidationError):
         return 400, validation_message(list(exc.errors()))
+    if isinstance(exc, HTTPException):  # FastAPI's own: an undecodable body (400), unknown path (404)
+        return exc.status_code, str(exc.detail)
     for error_class, (status_code, meaning) in _SERVE_ERROR_STATUS.items():
         if isinstance(exc, error_class):
             return status_code, f"{meaning} ({type(exc).__name__}: {_first_line(exc)})"

@@ -10,10 +10,13 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+import jinja2
 
 from deployments.config import ModelConfig
 from deployments.metrics import ModelMetrics, RequestTimer
@@ -139,15 +142,23 @@ class ModelServer:
     def encode(self, prompt: str, *, is_raw: bool = False) -> list[int]:
         """Prompt token ids: the prompt as a user turn of the chat template, or the raw prompt."""
         if is_raw or not self._use_chat_template:
+            check_unicode(prompt, "prompt")
             return list(self._tokenizer(prompt).input_ids)
-        return self.encode_chat([ChatMessage(role="user", content=prompt)])
+        return self.encode_chat([ChatMessage(role="user", content=prompt)], field="prompt")
 
-    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+    def encode_chat(self, messages: Sequence[ChatMessage], field: str = "messages") -> list[int]:
         """Token ids of a conversation through the chat template, ending with the assistant's turn."""
         if not getattr(self._tokenizer, "chat_template", None):
             raise InvalidRequestError(f"model {self._config.name} has no chat template; use /v1/completions")
+        for i, message in enumerate(messages):
+            check_unicode(message.content, field if field == "prompt" else f"{field}.{i}.content")
         turns = [{"role": m.role, "content": m.content} for m in messages]
-        encoded = self._tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
+        try:
+            encoded = self._tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
+        except jinja2.TemplateError as exc:  # e.g. Gemma's raise_exception on a system turn
+            raise InvalidRequestError(
+                f"{field}: the chat template of model {self._config.name} refused the conversation: {exc}"
+            ) from None
         # transformers 5 returns a BatchEncoding (a Mapping); older versions a plain list of ids.
         return list(encoded["input_ids"] if isinstance(encoded, Mapping) else encoded)
 
@@ -221,6 +232,11 @@ class ModelServer:
     async def ready(self) -> bool:
         return True
 
+    async def pid(self) -> int:
+        """This replica's process id (through a handle, not HTTP): tests check that bad input leaves
+        the same process serving."""
+        return os.getpid()
+
     async def check_health(self) -> None:
         """Serve's periodic health probe: fails once the engine's thread has stopped."""
         self._engine.check_health()
@@ -229,6 +245,18 @@ class ModelServer:
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+def check_unicode(text: str, field: str) -> None:
+    """InvalidRequestError (400) naming the field for text that is not valid Unicode (a lone UTF-16
+    surrogate from a JSON escape such as "\\ud800"): tokenizers fail on it with a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(
+            f"{field}: is not valid Unicode: a lone UTF-16 surrogate at character {exc.start}; "
+            "send text that encodes to UTF-8"
+        ) from None
 
 
 def _status_code(exc: Exception) -> int:

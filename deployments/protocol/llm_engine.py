@@ -11,6 +11,20 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from deployments.protocol.bounds import (
+    GREEDY_NOTE,
+    MAX_GUIDED_CHOICES,
+    MAX_NEW_TOKENS_MAX,
+    MAX_STOP_SEQUENCES,
+    MAX_TOKENS_NOTE,
+    SEED_BOUNDS,
+    SEED_DESCRIPTION,
+    STOP_NOTE,
+    TOP_K_DESCRIPTION,
+    TOP_K_MAX,
+    Text,
+    greedy_below_epsilon,
+)
 from engine.guided_spec import GuidedSpec
 from engine.types import SamplingParams, TokenDelta, TokenLogProb
 
@@ -24,24 +38,34 @@ class CompletionRequest(BaseModel):
     # Unknown keys are ignored (other clients send extras); NaN and infinities are never valid numbers.
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    prompt: str = Field(description="The text to complete.")
-    max_new_tokens: int = Field(ge=1, description="Most tokens to generate.")
-    temperature: float = Field(ge=0.0, le=1.0, description="Sampling temperature; 0 = greedy.")
-    stop_sequences: list[str] | None = Field(None, description="Generation stops at the first match.")
+    prompt: Text = Field(description="The text to complete; valid Unicode (no lone surrogates).")
+    max_new_tokens: int = Field(
+        ge=1, le=MAX_NEW_TOKENS_MAX, description=f"Most tokens to generate. {MAX_TOKENS_NOTE}"
+    )
+    temperature: float = Field(ge=0.0, le=1.0, description=f"Sampling temperature; {GREEDY_NOTE}")
+    stop_sequences: list[Text] | None = Field(
+        None,
+        max_length=MAX_STOP_SEQUENCES,
+        description=f"Generation stops at the first match. {STOP_NOTE}",
+    )
     return_token_log_probs: bool | None = Field(False, description="List every token with its log prob.")
     presence_penalty: float | None = Field(None, ge=0.0, le=2.0, description="OpenAI-style presence penalty.")
     frequency_penalty: float | None = Field(
         None, ge=0.0, le=2.0, description="OpenAI-style frequency penalty."
     )
-    top_k: int | None = Field(None, ge=-1, description="Keep the k most likely tokens; null or -1 = off.")
+    top_k: int | None = Field(
+        None, ge=-1, le=TOP_K_MAX, json_schema_extra={"not": {"const": 0}}, description=TOP_K_DESCRIPTION
+    )
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass; null = 1.")
     include_stop_str_in_output: bool | None = Field(None, description="Keep the matched stop string.")
     guided_json: dict[str, Any] | None = Field(None, description="JSON schema the output must satisfy.")
-    guided_regex: str | None = Field(None, description="Regular expression the output must match.")
-    guided_choice: list[str] | None = Field(None, description="The output is exactly one of these.")
-    guided_grammar: str | None = Field(None, description="Context-free grammar of the output.")
+    guided_regex: Text | None = Field(None, description="Regular expression the output must match.")
+    guided_choice: list[Text] | None = Field(
+        None, max_length=MAX_GUIDED_CHOICES, description="The output is exactly one of these."
+    )
+    guided_grammar: Text | None = Field(None, description="Context-free grammar of the output.")
     skip_special_tokens: bool | None = Field(True, description="Drop special tokens from the text.")
-    seed: int | None = Field(None, description="Extension: seed of this request's sampler.")
+    seed: int | None = Field(None, **SEED_BOUNDS, description=f"Extension. {SEED_DESCRIPTION}")
 
     @field_validator("top_k")
     @classmethod
@@ -69,11 +93,13 @@ class CompletionRequest(BaseModel):
             guided_choice=self.guided_choice,
             guided_grammar=self.guided_grammar,
         )
+        temperature = greedy_below_epsilon(self.temperature)
+        is_greedy = temperature == 0.0  # top_k/top_p do nothing then (1e-40 with top_k 5 is fine)
         return SamplingParams(
             max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_k=-1 if self.top_k is None else self.top_k,
-            top_p=1.0 if self.top_p is None else self.top_p,
+            temperature=temperature,
+            top_k=-1 if is_greedy or self.top_k is None else self.top_k,
+            top_p=1.0 if is_greedy or self.top_p is None else self.top_p,
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             # An empty stop string would match before any text: it means "no stop string".

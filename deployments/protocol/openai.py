@@ -1,17 +1,31 @@
 """Wire types of OpenAI's `/v1/completions`, `/v1/chat/completions` and `/v1/models`.
 
 Requests validate their own bounds and convert themselves to engine types; responses have exactly
-OpenAI's shape. One completion per request (`n` = `best_of` = 1). Log probs are the chosen token's
-only: the engine does not compute alternatives, so `top_logprobs` is null (completions) or `[]` (chat).
+OpenAI's shape. One completion per request (`n` = `best_of` = 1). Log probs: the chosen token's and
+the most likely alternatives of each position (completions `logprobs` 0-5, chat `top_logprobs` 0-20).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.model_server import ChatMessage
+from deployments.protocol.bounds import (
+    GREEDY_NOTE,
+    MAX_GUIDED_CHOICES,
+    MAX_NEW_TOKENS_MAX,
+    MAX_STOP_SEQUENCES,
+    MAX_TOKENS_NOTE,
+    SEED_BOUNDS,
+    SEED_DESCRIPTION,
+    STOP_NOTE,
+    TOP_K_DESCRIPTION,
+    TOP_K_MAX,
+    Text,
+    greedy_below_epsilon,
+)
 from engine.errors import InvalidRequestError
 from engine.guided_spec import GuidedSpec
 from engine.types import SamplingParams
@@ -31,28 +45,38 @@ class SamplingFields(BaseModel):
     # Unknown keys are ignored (clients send extras); NaN and infinities are never valid numbers.
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    model: str = Field(min_length=1, description="The served model's name (see /v1/models).")
-    temperature: float | None = Field(1.0, ge=0.0, le=2.0, description="Sampling temperature; 0 = greedy.")
+    model: Text = Field(min_length=1, description="The served model's name (see /v1/models).")
+    temperature: float | None = Field(1.0, ge=0.0, le=2.0, description=f"Sampling temperature; {GREEDY_NOTE}")
     top_p: float | None = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    stop: str | list[str] | None = Field(None, description="Generation stops at the first match.")
-    seed: int | None = Field(None, description="Seed of this request's sampler, for reproducible samples.")
-    n: int | None = Field(1, description="Completions per request; only 1 is supported.")
+    stop: Text | Annotated[list[Text], Field(max_length=MAX_STOP_SEQUENCES)] | None = Field(
+        None, description=f"Generation stops at the first match. {STOP_NOTE}"
+    )
+    seed: int | None = Field(None, **SEED_BOUNDS, description=SEED_DESCRIPTION)
+    n: int | None = Field(
+        1, json_schema_extra={"enum": [1, None]}, description="Completions per request; only 1 is supported."
+    )
     stream: bool | None = Field(False, description="Answer with server-sent events.")
     stream_options: StreamOptions | None = Field(None, description="Streaming options (include_usage).")
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0, description="OpenAI presence penalty.")
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0, description="OpenAI frequency penalty.")
-    logit_bias: dict[str, float] | None = Field(None, description="Not supported; must be empty.")
+    logit_bias: dict[str, float] | None = Field(
+        None, json_schema_extra={"maxProperties": 0}, description="Not supported; must be empty."
+    )
     user: str | None = Field(None, description="End-user id; accepted and ignored.")
-    top_k: int | None = Field(None, ge=-1, description="vLLM extra: keep the k most likely; -1/0 = off.")
+    top_k: int | None = Field(
+        None, ge=-1, le=TOP_K_MAX, description=f"vLLM extra; 0 = off too. {TOP_K_DESCRIPTION}"
+    )
     ignore_eos: bool | None = Field(False, description="vLLM extra: keep generating after EOS.")
     skip_special_tokens: bool | None = Field(True, description="vLLM extra: drop special tokens.")
     include_stop_str_in_output: bool | None = Field(False, description="vLLM extra: keep the stop string.")
-    guided_json: dict[str, Any] | str | None = Field(
+    guided_json: dict[str, Any] | Text | None = Field(
         None, description="vLLM extra: JSON schema of the output."
     )
-    guided_regex: str | None = Field(None, description="vLLM extra: the output matches this regex in full.")
-    guided_choice: list[str] | None = Field(None, description="vLLM extra: the output is one of these.")
-    guided_grammar: str | None = Field(None, description="vLLM extra: grammar of the output (Lark or GBNF).")
+    guided_regex: Text | None = Field(None, description="vLLM extra: the output matches this regex in full.")
+    guided_choice: list[Text] | None = Field(
+        None, max_length=MAX_GUIDED_CHOICES, description="vLLM extra: the output is one of these."
+    )
+    guided_grammar: Text | None = Field(None, description="vLLM extra: grammar of the output (Lark or GBNF).")
 
     @field_validator("n")
     @classmethod
@@ -87,9 +111,13 @@ class SamplingFields(BaseModel):
         )
 
     def _sampling_params(
-        self, max_new_tokens: int, is_log_probs: bool, guided: GuidedSpec | None = None
+        self,
+        max_new_tokens: int,
+        is_log_probs: bool,
+        num_top_logprobs: int = 0,
+        guided: GuidedSpec | None = None,
     ) -> SamplingParams:
-        temperature = 1.0 if self.temperature is None else self.temperature
+        temperature = greedy_below_epsilon(1.0 if self.temperature is None else self.temperature)
         is_greedy = temperature == 0.0  # OpenAI accepts top_p/top_k with temperature 0: they do nothing
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
         return SamplingParams(
@@ -103,6 +131,7 @@ class SamplingFields(BaseModel):
             stop_sequences=tuple(s for s in stops if s),
             include_stop_str_in_output=bool(self.include_stop_str_in_output),
             return_log_probs=is_log_probs,
+            num_top_logprobs=num_top_logprobs if is_log_probs else 0,
             skip_special_tokens=self.skip_special_tokens is not False,
             seed=self.seed,
             ignore_eos=bool(self.ignore_eos),
@@ -113,12 +142,25 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields):
     """Body of `POST /v1/completions`: one text prompt, sent to the model raw (no chat template)."""
 
-    prompt: str = Field(description="The text to complete; a list holding exactly one string also works.")
-    max_tokens: int | None = Field(DEFAULT_COMPLETION_MAX_TOKENS, ge=1, description="Most tokens to make.")
-    logprobs: int | None = Field(None, ge=0, le=5, description="Return the chosen tokens' log probs.")
-    echo: bool | None = Field(False, description="Not supported; must be false.")
-    best_of: int | None = Field(1, description="Only 1 is supported.")
-    suffix: str | None = Field(None, description="Not supported; must be null.")
+    prompt: Text = Field(
+        description="The text to complete (valid Unicode); a list holding exactly one string also works."
+    )
+    max_tokens: int | None = Field(
+        DEFAULT_COMPLETION_MAX_TOKENS,
+        ge=1,
+        le=MAX_NEW_TOKENS_MAX,
+        description=f"Most tokens to make. {MAX_TOKENS_NOTE}",
+    )
+    logprobs: int | None = Field(
+        None, ge=0, le=5, description="Return the chosen tokens' log probs and this many alternatives (0-5)."
+    )
+    echo: bool | None = Field(
+        False, json_schema_extra={"enum": [False, None]}, description="Not supported; must be false."
+    )
+    best_of: int | None = Field(1, json_schema_extra={"enum": [1, None]}, description="Only 1 is supported.")
+    suffix: str | None = Field(
+        None, json_schema_extra={"enum": ["", None]}, description="Not supported; must be null."
+    )
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -154,12 +196,14 @@ class CompletionRequest(SamplingFields):
 
     def to_sampling_params(self) -> SamplingParams:
         max_tokens = self.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
-        return self._sampling_params(max_tokens, is_log_probs=self.logprobs is not None)
+        return self._sampling_params(
+            max_tokens, is_log_probs=self.logprobs is not None, num_top_logprobs=self.logprobs or 0
+        )
 
 
 class TextPart(BaseModel):
-    type: str = Field(description='Only "text" is supported.')
-    text: str = Field("", description="The text of this part.")
+    type: str = Field(json_schema_extra={"enum": ["text"]}, description='Only "text" is supported.')
+    text: Text = Field("", description="The text of this part.")
 
     @field_validator("type")
     @classmethod
@@ -175,7 +219,7 @@ class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant"] = Field(
         description='Who says it; "developer" is OpenAI\'s newer name for "system".'
     )
-    content: str | list[TextPart] = Field(description="Text, or a list of text parts (joined by newlines).")
+    content: Text | list[TextPart] = Field(description="Text, or a list of text parts (joined by newlines).")
 
     def to_chat_message(self) -> ChatMessage:
         text = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
@@ -208,12 +252,23 @@ class ChatCompletionRequest(SamplingFields):
     """Body of `POST /v1/chat/completions`: the whole conversation goes through the chat template."""
 
     messages: list[Message] = Field(min_length=1, description="The conversation so far.")
-    max_tokens: int | None = Field(None, ge=1, description="Most tokens to make; null = up to the context.")
-    max_completion_tokens: int | None = Field(None, ge=1, description="Replaces max_tokens when set.")
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_NEW_TOKENS_MAX,
+        description=f"Most tokens to make; null = up to the context. {MAX_TOKENS_NOTE}",
+    )
+    max_completion_tokens: int | None = Field(
+        None, ge=1, le=MAX_NEW_TOKENS_MAX, description="Replaces max_tokens when set; bounded as max_tokens."
+    )
     logprobs: bool | None = Field(False, description="Return the chosen tokens' log probs.")
-    top_logprobs: int | None = Field(None, ge=0, le=5, description="Alternatives per token (none returned).")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=20, description="Most likely alternatives per token (0-20); needs logprobs true."
+    )
     response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema.")
-    tools: list[Any] | None = Field(None, description="Not supported; must be empty.")
+    tools: list[Any] | None = Field(
+        None, json_schema_extra={"maxItems": 0}, description="Not supported; must be empty."
+    )
 
     @model_validator(mode="after")
     def _check_chat_fields(self) -> ChatCompletionRequest:
@@ -236,7 +291,9 @@ class ChatCompletionRequest(SamplingFields):
         guided = self.response_format.to_guided_spec() if self.response_format is not None else None
         if guided is not None and self._guided_spec() is not None:
             raise InvalidRequestError("use either response_format or a guided_* field, not both")
-        return self._sampling_params(self.max_new_tokens or 1, bool(self.logprobs), guided)
+        return self._sampling_params(
+            self.max_new_tokens or 1, bool(self.logprobs), self.top_logprobs or 0, guided=guided
+        )
 
 
 class ErrorDetail(BaseModel):

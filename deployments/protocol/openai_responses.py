@@ -38,7 +38,9 @@ class Usage(BaseModel):
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = Field(description="Each generated token's text.")
     token_logprobs: list[float] = Field(description="Each one's log prob.")
-    top_logprobs: list[dict[str, float]] | None = Field(None, description="Not computed: always null.")
+    top_logprobs: list[dict[str, float]] | None = Field(
+        None, description="Per token, its position's most likely tokens (text -> log prob); null if 0 asked."
+    )
     text_offset: list[int] = Field(description="Where each token starts in the completion's text.")
 
     @classmethod
@@ -47,9 +49,21 @@ class CompletionLogprobs(BaseModel):
         for token in tokens:
             offsets.append(offset)
             offset += len(token.text)
+        top = [_top_dict(t) for t in tokens] if any(t.top for t in tokens) else None
         return cls(
-            tokens=[t.text for t in tokens], token_logprobs=[t.log_prob for t in tokens], text_offset=offsets
+            tokens=[t.text for t in tokens],
+            token_logprobs=[t.log_prob for t in tokens],
+            top_logprobs=top,
+            text_offset=offsets,
         )
+
+
+def _top_dict(token: TokenLogProb) -> dict[str, float]:
+    """Alternatives by text, best first; two tokens with the same text keep the likelier one."""
+    alternatives: dict[str, float] = {}
+    for alternative in token.top:
+        alternatives.setdefault(alternative.text, alternative.log_prob)
+    return alternatives
 
 
 class CompletionChoice(BaseModel):
@@ -83,13 +97,22 @@ class TopLogprob(BaseModel):
     logprob: float
     bytes: list[int] | None = None
 
+    @classmethod
+    def of(cls, token: TokenLogProb) -> TopLogprob:
+        return cls(token=token.text, logprob=token.log_prob, bytes=list(token.text.encode("utf-8")))
+
 
 class ChatTokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob] = Field(default_factory=list, description="Not computed: always [].")
+    top_logprobs: list[TopLogprob] = Field(
+        default_factory=list, description="The position's most likely tokens, best first (top_logprobs)."
+    )
 
     @classmethod
     def of(cls, token: TokenLogProb) -> ChatTokenLogprob:
-        return cls(token=token.text, logprob=token.log_prob, bytes=list(token.text.encode("utf-8")))
+        top = [TopLogprob.of(t) for t in token.top]
+        return cls(
+            token=token.text, logprob=token.log_prob, bytes=list(token.text.encode("utf-8")), top_logprobs=top
+        )
 
 
 class ChoiceLogprobs(BaseModel):

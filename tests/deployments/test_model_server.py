@@ -1,7 +1,9 @@
 """ModelServer without Ray: tokenization, aggregation, and aborting the engine when the caller leaves."""
 
 import asyncio
+import os
 
+import jinja2
 import pytest
 
 from deployments.config import ModelConfig
@@ -92,3 +94,37 @@ async def test_max_tokens_auto_fills_the_context(server):
     too_long = ModelRequest("r2", "x" * MAX_MODEL_LEN, SamplingParams(), is_max_tokens_auto=True)
     with pytest.raises(ContextLengthError):
         await server.generate(too_long)
+
+
+class RefusingTemplateTokenizer(FakeTokenizer):
+    """A chat template that raises, as Gemma's does for a system turn (`raise_exception`)."""
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool, tokenize: bool) -> dict:
+        if any(m["role"] == "system" for m in messages):
+            raise jinja2.TemplateError("System role not supported")
+        return super().apply_chat_template(messages, add_generation_prompt, tokenize)
+
+
+def test_a_template_error_is_a_400_naming_the_reason():
+    serving = fake_factory(ModelConfig(name="g", model="g"))
+    serving.tokenizer = RefusingTemplateTokenizer()
+    server = ModelServer(ModelConfig(name="g", model="g"), engine_factory=lambda _: serving)
+    with pytest.raises(
+        InvalidRequestError, match=r"chat template of model g refused.*System role not supported"
+    ):
+        server.encode_chat([ChatMessage("system", "be brief"), ChatMessage("user", "hi")])
+    assert server.encode_chat([ChatMessage("user", "hi")])  # the same server goes on
+
+
+@pytest.mark.parametrize("is_raw", [True, False])
+def test_lone_surrogates_are_a_400_naming_the_field(server, is_raw: bool):
+    chat = ModelServer(ModelConfig(name="c", model="c", use_chat_template=True), engine_factory=fake_factory)
+    for target in (server, chat):
+        with pytest.raises(InvalidRequestError, match="prompt: is not valid Unicode"):
+            target.encode("\ud800 hi", is_raw=is_raw)
+    with pytest.raises(InvalidRequestError, match=r"messages\.1\.content: is not valid Unicode"):
+        chat.encode_chat([ChatMessage("user", "ok"), ChatMessage("user", "x\udfff")])
+
+
+async def test_the_replica_reports_its_pid(server):
+    assert await server.pid() == os.getpid()

@@ -5,6 +5,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
+from deployments.errors import validation_message
 from deployments.model_server import ChatMessage, CompletionResult
 from deployments.protocol.openai import (
     ChatCompletionRequest,
@@ -69,6 +70,7 @@ def test_completion_fields_convert():
         stop_sequences=("\n",),
         include_stop_str_in_output=True,
         return_log_probs=True,
+        num_top_logprobs=2,
         skip_special_tokens=False,
         seed=3,
         ignore_eos=True,
@@ -141,8 +143,12 @@ def test_chat_max_tokens():
 
 
 def test_chat_log_probs():
-    assert chat(logprobs=True, top_logprobs=3).to_sampling_params().return_log_probs
+    params = chat(logprobs=True, top_logprobs=3).to_sampling_params()
+    assert params.return_log_probs and params.num_top_logprobs == 3
+    assert chat(logprobs=True, top_logprobs=20).to_sampling_params().num_top_logprobs == 20
+    assert "less than or equal to 20" in error_text(chat, logprobs=True, top_logprobs=21)
     assert not chat().to_sampling_params().return_log_probs
+    assert completion(logprobs=0).to_sampling_params().num_top_logprobs == 0
     assert "top_logprobs needs logprobs" in error_text(chat, top_logprobs=2)
 
 
@@ -273,3 +279,66 @@ def test_model_list_shape():
         "object": "list",
         "data": [{"id": "m", "object": "model", "created": 1, "owned_by": "llmserve"}],
     }
+
+
+ALTERNATIVES = (TokenLogProb(5, "Hel", -0.5), TokenLogProb(9, "He", -1.5), TokenLogProb(10, "He", -2.0))
+TOKENS_WITH_TOP = (TokenLogProb(5, "Hel", -0.5, top=ALTERNATIVES), TokenLogProb(6, "lo", -1.0, top=TOKENS))
+
+
+def test_top_logprobs_are_rendered():
+    result = CompletionResult("r", "Hello", 3, 2, TOKENS_WITH_TOP, FinishReason.LENGTH)
+    logprobs = Completion.from_result("c", 1, "m", result).model_dump()["choices"][0]["logprobs"]
+    # By text, best first; a second token with the same text keeps the likelier log prob.
+    assert logprobs["top_logprobs"] == [{"Hel": -0.5, "He": -1.5}, {"Hel": -0.5, "lo": -1.0}]
+    content = ChatCompletion.from_result("c", 1, "m", result).model_dump()["choices"][0]["logprobs"][
+        "content"
+    ]
+    assert [t["token"] for t in content[0]["top_logprobs"]] == ["Hel", "He", "He"]
+    assert content[1]["top_logprobs"][1] == {"token": "lo", "logprob": -1.0, "bytes": list(b"lo")}
+    chunk = ChatChunks("c", 1, "m").content(TokenDelta("r", "Hel", 3, 1, TOKENS_WITH_TOP[0]))
+    assert len(chunk.model_dump()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 3
+    chunk = CompletionChunks("c", 1, "m").content(TokenDelta("r", "Hel", 3, 1, TOKENS_WITH_TOP[0]))
+    assert chunk.model_dump()["choices"][0]["logprobs"]["top_logprobs"] == [{"Hel": -0.5, "He": -1.5}]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"seed": 2**64}, "seed: Input should be less than or equal to 9223372036854775807"),
+        ({"seed": -(2**63) - 1}, "seed: Input should be greater than or equal to -9223372036854775808"),
+        ({"top_k": 2**63}, "top_k: Input should be less than or equal to 2147483647"),
+        ({"max_tokens": 2**20 + 1}, "max_tokens: Input should be less than or equal to 1048576"),
+        ({"stop": ["s"] * 1025}, "stop: List should have at most 1024 items"),
+        ({"prompt": "\ud800 hi"}, "prompt: is not valid Unicode"),
+        ({"stop": ["ok", "\udc00"]}, "stop.1: is not valid Unicode"),
+        ({"guided_regex": "a\ud800"}, "guided_regex: is not valid Unicode"),
+    ],
+)
+def test_static_bounds_name_the_field_and_the_limit(fields, message):
+    try:  # as FastAPI parses bodies: json.loads (which keeps lone surrogates), then the model
+        CompletionRequest.model_validate({"model": "m", "prompt": "Hi", **fields})
+    except ValidationError as exc:
+        assert message in validation_message(exc.errors())
+    else:
+        raise AssertionError(f"{fields} was accepted")
+
+
+def test_chat_content_must_be_valid_unicode():
+    with pytest.raises(ValidationError) as info:
+        content = [{"type": "text", "text": "\udfff"}]
+        ChatCompletionRequest.model_validate(
+            {"model": "m", "messages": [{"role": "user", "content": content}]}
+        )
+    assert "messages.0.content.0.text: is not valid Unicode" in validation_message(info.value.errors())
+
+
+@pytest.mark.parametrize("temperature", [1e-46, 1e-40, 9.9e-6])
+def test_temperatures_below_the_epsilon_are_greedy(temperature):
+    params = completion(temperature=temperature, top_k=5, top_p=0.5).to_sampling_params()
+    assert (params.temperature, params.top_k, params.top_p) == (0.0, -1, 1.0)
+    assert completion(temperature=1e-5).to_sampling_params().temperature == 1e-5
+
+
+def test_seed_at_the_int64_limits_is_accepted():
+    assert completion(seed=2**63 - 1).to_sampling_params().seed == 2**63 - 1
+    assert completion(seed=-(2**63)).to_sampling_params().seed == -(2**63)
