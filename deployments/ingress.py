@@ -8,7 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, SecretStr, ValidationError
@@ -21,6 +21,7 @@ from ray.serve.exceptions import (
     RequestCancelledError,
 )
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
+from starlette.exceptions import HTTPException
 
 from deployments.batch.routes import router as batch_router
 from deployments.batch.service import BatchContext
@@ -30,6 +31,18 @@ from deployments.health import probe_models, readiness
 from deployments.http_metrics import HttpErrorMetrics
 from deployments.limits import LimitSettings
 from deployments.model_server import CompletionResult, ModelRequest
+from deployments.openapi_responses import (
+    LLM_ENGINE_LIST,
+    LLM_ENGINE_LOOKUP,
+    LLM_ENGINE_STREAM,
+    LLM_ENGINE_SYNC,
+    MODEL_ENDPOINT_NAME,
+    OPENAI_CHAT,
+    OPENAI_COMPLETIONS,
+    OPENAI_LIST,
+    READINESS,
+    install_openapi,
+)
 from deployments.protocol import openai as openai_api
 from deployments.protocol.llm_engine import (
     CompletionOutput,
@@ -123,9 +136,19 @@ def _json_response(payload: BaseModel) -> Response:
 
 
 app = FastAPI(title="llmserve", description="LLM Engine v1 and OpenAI compatible completions on Ray Serve.")
-for _exc_class in (RequestValidationError, ValidationError, ServingError, RayTaskError, RayServeException):
+# HTTPException: FastAPI's own 400 for a body it cannot decode, 404/405 for unknown paths and methods.
+_HANDLED = (
+    RequestValidationError,
+    ValidationError,
+    ServingError,
+    RayTaskError,
+    RayServeException,
+    HTTPException,
+)
+for _exc_class in _HANDLED:
     app.add_exception_handler(_exc_class, error_response)
 app.add_exception_handler(Exception, error_response)  # the rest: 500 (Starlette re-raises it to the logs)
+install_openapi(app)  # the published schema: real error answers, no 422
 app.add_middleware(RequestGuard)  # API keys (401) and the body-size limit (413), before any parsing
 app.add_middleware(HttpErrorMetrics)  # outermost, so it counts the guard's 401/413 too
 app.include_router(batch_router)  # batch jobs, OpenAI Batch and Files (deployments/batch/routes.py)
@@ -163,9 +186,9 @@ class Ingress:
             raise ModelNotFoundError(f"model {name!r} is not served here; served models: {served}")
         return name
 
-    @app.post("/v1/llm/completions-sync", response_model=CompletionSyncResponse)
+    @app.post("/v1/llm/completions-sync", response_model=CompletionSyncResponse, responses=LLM_ENGINE_SYNC)
     async def completions_sync(
-        self, body: CompletionRequest, model_endpoint_name: str | None = Query(None)
+        self, body: CompletionRequest, model_endpoint_name: str = MODEL_ENDPOINT_NAME
     ) -> Response:
         name = self._check_model(model_endpoint_name)
         self._limits.check([body.prompt], body.stop_sequences)
@@ -180,9 +203,9 @@ class Ingress:
         )
         return _json_response(CompletionSyncResponse(request_id=request.request_id, output=output))
 
-    @app.post("/v1/llm/completions-stream", response_class=StreamingResponse)
+    @app.post("/v1/llm/completions-stream", response_class=StreamingResponse, responses=LLM_ENGINE_STREAM)
     async def completions_stream(
-        self, body: CompletionRequest, model_endpoint_name: str | None = Query(None)
+        self, body: CompletionRequest, model_endpoint_name: str = MODEL_ENDPOINT_NAME
     ) -> StreamingResponse:
         name = self._check_model(model_endpoint_name)
         self._limits.check([body.prompt], body.stop_sequences)
@@ -228,8 +251,8 @@ class Ingress:
                 stream.cancel()
             raise
 
-    @app.post("/v1/completions", tags=[OPENAI_TAG], response_model=Completion)
-    @app.post("/v2/completions", tags=[OPENAI_TAG], response_model=Completion)
+    @app.post("/v1/completions", tags=[OPENAI_TAG], response_model=Completion, responses=OPENAI_COMPLETIONS)
+    @app.post("/v2/completions", tags=[OPENAI_TAG], response_model=Completion, responses=OPENAI_COMPLETIONS)
     async def openai_completions(self, body: openai_api.CompletionRequest) -> Response:
         """OpenAI completions. The prompt is sent raw, never through the chat template (unlike the LLM
         Engine routes, which apply it for instruct models): here the client owns the exact prompt text."""
@@ -243,8 +266,8 @@ class Ingress:
         result = await self._generate(name, request)
         return _json_response(Completion.from_result(request_id, created, body.model, result))
 
-    @app.post("/v1/chat/completions", tags=[OPENAI_TAG], response_model=ChatCompletion)
-    @app.post("/v2/chat/completions", tags=[OPENAI_TAG], response_model=ChatCompletion)
+    @app.post("/v1/chat/completions", tags=[OPENAI_TAG], response_model=ChatCompletion, responses=OPENAI_CHAT)
+    @app.post("/v2/chat/completions", tags=[OPENAI_TAG], response_model=ChatCompletion, responses=OPENAI_CHAT)
     async def openai_chat_completions(self, body: openai_api.ChatCompletionRequest) -> Response:
         """OpenAI chat: the model server applies the tokenizer's chat template to the whole conversation."""
         name = self._check_model(body.model)
@@ -265,16 +288,16 @@ class Ingress:
         events = _openai_sse_events(first, stream, chunks, is_usage_sent)
         return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
 
-    @app.get("/v1/models", tags=[OPENAI_TAG], response_model=openai_api.ModelList)
+    @app.get("/v1/models", tags=[OPENAI_TAG], response_model=openai_api.ModelList, responses=OPENAI_LIST)
     async def openai_models(self) -> openai_api.ModelList:
         cards = [openai_api.ModelCard(id=n, created=self._created_s) for n in sorted(self._handles)]
         return openai_api.ModelList(data=cards)
 
-    @app.get("/v1/llm/model-endpoints", response_model=ListModelEndpointsResponse)
+    @app.get("/v1/llm/model-endpoints", response_model=ListModelEndpointsResponse, responses=LLM_ENGINE_LIST)
     async def list_model_endpoints(self) -> ListModelEndpointsResponse:
         return ListModelEndpointsResponse(model_endpoints=[self._endpoint(n) for n in sorted(self._handles)])
 
-    @app.get("/v1/llm/model-endpoints/{name}", response_model=ModelEndpoint)
+    @app.get("/v1/llm/model-endpoints/{name}", response_model=ModelEndpoint, responses=LLM_ENGINE_LOOKUP)
     async def get_model_endpoint(self, name: str) -> ModelEndpoint:
         return self._endpoint(self._check_model(name))
 
@@ -289,7 +312,7 @@ class Ingress:
     async def healthcheck(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses=READINESS)
     async def readyz(self) -> JSONResponse:
         """200 when every model answers within READY_TIMEOUT_S, else 503 with each model's state:
         `{"status": "loading", "models": {"a": "ready", "b": "loading"}, "detail": ...}`."""
