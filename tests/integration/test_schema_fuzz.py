@@ -1,0 +1,116 @@
+"""Schemathesis over every operation of the real app's `/openapi.json`: no 5xx, responses as published.
+
+The app is the real ingress and engine on the tiny random-weight model, with a 48-token context so
+that every generated request that reaches the model costs at most 48 tokens (a chat request without
+`max_tokens` generates up to the context): the bounds in the schema stay as published and are fuzzed
+in full. Schemathesis 4.32 runs as its CLI: its coverage phase (deterministic boundary and invalid
+values of every field) and its fuzzing phase (50 random cases per operation), checks
+`not_a_server_error` and `response_schema_conformance` (JSON bodies and each SSE event), and no
+operation is excluded. The served model name is supplied by `schema_fuzz_hooks.py`. Reusing ids
+from earlier responses is off (`extra-data-sources`): with it, DELETE of a file drew from the few
+real ids and stopped after ~18 distinct cases; random ids give every operation its 50.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from ray import serve
+
+from deployments.app import build_app_from_configs
+from deployments.config import DeploymentSettings, EngineSettings, ModelConfig
+from tests.integration import schema_fuzz_hooks
+from tests.integration.tiny_app import TINY_MODEL
+from tests.serve_fixtures import run_app
+
+APP = "fuzz"
+FUZZ_MAX_MODEL_LEN = 48
+MIN_CASES_PER_OPERATION = 50  # for operations that take input (a body or parameters)
+SEED = int(os.environ.get("LLMSERVE_FUZZ_SEED", "1"))  # fixed in CI; set another to explore
+RUN_TIMEOUT_S = 840
+CONFIG = """
+[phases.fuzzing.extra-data-sources]
+responses = false
+"""
+
+
+@pytest.fixture(scope="module")
+def fuzz_app_url(serve_port: int, tiny_model_dir: Path) -> Iterator[str]:
+    model = ModelConfig(
+        name=TINY_MODEL,
+        model=str(tiny_model_dir),
+        engine=EngineSettings(
+            dtype="float32", max_model_len=FUZZ_MAX_MODEL_LEN, kv_cache_bytes=8 * 1024**2, num_threads=1
+        ),
+        deployment=DeploymentSettings(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32),
+    )
+    yield run_app(build_app_from_configs([model]), name=APP, route_prefix=f"/{APP}", port=serve_port)
+    serve.delete(APP)
+
+
+def operations_with_input(schema: dict) -> set[str]:
+    """Labels ("POST /v1/completions") of the operations that take a body or parameters."""
+    return {
+        f"{method.upper()} {path}"
+        for path, item in schema["paths"].items()
+        for method, operation in item.items()
+        if operation.get("parameters") or operation.get("requestBody")
+    }
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + 60)
+def test_every_operation_survives_the_fuzzer(fuzz_app_url: str, tmp_path: Path):
+    schema = httpx.get(fuzz_app_url + "openapi.json", timeout=30).json()
+    labels = {f"{m.upper()} {p}" for p, item in schema["paths"].items() for m in item}
+    calls_file, report_dir, config = (
+        tmp_path / "calls.txt",
+        tmp_path / "report",
+        tmp_path / "schemathesis.toml",
+    )
+    config.write_text(CONFIG)
+    env = {
+        **os.environ,
+        "SCHEMATHESIS_HOOKS": schema_fuzz_hooks.__file__,
+        schema_fuzz_hooks.MODELS_ENV: TINY_MODEL,
+        schema_fuzz_hooks.CALLS_ENV: str(calls_file),
+    }
+    command = [
+        sys.executable, "-m", "schemathesis.cli", "--no-color", "--config-file", str(config),
+        "run", fuzz_app_url + "openapi.json",
+        "--url", fuzz_app_url.rstrip("/"),
+        "--phases", "coverage,fuzzing",
+        "--checks", "not_a_server_error,response_schema_conformance",
+        "--max-examples", str(MIN_CASES_PER_OPERATION),
+        "--seed", str(SEED),
+        "--workers", "2",
+        "--request-timeout", "60",
+        "--report", "json", "--report-dir", str(report_dir),
+    ]  # fmt: skip
+    run = subprocess.run(
+        command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False
+    )
+    output = run.stdout + run.stderr
+    report = json.loads(next(report_dir.glob("json-*.json")).read_text())
+    num_calls = Counter(" ".join(line.split()[:2]) for line in calls_file.read_text().splitlines())
+    print(  # the figures the README quotes
+        f"\nschemathesis: {report['test_cases']['generated']} cases generated, {sum(num_calls.values())} "
+        f"requests, {len(labels)} operations, {report['running_time']:.0f} s, seed {SEED}"
+    )
+    for label in sorted(labels):
+        print(f"  {num_calls[label]:5d}  {label}")
+    assert run.returncode == 0, output[-12000:]
+    assert report["failures"] == [] and report["errors"] == [], output[-12000:]
+    assert report["operations"]["tested"] == report["operations"]["total"] == len(labels), report[
+        "operations"
+    ]
+    assert set(num_calls) == labels  # every published operation was called: none excluded
+    few = {label: num_calls[label] for label in operations_with_input(schema)}
+    assert all(n >= MIN_CASES_PER_OPERATION for n in few.values()), few
