@@ -282,11 +282,8 @@ class AsyncEngine:
 
     def _die(self, reason: BaseException) -> None:
         """Record why the engine stopped and end every open stream (queued, compiling or running) with it."""
-        error = (
-            reason
-            if isinstance(reason, EngineDeadError)
-            else EngineDeadError(f"the engine stopped: {reason!r}")
-        )
+        detail = str(reason) if isinstance(reason, EngineDeadError) else repr(reason)
+        error = EngineDeadError(f"the model's engine has stopped ({detail}); the replica is being replaced")
         with self._lock:
             self._dead = error
             request_ids = list(self._streams)

@@ -159,7 +159,9 @@ class EngineCore:
         if batch.is_empty():
             return []
         deltas: list[TokenDelta] = []
-        ready, logits = self._forward(batch, deltas)  # (S, V) for the sequences that sample
+        lone_failures: list[tuple[Sequence, Exception]] = []
+        ready, logits = self._forward(batch, lone_failures)  # (S, V) for the sequences that sample
+        self._fail_lone_failures(lone_failures, deltas)
         if ready:
             for seq, sampled in zip(ready, self._sample(ready, logits, deltas), strict=True):
                 if sampled is not None:
@@ -167,33 +169,41 @@ class EngineCore:
         return deltas
 
     def _forward(
-        self, batch: ScheduledBatch, failed: list[TokenDelta]
+        self, batch: ScheduledBatch, lone_failures: list[tuple[Sequence, Exception]]
     ) -> tuple[list[Sequence], torch.Tensor | None]:
         """The sequences that sample this step and their logits. A failing forward is retried on halves
-        of the batch until the sequence that makes it fail is alone; that request fails, the rest go on."""
+        of the batch until the sequence that makes it fail is alone (listed in `lone_failures`)."""
         try:
             logits = self.runner.execute(batch)
         except Exception as exc:
             if len(batch.items) == 1:
-                self._on_lone_failure(batch.items[0][0], exc, failed)
+                self._num_consecutive_failures += 1
+                logger.error("the forward failed with %s alone: %r", batch.items[0][0].request_id, exc)
+                lone_failures.append((batch.items[0][0], exc))
                 return [], None
             logger.warning("a forward of %d sequences failed (%s); retrying in halves", len(batch.items), exc)
-            parts = [self._forward(half, failed) for half in _halves(batch)]
+            parts = [self._forward(half, lone_failures) for half in _halves(batch)]
             tensors = [t for _, t in parts if t is not None]
             return [s for seqs, _ in parts for s in seqs], (torch.cat(tensors) if tensors else None)
         self._num_consecutive_failures = 0
         return [seq for seq, _ in batch.items if seq.num_computed == seq.num_tokens], logits
 
-    def _on_lone_failure(self, seq: Sequence, exc: Exception, failed: list[TokenDelta]) -> None:
-        self._num_consecutive_failures += 1
-        logger.error("the forward failed with %s alone: %r", seq.request_id, exc)
+    def _fail_lone_failures(
+        self, failures: list[tuple[Sequence, Exception]], deltas: list[TokenDelta]
+    ) -> None:
+        """Requests that failed alone fail, unless too many in a row did: then the device is to blame, and
+        the engine dies with every request still open (each gets the 503, not a 500 of its own)."""
+        if not failures:
+            return
         if self._num_consecutive_failures >= self.config.max_consecutive_failures:
+            last = failures[-1][1]
             raise EngineDeadError(
                 f"the forward pass failed for {self._num_consecutive_failures} requests in a row, each "
-                f"alone in its batch: the device looks broken (last error: {exc})"
-            ) from exc
-        error = RequestFailedError(f"the model's forward pass failed for this request: {exc}")
-        failed.append(self._fail(seq.request_id, error))
+                f"alone in its batch: the device looks broken (last error: {last})"
+            ) from last
+        for seq, exc in failures:
+            error = RequestFailedError(f"the model's forward pass failed for this request: {exc}")
+            deltas.append(self._fail(seq.request_id, error))
 
     def _sample(
         self, seqs: list[Sequence], logits: torch.Tensor, failed: list[TokenDelta]

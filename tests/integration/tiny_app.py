@@ -5,13 +5,14 @@ from pathlib import Path
 from ray import serve
 
 from deployments.app import build_app_from_configs
-from deployments.config import DeploymentSettings, EngineSettings, ModelConfig
+from deployments.config import DeploymentSettings, EndpointSettings, EngineSettings, ModelConfig
+from deployments.model_server import EngineFactory
 
 TINY_MODEL = "tiny"
 TINY_MAX_MODEL_LEN = 256
 
 
-def build_tiny_app(model_dir: Path) -> serve.Application:
+def build_tiny_app(model_dir: Path, engine_factory: EngineFactory | None = None) -> serve.Application:
     """float32 for run-to-run determinism; one torch thread and half a logical CPU (2 cores here)."""
     model = ModelConfig(
         name=TINY_MODEL,
@@ -19,6 +20,12 @@ def build_tiny_app(model_dir: Path) -> serve.Application:
         engine=EngineSettings(
             dtype="float32", max_model_len=TINY_MAX_MODEL_LEN, kv_cache_bytes=16 * 1024**2, num_threads=1
         ),
-        deployment=DeploymentSettings(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32),
+        # a health probe every second: a dead engine is replaced within seconds (test_engine_death.py)
+        deployment=DeploymentSettings(
+            ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32, health_check_period_s=1.0
+        ),
     )
-    return build_app_from_configs([model])
+    # Endpoints created at runtime (test_model_endpoints.py) get the same small engine.
+    return build_app_from_configs(
+        [model], engine_factory=engine_factory, endpoints=EndpointSettings(engine=model.engine)
+    )
