@@ -11,7 +11,7 @@ from ray import serve
 
 from deployments.batch.config import BatchSettings
 from deployments.batch.service import BatchContext
-from deployments.config import AppConfig, IngressSettings, ModelConfig, parse_app_config
+from deployments.config import AppConfig, EndpointSettings, IngressSettings, ModelConfig, parse_app_config
 from deployments.ingress import Ingress
 from deployments.limits import AuthSettings, LimitSettings
 from deployments.model_server import EngineFactory, ModelServer
@@ -22,7 +22,12 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     """The application described by `args` (see `deployments.config.AppConfig`); ConfigError if invalid."""
     config: AppConfig = parse_app_config(args)
     return build_app_from_configs(
-        config.models, ingress=config.ingress, limits=config.limits, auth=config.auth, batch=config.batch
+        config.models,
+        ingress=config.ingress,
+        limits=config.limits,
+        auth=config.auth,
+        batch=config.batch,
+        endpoints=config.endpoints,
     )
 
 
@@ -33,6 +38,7 @@ def build_app_from_configs(
     limits: LimitSettings | None = None,
     auth: AuthSettings | None = None,
     batch: BatchSettings | None = None,
+    endpoints: EndpointSettings | None = None,
 ) -> serve.Application:
     """The application for already-validated model configs; tests pass a fake `engine_factory`."""
     model_server = serve.deployment(ModelServer)
@@ -50,7 +56,15 @@ def build_app_from_configs(
     return (
         serve.deployment(Ingress)
         .options(name="Ingress", **ingress_options)
-        .bind(handles, model_names, limits or LimitSettings(), api_keys, wait_timeouts_s, batch=batch_context)
+        .bind(
+            handles,
+            model_names,
+            limits or LimitSettings(),
+            api_keys,
+            wait_timeouts_s,
+            batch=batch_context,
+            endpoints=endpoints or EndpointSettings(),
+        )
     )
 
 

@@ -158,6 +158,39 @@ class IngressSettings(BaseModel):
         return self.model_dump()
 
 
+class EndpointSettings(BaseModel):
+    """Defaults and limits of the endpoints that `Model.create` adds to a running app."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    engine: EngineSettings = Field(
+        default_factory=EngineSettings,
+        description="Engine knobs of a runtime endpoint; the request's max_model_len / max_num_seqs win.",
+    )
+    default_num_cpus: float = Field(
+        0.1,
+        gt=0,
+        description="num_cpus of a replica when the request gives no `cpus`: 0.1 fits a third model on the "
+        "default app on 2 CPUs (0.9 + 0.9 + ingress 0.1 + 0.1). It reserves scheduling room only.",
+    )
+    start_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="A create or update with no running replica after this long is UPDATE_FAILED.",
+    )
+    drain_timeout_s: float = Field(
+        60.0, gt=0, description="On delete, how long a replica may finish its in-flight requests."
+    )
+    check_node_resources: bool = Field(
+        True,
+        description="Refuse at once (UPDATE_FAILED) a replica that no node of the cluster could ever hold; "
+        "turn off on a cluster whose autoscaler adds nodes of new kinds.",
+    )
+    replica_wait_timeout_s: float = Field(
+        300.0, gt=0, description="Longest wait of a request for a replica (cold start from 0), then 503."
+    )
+
+
 class AppConfig(BaseModel):
     """The `args:` of serve_config.yaml: the models (inline or YAML paths) and the ingress options."""
 
@@ -169,6 +202,9 @@ class AppConfig(BaseModel):
     ingress: IngressSettings = Field(default_factory=IngressSettings, description="Ingress options.")
     limits: LimitSettings = Field(default_factory=LimitSettings, description="What one request may ask for.")
     auth: AuthSettings = Field(default_factory=AuthSettings, description="API keys; none = open.")
+    endpoints: EndpointSettings = Field(
+        default_factory=EndpointSettings, description="Endpoints created at runtime (docs/endpoints.md)."
+    )
     batch: BatchSettings = Field(default_factory=BatchSettings, description="Batch jobs (docs/batch.md).")
 
     @field_validator("models", mode="before")

@@ -25,6 +25,9 @@ from starlette.exceptions import HTTPException
 
 from deployments.batch.routes import router as batch_router
 from deployments.batch.service import BatchContext
+from deployments.config import EndpointSettings
+from deployments.endpoints.routes import router as endpoints_router
+from deployments.endpoints.service import EndpointService
 from deployments.errors import as_serving_error, http_error
 from deployments.guard import GuardSettings, RequestGuard
 from deployments.health import probe_models, readiness
@@ -32,8 +35,6 @@ from deployments.http_metrics import HttpErrorMetrics
 from deployments.limits import LimitSettings
 from deployments.model_server import CompletionResult, ModelRequest
 from deployments.openapi_responses import (
-    LLM_ENGINE_LIST,
-    LLM_ENGINE_LOOKUP,
     LLM_ENGINE_STREAM,
     LLM_ENGINE_SYNC,
     MODEL_ENDPOINT_NAME,
@@ -50,8 +51,6 @@ from deployments.protocol.llm_engine import (
     CompletionStreamOutput,
     CompletionStreamResponse,
     CompletionSyncResponse,
-    ListModelEndpointsResponse,
-    ModelEndpoint,
     TokenOutput,
 )
 from deployments.protocol.openai_responses import ChatChunks, ChatCompletion, Completion, CompletionChunks
@@ -152,6 +151,7 @@ install_openapi(app)  # the published schema: real error answers, no 422
 app.add_middleware(RequestGuard)  # API keys (401) and the body-size limit (413), before any parsing
 app.add_middleware(HttpErrorMetrics)  # outermost, so it counts the guard's 401/413 too
 app.include_router(batch_router)  # batch jobs, OpenAI Batch and Files (deployments/batch/routes.py)
+app.include_router(endpoints_router)  # /v1/llm/model-endpoints (deployments/endpoints/routes.py)
 
 
 @serve.ingress(app)
@@ -166,6 +166,7 @@ class Ingress:
         api_keys: tuple[SecretStr, ...] = (),
         replica_wait_timeouts_s: dict[str, float] | None = None,
         batch: BatchContext | None = None,
+        endpoints: EndpointSettings | None = None,
     ) -> None:
         self._replica_wait_timeouts_s = dict(replica_wait_timeouts_s or {})
         self._limits = limits or LimitSettings()
@@ -177,14 +178,28 @@ class Ingress:
         self._stream_handles = {name: h.options(stream=True) for name, h in self._handles.items()}
         self._model_names = dict(model_names or {})
         self._created_s = int(time.time())
+        # Runtime endpoints (Model.create), kept in Ray's KV store: docs/endpoints.md.
+        configured = {n: self._model_names.get(n, n) for n in self._handles}
+        self._endpoints = EndpointService(serve.get_replica_context().app_name, configured, endpoints)
+        app.state.endpoints = self._endpoints
 
     def _check_model(self, name: str | None) -> str:
         if not name:
             raise InvalidRequestError("the query parameter model_endpoint_name is required")
-        if name not in self._handles:
-            served = ", ".join(sorted(self._handles))
-            raise ModelNotFoundError(f"model {name!r} is not served here; served models: {served}")
+        if name not in self._handles or self._endpoints.is_runtime(name):
+            self._route_runtime_endpoint(name)
         return name
+
+    def _route_runtime_endpoint(self, name: str) -> None:
+        """Cache (or drop) the handles of an endpoint created at runtime; 404 if there is none."""
+        route = self._endpoints.route(name)  # 503 while it is starting or after it failed
+        if route is None:
+            for routes in (self._handles, self._stream_handles, self._replica_wait_timeouts_s):
+                routes.pop(name, None)
+            served = ", ".join(self._endpoints.served_names())
+            raise ModelNotFoundError(f"model {name!r} is not served here; served models: {served}")
+        self._handles[name], self._stream_handles[name] = route.handle, route.stream_handle
+        self._replica_wait_timeouts_s[name] = route.replica_wait_timeout_s
 
     @app.post("/v1/llm/completions-sync", response_model=CompletionSyncResponse, responses=LLM_ENGINE_SYNC)
     async def completions_sync(
@@ -290,19 +305,9 @@ class Ingress:
 
     @app.get("/v1/models", tags=[OPENAI_TAG], response_model=openai_api.ModelList, responses=OPENAI_LIST)
     async def openai_models(self) -> openai_api.ModelList:
-        cards = [openai_api.ModelCard(id=n, created=self._created_s) for n in sorted(self._handles)]
+        names = self._endpoints.served_names()
+        cards = [openai_api.ModelCard(id=n, created=self._created_s) for n in names]
         return openai_api.ModelList(data=cards)
-
-    @app.get("/v1/llm/model-endpoints", response_model=ListModelEndpointsResponse, responses=LLM_ENGINE_LIST)
-    async def list_model_endpoints(self) -> ListModelEndpointsResponse:
-        return ListModelEndpointsResponse(model_endpoints=[self._endpoint(n) for n in sorted(self._handles)])
-
-    @app.get("/v1/llm/model-endpoints/{name}", response_model=ModelEndpoint, responses=LLM_ENGINE_LOOKUP)
-    async def get_model_endpoint(self, name: str) -> ModelEndpoint:
-        return self._endpoint(self._check_model(name))
-
-    def _endpoint(self, name: str) -> ModelEndpoint:
-        return ModelEndpoint(id=name, name=name, model_name=self._model_names.get(name, name))
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -316,5 +321,6 @@ class Ingress:
     async def readyz(self) -> JSONResponse:
         """200 when every model answers within READY_TIMEOUT_S, else 503 with each model's state:
         `{"status": "loading", "models": {"a": "ready", "b": "loading"}, "detail": ...}`."""
-        status_code, body = readiness(await probe_models(self._handles, READY_TIMEOUT_S))
+        configured = {n: h for n, h in self._handles.items() if not self._endpoints.is_runtime(n)}
+        status_code, body = readiness(await probe_models(configured, READY_TIMEOUT_S))
         return JSONResponse(body, status_code=status_code)

@@ -1,0 +1,1 @@
+"""Model endpoints created, updated and deleted at runtime (`Model.create` etc.); see docs/endpoints.md."""

@@ -1,0 +1,105 @@
+"""Serve and Ray calls for runtime endpoints: deploy one as its own application, delete it, read its state.
+
+Each endpoint is a Serve application of one `ModelServer` deployment with no HTTP route (the ingress
+reaches it by handle), deployed imperatively (like `serve.run`): a later `serve deploy` of a config
+replaces only the applications deployed from configs, so runtime endpoints survive it.
+These calls block on the Serve controller; the service runs them in a worker thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ray
+from ray import serve
+from ray.serve import RunTarget
+from ray.serve.handle import DeploymentHandle
+
+from deployments.config import ModelConfig
+from deployments.endpoints.resources import Resources, code_version
+from deployments.model_server import ModelServer
+
+MAX_REASON_CHARS = 2000
+# Serve's default is 20 constructor failures in a row before DEPLOY_FAILED (minutes for a big model);
+# a model that fails to load three times will not load on the fourth.
+MAX_CONSTRUCTOR_RETRIES = 3
+
+
+@dataclass(frozen=True, slots=True)
+class AppState:
+    """What Serve says of one endpoint's application."""
+
+    status: str  # ApplicationStatus: DEPLOYING, RUNNING, DEPLOY_FAILED, UNHEALTHY, DELETING, ...
+    message: str  # Serve's reason (app or deployment message), shortened
+    num_running: int  # replicas RUNNING
+    num_other: int  # replicas starting, stopping, pending placement
+
+
+def deploy(app_name: str, deployment_name: str, config: ModelConfig, drain_timeout_s: float) -> None:
+    """(Re)deploy `config` as application `app_name`; returns once Serve has the new target."""
+    deployment = serve.deployment(ModelServer).options(
+        name=deployment_name,
+        version=code_version(config),
+        graceful_shutdown_timeout_s=drain_timeout_s,
+        max_constructor_retry_count=MAX_CONSTRUCTOR_RETRIES,
+        _internal=True,  # `version` is internal in Ray 2.60; with it a scaling change does not restart
+        **config.deployment.to_options(),
+    )
+    target = RunTarget(target=deployment.bind(config, None), name=app_name, route_prefix=None)
+    serve.run_many([target], wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+
+
+def handle(app_name: str, deployment_name: str) -> DeploymentHandle:
+    """A handle to the endpoint's deployment (no controller call: it is built locally)."""
+    return serve.get_deployment_handle(deployment_name, app_name, _check_exists=False)
+
+
+def delete(app_name: str) -> None:
+    """Remove the application; its replicas finish in-flight requests first (graceful shutdown)."""
+    serve.delete(app_name, _blocking=False)
+
+
+def states(app_names: set[str] | None = None) -> dict[str, AppState]:
+    """Serve's state of each application (all, or those named)."""
+    applications = serve.status().applications
+    return {
+        name: _app_state(app) for name, app in applications.items() if app_names is None or name in app_names
+    }
+
+
+def _app_state(app) -> AppState:
+    messages = [d.message for d in app.deployments.values() if d.message] + [app.message]
+    message = next((m for m in messages if m), "")
+    counts: dict[str, int] = {}
+    for deployment in app.deployments.values():
+        for state, count in deployment.replica_states.items():
+            counts[str(state)] = counts.get(str(state), 0) + count
+    num_running = counts.pop("RUNNING", 0) + counts.pop("ReplicaState.RUNNING", 0)
+    return AppState(
+        str(app.status.value if hasattr(app.status, "value") else app.status),
+        shorten(message),
+        num_running,
+        sum(counts.values()),
+    )
+
+
+def shorten(message: str) -> str:
+    """Serve's messages can hold a whole traceback: keep its head and its last lines."""
+    message = message.strip()
+    if len(message) <= MAX_REASON_CHARS:
+        return message
+    return message[:500] + "\n...\n" + message[-(MAX_REASON_CHARS - 505) :]
+
+
+def unplaceable(resources: Resources) -> str | None:
+    """Why no alive node could ever hold one replica (its total resources), or None if one could."""
+    needs = {"CPU": resources.num_cpus, "GPU": float(resources.num_gpus), "memory": resources.memory_bytes}
+    if resources.gpu_type is not None:
+        needs[f"accelerator_type:{resources.to_ray_actor_options()['accelerator_type']}"] = 0.001
+    needs = {k: v for k, v in needs.items() if v}
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if any(all(node.get(k, 0.0) >= v for k, v in needs.items()) for node in nodes):
+        return None
+    have = "; ".join(", ".join(f"{k}={node.get(k, 0):g}" for k in needs) for node in nodes)
+    asked = ", ".join(f"{k}={v:g}" for k, v in needs.items())
+    return f"no node of the cluster has the resources one replica asks for ({asked}); nodes have: {have}"

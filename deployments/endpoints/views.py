@@ -1,0 +1,86 @@
+"""What `Model.get` / `Model.list` show of an endpoint: configured models and runtime records."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from deployments.endpoints.deployer import AppState
+from deployments.endpoints.registry import EndpointRecord
+from deployments.endpoints.resources import resources_of, scaling_of
+from deployments.endpoints.wire import FRAMEWORK, DeploymentState, EndpointSpec, ResourceState
+from deployments.protocol.llm_engine import ModelEndpoint
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# What really serves every model: `inference_framework` must be one of the client's closed list.
+FRAMEWORK_TAG = (
+    f"llmserve-{_version('llmserve')} (its own continuous-batching engine on torch {_version('torch')}, "
+    f"transformers {_version('transformers')}; not vLLM)"
+)
+
+
+def configured_view(name: str, model_name: str) -> ModelEndpoint:
+    """A model of the app's config: READY while the app runs (Serve owns its lifecycle)."""
+    return ModelEndpoint(
+        id=name,
+        name=name,
+        model_name=model_name,
+        inference_framework=FRAMEWORK,
+        inference_framework_tag=FRAMEWORK_TAG,
+    )
+
+
+def record_view(record: EndpointRecord, app: AppState | None) -> ModelEndpoint:
+    """A runtime endpoint, with `spec` (the client's GetModelEndpointResponse) filled in."""
+    needs = resources_of(record.config)
+    min_workers, max_workers, per_worker = scaling_of(record.config)
+    metadata = {
+        **record.metadata,
+        "status_reason": record.status_reason,
+        "requested_inference_framework_image_tag": record.image_tag,
+        "model": record.config.model,
+    }
+    spec = EndpointSpec(
+        id=record.name,
+        name=record.name,
+        destination=f"{record.app_name}/{record.deployment_name}",
+        deployment_name=record.deployment_name,
+        metadata=metadata,
+        bundle_name=record.config.model,
+        status=record.status,
+        labels=record.labels,
+        created_at=record.created_at,
+        last_updated_at=record.last_updated_at,
+        deployment_state=DeploymentState(
+            min_workers=min_workers,
+            max_workers=max_workers,
+            per_worker=per_worker,
+            concurrent_requests_per_worker=record.config.deployment.max_ongoing_requests,
+            available_workers=app.num_running if app is not None else 0,
+            unavailable_workers=app.num_other if app is not None else 0,
+        ),
+        resource_state=ResourceState(
+            cpus=needs.num_cpus,
+            gpus=needs.num_gpus,
+            memory=needs.memory_bytes,
+            gpu_type=needs.gpu_type,
+            storage=record.storage,
+        ),
+        public_inference=record.public_inference,
+    )
+    return ModelEndpoint(
+        id=record.name,
+        name=record.name,
+        model_name=record.model_name,
+        status=record.status,
+        inference_framework=FRAMEWORK,
+        inference_framework_tag=FRAMEWORK_TAG,
+        num_shards=1,
+        spec=spec.model_dump(mode="json"),
+    )
