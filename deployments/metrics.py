@@ -88,6 +88,13 @@ class ModelMetrics:
         self.num_running = gauge("llmserve_num_requests_running", "Requests in the engine's running batch.")
         self.num_waiting = gauge("llmserve_num_requests_waiting", "Requests queued in the engine.")
         self.kv_cache_usage = gauge("llmserve_kv_cache_usage_perc", "KV-cache blocks in use, 0-1.")
+        # Engine totals since start, exported as counters by adding what changed since the last refresh.
+        self.engine_totals = {
+            "num_preemptions": counter("llmserve_preemptions", "Running requests sent back to recompute."),
+            "prefix_cache_queries": counter("llmserve_prefix_cache_queries", "Prompt tokens looked up."),
+            "prefix_cache_hits": counter("llmserve_prefix_cache_hits", "Prompt tokens found cached."),
+        }
+        self._last_totals = dict.fromkeys(self.engine_totals, 0)
         self.prompt_tokens = counter("llmserve_prompt_tokens", "Prompt tokens of finished requests.")
         self.generation_tokens = counter("llmserve_generation_tokens", "Tokens generated.")
         self.request_success = counter(
@@ -105,6 +112,11 @@ class ModelMetrics:
         self.num_running.set(stats.num_running)
         self.num_waiting.set(stats.num_waiting)
         self.kv_cache_usage.set(stats.kv_cache_usage)
+        for name, metric in self.engine_totals.items():
+            total = getattr(stats, name)
+            if total > self._last_totals[name]:
+                metric.inc(total - self._last_totals[name])
+            self._last_totals[name] = total
 
     def ensure_stats_task(self, read_stats: Callable[[], EngineStats]) -> None:
         """Start refreshing the gauges every STATS_INTERVAL_S on the running loop (once per replica)."""

@@ -96,6 +96,18 @@ def test_gauges_from_engine_stats():
     assert values(metrics.kv_cache_usage) == [0.25]
 
 
+def test_engine_totals_become_counter_increments():
+    metrics = ModelMetrics("m", backend=FAKE_BACKEND)
+    for preemptions, queries, hits in [(0, 100, 0), (2, 300, 160), (2, 300, 160), (5, 400, 192)]:
+        stats = EngineStats(0, 0, 0.0, 64, preemptions, prefix_cache_queries=queries, prefix_cache_hits=hits)
+        metrics.record_stats(stats)
+    totals = metrics.engine_totals
+    assert values(totals["num_preemptions"]) == [2, 3]
+    assert values(totals["prefix_cache_queries"]) == [100, 200, 100]
+    assert values(totals["prefix_cache_hits"]) == [160, 32]
+    assert totals["prefix_cache_hits"].name == "llmserve_prefix_cache_hits"
+
+
 @pytest.fixture
 def server() -> ModelServer:
     server = ModelServer(ModelConfig(name="fake", model="fake"), engine_factory=fake_factory)
