@@ -28,6 +28,7 @@ from prompts import prompt_texts  # benchmarks/ is on sys.path when run as a scr
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 NUM_LATENCY_PROBES = 12
+BATCH_SIZE = 8  # rows per Ray Data batch: small, so progress (and the steady-state rate) is fine-grained
 
 
 def bodies(model: str, num: int, max_tokens: int) -> list[dict]:
@@ -102,7 +103,8 @@ def run_batch(url: str, model: str, requests: list[dict], data_parallelism: int)
     end = time.perf_counter()
     if job["status"] != "completed":
         raise RuntimeError(f"batch job {job_id} ended {job['status']}: {job.get('error')}")
-    steady = (len(requests) - first_done[1]) / max(end - first_done[0], 1e-9) if first_done else float("nan")
+    is_measurable = first_done is not None and first_done[1] < len(requests)
+    steady = (len(requests) - first_done[1]) / (end - first_done[0]) if is_measurable else float("nan")
     return len(requests) / (end - start), steady
 
 
@@ -119,7 +121,7 @@ def latency_under_batch(url: str, model: str, requests: list[dict], data_paralle
     return values
 
 
-def start_server(model_config: str, data_root: str) -> tuple[str, str]:
+def start_server(model_config: str, data_root: str, is_idle: bool) -> tuple[str, str]:
     import ray
     from ray import serve
 
@@ -132,7 +134,8 @@ def start_server(model_config: str, data_root: str) -> tuple[str, str]:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = load_model_config(model_config)
-    app = build_app_from_configs([config], batch=BatchSettings(data_root=data_root, batch_size=32))
+    settings = BatchSettings(data_root=data_root, batch_size=BATCH_SIZE, worker_idle_priority=is_idle)
+    app = build_app_from_configs([config], batch=settings)
     return run_app(app, name="batch-bench", route_prefix="/", port=port), config.name
 
 
@@ -148,16 +151,24 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--data-parallelism", type=int, default=1)
+    parser.add_argument(
+        "--idle-priority", action="store_true", help="batch.worker_idle_priority (SCHED_IDLE)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as data_root:
-        url, model = start_server(args.model_config, data_root)
+        url, model = start_server(args.model_config, data_root, args.idle_priority)
         requests = bodies(model, args.num_prompts, args.max_tokens)
         latencies_ms(url, model, 2)  # warm-up
         idle = latencies_ms(url, model, NUM_LATENCY_PROBES)
         online = asyncio.run(online_throughput(url, requests, 16))
         batch_total, batch_steady = run_batch(url, model, requests, args.data_parallelism)
         loaded = latency_under_batch(url, model, requests * 4, args.data_parallelism)
-    print(f"\n{args.num_prompts} prompts x {args.max_tokens} tokens, model {model}")
+    print(
+        f"\n{args.num_prompts} prompts x {args.max_tokens} tokens, model {model}; online replica: the model "
+        f"config's threads; batch: {args.data_parallelism} worker(s) x 1 thread, nice +10"
+        f"{' and SCHED_IDLE' if args.idle_priority else ''}, "
+        f"batch_size {BATCH_SIZE}"
+    )
     print("| path | prompts/s |\n|---|---|")
     print(f"| online /v1/completions, c=16 | {online:.2f} |")
     print(f"| batch job, whole job (worker start included), dp={args.data_parallelism} | {batch_total:.2f} |")

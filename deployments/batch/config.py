@@ -40,6 +40,11 @@ class BatchSettings(BaseModel):
         description="OS niceness added to each worker process, so online replicas on the same node "
         "get the CPU first.",
     )
+    worker_idle_priority: bool = Field(
+        False,
+        description="Linux: run each worker under SCHED_IDLE, so it only gets CPU time that nothing else "
+        "on the node wants (stronger than worker_nice; on a busy node a batch then barely moves).",
+    )
     worker_num_threads: int | None = Field(
         1, ge=1, description="Torch threads per worker on CPU; null = the model's engine setting."
     )

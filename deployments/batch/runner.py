@@ -112,6 +112,7 @@ def _pipeline(spec: JobSpec, kind, rows, v1_content_json: str | None, settings: 
             "v1_content_json": v1_content_json,
             "nice": settings.worker_nice,
             "num_threads": settings.worker_num_threads,
+            "is_idle": settings.worker_idle_priority,
         },
     )
     yield from results.iter_batches(batch_size=None, prefetch_batches=0)

@@ -25,6 +25,15 @@ from deployments.model_server import ModelServer
 logger = logging.getLogger("ray.data")
 
 
+def lower_priority(nice: int, is_idle: bool) -> None:
+    """Batch yields the CPU to online replicas sharing the node: a higher niceness (Ray starts workers at
+    15, so +10 reaches the maximum, 19), or SCHED_IDLE where Linux offers it."""
+    if nice:
+        os.nice(nice)
+    if is_idle and hasattr(os, "SCHED_IDLE"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
 class EngineWorker:
     """`ds.map_batches(EngineWorker, concurrency=data_parallelism, fn_constructor_kwargs=...)`."""
 
@@ -35,9 +44,9 @@ class EngineWorker:
         v1_content_json: str | None,
         nice: int,
         num_threads: int | None,
+        is_idle: bool = False,
     ) -> None:
-        if nice:
-            os.nice(nice)  # batch yields the CPU to online replicas sharing the node
+        lower_priority(nice, is_idle)  # before the engine's threads start: they inherit it
         config = ModelConfig.model_validate_json(model_config_json)
         if num_threads is not None:
             config = config.model_copy(
