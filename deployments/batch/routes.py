@@ -6,6 +6,7 @@ keys are configured, and `/v1/files` uploads have their own size limit (batch.ma
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
@@ -181,8 +182,6 @@ async def cancel_batch(request: Request, batch_id: str) -> Response:
 
 def _model_of_first_line(content: bytes) -> str:
     """The batch's model: OpenAI batches name it on every line; the first line that parses decides."""
-    import json
-
     for line in content.decode("utf-8", errors="replace").splitlines():
         try:
             model = json.loads(line).get("body", {}).get("model")
