@@ -13,9 +13,6 @@ import logging
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
-
-from ray.serve.handle import DeploymentHandle
 
 from deployments.config import EndpointSettings, ModelConfig
 from deployments.endpoints import deployer
@@ -29,6 +26,7 @@ from deployments.endpoints.resources import (
     resources_of,
     scaling_of,
 )
+from deployments.endpoints.routing import Route, RouteCache
 from deployments.endpoints.views import configured_view, record_view
 from deployments.endpoints.wire import (
     CreateLLMEndpointRequest,
@@ -38,24 +36,13 @@ from deployments.endpoints.wire import (
     UpdateLLMEndpointResponse,
 )
 from deployments.protocol.llm_engine import ListModelEndpointsResponse, ModelEndpoint
-from engine.errors import InvalidRequestError, ModelNotFoundError, ModelUnavailableError
+from engine.errors import InvalidRequestError, ModelNotFoundError
 
 logger = logging.getLogger("ray.serve")
 
 POLL_S = 1.0
-ROUTE_TTL_S = 2.0  # a cached route is re-read from the registry after this long (deletes elsewhere)
 NEVER_DEPLOYED_S = 60.0  # a pending record whose application never appeared (its creator died)
 _FAILED_APP = ("DEPLOY_FAILED", "UNHEALTHY")
-
-
-@dataclass(slots=True)
-class Route:
-    """Cached handles of one runtime endpoint."""
-
-    handle: DeploymentHandle
-    stream_handle: DeploymentHandle
-    replica_wait_timeout_s: float
-    checked_at_s: float
 
 
 class EndpointService:
@@ -68,37 +55,18 @@ class EndpointService:
         self._configured = dict(configured)  # served name → model name
         self._settings = settings or EndpointSettings()
         self._registry = EndpointRegistry(ingress_app)
-        self._routes: dict[str, Route] = {}
-        self._routed: set[str] = set()  # runtime names whose handles the ingress may hold
+        self._routes = RouteCache(self._registry)
         self._watchers: set[asyncio.Task] = set()
 
-    # ---- routing (called by the ingress for every request to a name it has not cached) ----
+    # ---- routing: the ingress asks for any name it does not serve from its config ----
 
     def is_runtime(self, name: str) -> bool:
         """Whether the ingress may hold handles of `name` that must be checked again (never configured)."""
-        return name in self._routed
+        return self._routes.is_runtime(name)
 
     def route(self, name: str) -> Route | None:
-        """Handles of a runtime endpoint that serves; None if no such endpoint; 503 while it starts."""
-        cached = self._routes.get(name)
-        if cached is not None and time.monotonic() - cached.checked_at_s < ROUTE_TTL_S:
-            return cached
-        record = self._registry.get(name)
-        if record is None:
-            self._routes.pop(name, None)
-            self._routed.discard(name)
-            return None
-        if not record.is_serving:
-            self._routes.pop(name, None)
-            detail = f": {record.status_reason}" if record.status_reason else ""
-            raise ModelUnavailableError(f"model endpoint {name!r} is not ready ({record.status}){detail}")
-        if cached is None:
-            handle = deployer.handle(record.app_name, record.deployment_name)
-            cached = Route(handle, handle.options(stream=True), record.config.replica_wait_timeout_s, 0.0)
-            self._routes[name] = cached
-            self._routed.add(name)
-        cached.checked_at_s = time.monotonic()
-        return cached
+        """Handles of a runtime endpoint that serves; None if there is none; 503 while it is not ready."""
+        return self._routes.route(name)
 
     def served_names(self) -> list[str]:
         """Configured models and runtime endpoints that serve."""
@@ -217,7 +185,7 @@ class EndpointService:
     async def delete(self, name: str) -> DeleteLLMEndpointResponse:
         record = await self._runtime_record(name, "delete")
         await asyncio.to_thread(self._registry.remove, name)  # new requests: 404 from now on
-        self._routes.pop(name, None)
+        self._routes.forget(name)
         await asyncio.to_thread(deployer.delete, record.app_name)  # in-flight requests drain
         return DeleteLLMEndpointResponse(deleted=True)
 
