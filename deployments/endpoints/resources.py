@@ -144,17 +144,21 @@ def autoscaling(min_workers: int, max_workers: int, per_worker: int) -> dict[str
 def check_model(model_name: str, checkpoint_path: str | None) -> str:
     """The `ModelConfig.model` to serve: the checkpoint folder, else the zoo name; 400 if neither."""
     if checkpoint_path is not None:
-        folder = Path(checkpoint_path).expanduser()
-        if "://" in checkpoint_path or not (folder / "config.json").is_file():
+        try:  # "~nobody/x" raises RuntimeError, a name past the OS's limit OSError
+            folder = Path(checkpoint_path).expanduser()
+            is_folder = "://" not in checkpoint_path and (folder / "config.json").is_file()
+        except (OSError, RuntimeError, ValueError):
+            is_folder = False
+        if not is_folder:
             raise InvalidRequestError(
-                f"checkpoint_path: {checkpoint_path!r} is not a local Hugging Face folder (one holding "
+                f"checkpoint_path: {checkpoint_path[:200]!r} is not a local Hugging Face folder (one holding "
                 "config.json) on the ingress's node; remote paths (s3://, gs://) are not supported"
             )
         return str(folder.resolve())
     if model_name not in CATALOGUE:
         raise InvalidRequestError(
-            f"model_name: {model_name!r} is not in the model zoo (or give checkpoint_path, a local Hugging "
-            f"Face folder); zoo names: {', '.join(sorted(CATALOGUE))}"
+            f"model_name: {model_name[:200]!r} is not in the model zoo (or give checkpoint_path, a local "
+            f"Hugging Face folder); zoo names: {', '.join(sorted(CATALOGUE))}"
         )
     return model_name
 

@@ -144,6 +144,6 @@ def test_model_is_a_zoo_name_or_a_local_folder(tiny_model_dir):
     assert check_model("anything", str(tiny_model_dir)) == str(tiny_model_dir.resolve())
     with pytest.raises(InvalidRequestError, match="model_name"):
         check_model("gpt-9", None)
-    for path in ("s3://bucket/model", "/no/such/folder"):
+    for path in ("s3://bucket/model", "/no/such/folder", "~nobody-here/x", "x" * 5000, "a\x00b"):
         with pytest.raises(InvalidRequestError, match="checkpoint_path"):
             check_model("anything", path)
