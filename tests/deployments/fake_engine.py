@@ -1,9 +1,9 @@
 """A small fake engine and tokenizer for fast HTTP-layer tests; behaviour is steered by the prompt.
 
 Tokens are the prompt's UTF-8 bytes. The completion is "w0 w1 w2 ..." (one word per token).
-Markers in the prompt: "[slow]" 0.2 s per token, "[fail-after-2]" an engine error after two tokens,
-"[crash]" a plain RuntimeError before the first token, "[overload]" a refusal (429), "[stop]" ends
-with finish reason STOP after 3 tokens.
+Markers in the prompt: "[slow]" 0.2 s per token, "[fail-after-2]" a failure of that request alone
+(500) after two tokens, "[crash]" a plain RuntimeError before the first token, "[overload]" a
+refusal (429), "[stop]" ends with finish reason STOP after 3 tokens.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from deployments.config import ModelConfig
 from deployments.model_server import ServingModel
-from engine.errors import ContextLengthError, EngineDeadError, OverloadedError
+from engine.errors import ContextLengthError, OverloadedError, RequestFailedError
 from engine.types import EngineStats, FinishReason, GenerationRequest, TokenDelta, TokenLogProb
 
 FAKE_MODELS = ("fake", "fake-chat.v1:2024-01-01")  # the second name has the characters fine-tunes use
@@ -68,7 +68,7 @@ class FakeEngine:
                 if request.request_id not in self._running:
                     return  # aborted
                 if "[fail-after-2]" in prompt and i == 2:
-                    raise EngineDeadError("fake engine died mid-stream")
+                    raise RequestFailedError("fake request failed mid-stream")
                 text = f"w{i} "
                 token = (
                     TokenLogProb(token_id=i, text=text, log_prob=-0.5) if params.return_log_probs else None

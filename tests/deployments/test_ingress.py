@@ -125,8 +125,8 @@ def test_stream_events_leave_one_by_one(client):
     ("changes", "status", "detail"),
     [
         ({"model": "nope"}, 404, "model 'nope' is not served here; served models: fake, fake-chat"),
-        ({"model": None}, 400, "model_endpoint_name is required"),
-        ({"model": ""}, 400, "model_endpoint_name is required"),
+        ({"model": None}, 400, "model_endpoint_name: Field required"),
+        ({"model": ""}, 400, "model_endpoint_name: String should have at least 1 character"),
         ({"max_new_tokens": 0}, 400, "max_new_tokens: Input should be greater than or equal to 1"),
         ({"temperature": 2}, 400, "temperature: Input should be less than or equal to 1"),
         ({"top_k": 0}, 400, "top_k: "),
@@ -166,7 +166,7 @@ def test_missing_fields_are_400_not_422(client):
 def test_sync_error_mid_generation_is_500(client):
     response = post(client, "sync", prompt="[fail-after-2]", max_new_tokens=5)
     assert response.status_code == 500
-    assert response.json() == {"detail": "fake engine died mid-stream"}
+    assert response.json() == {"detail": "fake request failed mid-stream"}
 
 
 def test_stream_error_after_200_is_a_final_error_event(client):
@@ -178,7 +178,7 @@ def test_stream_error_after_200_is_a_final_error_event(client):
     assert len(events) == 3 and error_event["output"] is None
     assert error_event["request_id"] == events[0]["request_id"]
     assert error_event["error"]["status_code"] == 500
-    assert error_event["error"]["content"]["error"] == "fake engine died mid-stream"
+    assert error_event["error"]["content"]["error"] == "fake request failed mid-stream"
     assert error_event["error"]["content"]["timestamp"]
 
 

@@ -53,7 +53,8 @@ def client(fake_app_url: str):
 def test_requests_move_counters_histograms_and_error_counts(client):
     before = scrape()
     tokens = metric_value(before, "ray_llmserve_generation_tokens_total", model_name=MODEL)
-    finished = metric_value(before, "ray_llmserve_request_success_total", model_name=MODEL)
+    labels = {"model_name": MODEL, "finished_reason": "length"}  # the baseline counts the same samples
+    finished = metric_value(before, "ray_llmserve_request_success_total", **labels)
     ttft = metric_value(before, "ray_llmserve_time_to_first_token_seconds_count", model_name=MODEL)
     not_found = metric_value(before, "ray_llmserve_http_errors_total", status_code="404")
 
@@ -67,7 +68,6 @@ def test_requests_move_counters_histograms_and_error_counts(client):
     assert missing.status_code == 404
 
     assert wait_for("ray_llmserve_generation_tokens_total", tokens + 8, model_name=MODEL) >= tokens + 8
-    labels = {"model_name": MODEL, "finished_reason": "length"}
     assert wait_for("ray_llmserve_request_success_total", finished + 2, **labels) >= finished + 2
     ttft_count = wait_for("ray_llmserve_time_to_first_token_seconds_count", ttft + 2, model_name=MODEL)
     assert ttft_count >= ttft + 2

@@ -107,7 +107,7 @@ def test_stream_error_after_200_is_an_error_event_then_done(client):
     assert [c["choices"][0]["text"] for c in chunks] == ["w0 ", "w1 "]
     assert error == {
         "error": {
-            "message": "fake engine died mid-stream",
+            "message": "fake request failed mid-stream",
             "type": "server_error",
             "param": None,
             "code": 500,
@@ -120,7 +120,7 @@ def test_sync_error_mid_generation_is_an_openai_500(client):
         "v1/chat/completions", json={**CHAT, "messages": [{"role": "user", "content": "[fail-after-2]"}]}
     )
     assert response.status_code == 500
-    assert response.json()["error"]["message"] == "fake engine died mid-stream"
+    assert response.json()["error"]["message"] == "fake request failed mid-stream"
 
 
 def test_models_and_v2_aliases(client):
