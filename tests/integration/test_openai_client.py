@@ -73,16 +73,27 @@ def test_stream_include_usage(client):
 
 
 def test_log_probs(client):
-    completion = client.completions.create(model=TINY_MODEL, prompt="Hello", max_tokens=4, logprobs=1)
+    completion = client.completions.create(
+        model=TINY_MODEL, prompt="Hello", max_tokens=4, logprobs=2, temperature=0
+    )
     logprobs = completion.choices[0].logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == completion.usage.completion_tokens
     assert all(lp <= 0 for lp in logprobs.token_logprobs)
+    assert len(logprobs.top_logprobs) == len(logprobs.tokens)
+    for chosen, chosen_lp, top in zip(
+        logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True
+    ):
+        assert 1 <= len(top) <= 2 and all(lp <= 0 for lp in top.values())
+        assert abs(max(top.values()) - chosen_lp) < 1e-4 and chosen in top  # greedy: the best is chosen
     chat = client.chat.completions.create(
-        model=TINY_MODEL, messages=CHAT, max_tokens=4, logprobs=True, top_logprobs=2
+        model=TINY_MODEL, messages=CHAT, max_tokens=4, logprobs=True, top_logprobs=3, temperature=0
     )
     content = chat.choices[0].logprobs.content
     assert len(content) == chat.usage.completion_tokens
-    assert all(t.logprob <= 0 and t.top_logprobs == [] for t in content)
+    for token in content:
+        alternatives = [t.logprob for t in token.top_logprobs]
+        assert len(alternatives) == 3 and alternatives == sorted(alternatives, reverse=True)
+        assert token.logprob <= 0 and abs(alternatives[0] - token.logprob) < 1e-4
 
 
 def test_stop(client):
