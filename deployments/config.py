@@ -51,6 +51,10 @@ class EngineSettings(BaseModel):
     max_waiting: int = Field(
         _ENGINE_DEFAULTS.max_waiting, ge=1, description="Requests queued in the engine before 429s."
     )
+    enable_prefix_caching: bool = Field(
+        _ENGINE_DEFAULTS.enable_prefix_caching,
+        description="Reuse the KV blocks of prompt prefixes that requests share (docs/kv_cache.md).",
+    )
 
     def to_engine_config(self, *, context_length: int | None = None, **overrides: Any) -> EngineConfig:
         """The engine's config; `max_model_len` defaults to the model's `context_length`."""
@@ -78,6 +82,9 @@ class DeploymentSettings(BaseModel):
         None, description="Serve autoscaling (min_replicas, max_replicas, target_ongoing_requests...)."
     )
     num_replicas: int | None = Field(None, ge=1, description="Fixed replica count; only without autoscaling.")
+    health_check_period_s: float = Field(
+        10.0, gt=0, le=3600, description="How often Serve asks a replica whether its engine is alive."
+    )
 
     @model_validator(mode="after")
     def _replicas_or_autoscaling(self) -> DeploymentSettings:
@@ -180,6 +187,9 @@ class EndpointSettings(BaseModel):
     )
     drain_timeout_s: float = Field(
         60.0, gt=0, description="On delete, how long a replica may finish its in-flight requests."
+    )
+    max_start_attempts: int = Field(
+        3, ge=1, description="Replica starts that fail in a row before a change is UPDATE_FAILED (Serve: 20)."
     )
     check_node_resources: bool = Field(
         True,
