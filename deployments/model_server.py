@@ -20,6 +20,7 @@ import jinja2
 
 from deployments.config import ModelConfig
 from deployments.metrics import ModelMetrics, RequestTimer
+from deployments.protocol.bounds import check_unicode
 from deployments.replica_logging import forward_library_logs_in_replica
 from engine.errors import InvalidRequestError, RequestTimeoutError, ServingError
 from engine.types import (
@@ -245,18 +246,6 @@ class ModelServer:
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.shutdown()
-
-
-def check_unicode(text: str, field: str) -> None:
-    """InvalidRequestError (400) naming the field for text that is not valid Unicode (a lone UTF-16
-    surrogate from a JSON escape such as "\\ud800"): tokenizers fail on it with a TypeError."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidRequestError(
-            f"{field}: is not valid Unicode: a lone UTF-16 surrogate at character {exc.start}; "
-            "send text that encodes to UTF-8"
-        ) from None
 
 
 def _status_code(exc: Exception) -> int:

@@ -11,6 +11,8 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator
 
+from engine.errors import InvalidRequestError
+
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # int64, as vLLM
 TOP_K_MAX = 2**31 - 1  # int32; the engine clamps top_k to the vocabulary
 MAX_NEW_TOKENS_MAX = 2**20  # static bound; the model's context is the real one, checked at admission
@@ -53,6 +55,15 @@ def _check_unicode(text: str) -> str:
             f"{exc.start}; send text that encodes to UTF-8"
         ) from None
     return text
+
+
+def check_unicode(text: str, field: str) -> None:
+    """InvalidRequestError (400) naming the field for text that is not valid Unicode; the model server
+    checks prompts again before tokenizing (tokenizers fail on a lone surrogate with a TypeError)."""
+    try:
+        _check_unicode(text)
+    except ValueError as exc:
+        raise InvalidRequestError(f"{field}: {exc}") from None
 
 
 # A string that must encode to UTF-8: JSON's "\ud800" escapes decode to lone surrogates that no

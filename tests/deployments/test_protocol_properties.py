@@ -11,9 +11,8 @@ from pydantic import BaseModel, ValidationError
 
 from deployments.errors import http_error
 from deployments.limits import LimitSettings
-from deployments.model_server import check_unicode
 from deployments.protocol import llm_engine, openai
-from deployments.protocol.bounds import GREEDY_TEMPERATURE, SEED_MAX, SEED_MIN, TOP_K_MAX
+from deployments.protocol.bounds import GREEDY_TEMPERATURE, SEED_MAX, SEED_MIN, TOP_K_MAX, check_unicode
 from engine.errors import InvalidRequestError
 from engine.params import normalize_params
 from engine.types import SamplingParams
