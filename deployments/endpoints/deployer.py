@@ -15,14 +15,11 @@ from ray import serve
 from ray.serve import RunTarget
 from ray.serve.handle import DeploymentHandle
 
-from deployments.config import ModelConfig
+from deployments.config import EndpointSettings, ModelConfig
 from deployments.endpoints.resources import Resources, code_version
 from deployments.model_server import ModelServer
 
 MAX_REASON_CHARS = 2000
-# Serve's default is 20 constructor failures in a row before DEPLOY_FAILED (minutes for a big model);
-# a model that fails to load three times will not load on the fourth.
-MAX_CONSTRUCTOR_RETRIES = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,13 +32,17 @@ class AppState:
     num_other: int  # replicas starting, stopping, pending placement
 
 
-def deploy(app_name: str, deployment_name: str, config: ModelConfig, drain_timeout_s: float) -> None:
-    """(Re)deploy `config` as application `app_name`; returns once Serve has the new target."""
+def deploy(app_name: str, deployment_name: str, config: ModelConfig, settings: EndpointSettings) -> None:
+    """(Re)deploy `config` as application `app_name`; returns once Serve has the new target.
+
+    Serve's default is 20 constructor failures in a row before DEPLOY_FAILED (minutes for a big model);
+    `settings.max_start_attempts` (3) is enough: a model that fails to load three times will not load.
+    """
     deployment = serve.deployment(ModelServer).options(
         name=deployment_name,
         version=code_version(config),
-        graceful_shutdown_timeout_s=drain_timeout_s,
-        max_constructor_retry_count=MAX_CONSTRUCTOR_RETRIES,
+        graceful_shutdown_timeout_s=settings.drain_timeout_s,
+        max_constructor_retry_count=settings.max_start_attempts,
         _internal=True,  # `version` is internal in Ray 2.60; with it a scaling change does not restart
         **config.deployment.to_options(),
     )

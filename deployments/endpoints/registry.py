@@ -64,6 +64,13 @@ class EndpointRegistry:
             self._key(record.name), record.model_dump_json().encode(), overwrite=True, namespace=NAMESPACE
         )
 
+    def replace(self, record: EndpointRecord) -> None:
+        """`put`, unless the record was deleted or changed by a newer create/update meanwhile (a settle
+        must not bring a deleted endpoint back). Read-then-write: it narrows the race, it is not atomic."""
+        current = self.get(record.name)
+        if current is not None and current.task_id == record.task_id:
+            self.put(record)
+
     def get(self, name: str) -> EndpointRecord | None:
         raw = internal_kv._internal_kv_get(self._key(name), namespace=NAMESPACE)
         return EndpointRecord.model_validate_json(raw) if raw is not None else None

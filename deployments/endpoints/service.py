@@ -42,6 +42,8 @@ logger = logging.getLogger("ray.serve")
 
 POLL_S = 1.0
 NEVER_DEPLOYED_S = 60.0  # a pending record whose application never appeared (its creator died)
+# Serve's controller applies a new target within its loop; a RUNNING read sooner may be the old target's.
+SETTLE_AFTER_S = 2.0
 _FAILED_APP = ("DEPLOY_FAILED", "UNHEALTHY")
 
 
@@ -229,7 +231,7 @@ class EndpointService:
                 record.app_name,
                 record.deployment_name,
                 record.config,
-                self._settings.drain_timeout_s,
+                self._settings,
             )
         except Exception as exc:  # Serve refused the target: nothing runs, say why
             logger.exception("model endpoint %s: deploy failed", record.name)
@@ -258,13 +260,13 @@ class EndpointService:
         if record.status == READY and app is None:
             reason = f"its Serve application {record.app_name!r} is gone (deleted outside this API)"
             record.status, record.status_reason, record.is_serving = FAILED, reason, False
-            await asyncio.to_thread(self._registry.put, record)
+            await asyncio.to_thread(self._registry.replace, record)
         if record.status != PENDING:
             return record
-        if app is not None and app.status == "RUNNING":
+        if app is not None and app.status == "RUNNING" and elapsed_s > SETTLE_AFTER_S:
             record.status, record.status_reason, record.is_serving = READY, None, True
             record.previous_config = None
-            await asyncio.to_thread(self._registry.put, record)
+            await asyncio.to_thread(self._registry.replace, record)
         elif app is not None and app.status in _FAILED_APP:
             await self._fail(record, f"Serve reports {app.status}: {app.message}")
         elif app is None and elapsed_s > NEVER_DEPLOYED_S:
@@ -287,12 +289,12 @@ class EndpointService:
                 record.app_name,
                 record.deployment_name,
                 record.config,
-                self._settings.drain_timeout_s,
+                self._settings,
             )
         else:
             record.is_serving = False
             await asyncio.to_thread(deployer.delete, record.app_name)
-        await asyncio.to_thread(self._registry.put, record)
+        await asyncio.to_thread(self._registry.replace, record)
 
 
 def _given(value, current):

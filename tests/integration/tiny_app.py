@@ -25,7 +25,7 @@ def build_tiny_app(model_dir: Path, engine_factory: EngineFactory | None = None)
             ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32, health_check_period_s=1.0
         ),
     )
-    # Endpoints created at runtime (test_model_endpoints.py) get the same small engine.
-    return build_app_from_configs(
-        [model], engine_factory=engine_factory, endpoints=EndpointSettings(engine=model.engine)
-    )
+    # Endpoints created at runtime (test_model_endpoints.py) get the same small engine; a replica that
+    # fails to start once fails the change (the broken-weights test needs no retries).
+    endpoints = EndpointSettings(engine=model.engine, max_start_attempts=1)
+    return build_app_from_configs([model], engine_factory=engine_factory, endpoints=endpoints)
