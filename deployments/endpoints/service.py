@@ -224,15 +224,14 @@ class EndpointService:
             raise ModelNotFoundError(f"The requested model endpoint {name!r} could not be found.")
         return record
 
+    async def _apply(self, record: EndpointRecord) -> None:
+        """Give Serve the record's config as the application's target (a worker thread: it blocks)."""
+        app, deployment = record.app_name, record.deployment_name
+        await asyncio.to_thread(deployer.deploy, app, deployment, record.config, self._settings)
+
     async def _deploy(self, record: EndpointRecord) -> None:
         try:
-            await asyncio.to_thread(
-                deployer.deploy,
-                record.app_name,
-                record.deployment_name,
-                record.config,
-                self._settings,
-            )
+            await self._apply(record)
         except Exception as exc:  # Serve refused the target: nothing runs, say why
             logger.exception("model endpoint %s: deploy failed", record.name)
             await self._fail(record, f"Serve refused the deployment: {type(exc).__name__}: {exc}")
@@ -284,13 +283,7 @@ class EndpointService:
         if record.previous_config is not None and record.is_serving:
             record.config, record.previous_config = record.previous_config, None
             record.status_reason = f"{reason}; the previous settings were restored"
-            await asyncio.to_thread(
-                deployer.deploy,
-                record.app_name,
-                record.deployment_name,
-                record.config,
-                self._settings,
-            )
+            await self._apply(record)
         else:
             record.is_serving = False
             await asyncio.to_thread(deployer.delete, record.app_name)
