@@ -20,14 +20,17 @@ from deployments.openapi_responses import LLM_ENGINE_LIST, LLM_ENGINE_LOOKUP, ll
 from deployments.protocol.llm_engine import ListModelEndpointsResponse, ModelEndpoint
 
 router = APIRouter(prefix="/v1/llm/model-endpoints")
-CHANGE_ERRORS = llm_engine_errors(400, 401, 404)  # 400: the message names the field and the limit
+# 400: the message names the field and the limit; 413: a body over limits.max_body_bytes (the guard)
+CREATE_ERRORS = llm_engine_errors(400, 401, 413)
+UPDATE_ERRORS = llm_engine_errors(400, 401, 404, 413)
+DELETE_ERRORS = llm_engine_errors(400, 401, 404)
 
 
 def _service(request: Request) -> EndpointService:
     return request.app.state.endpoints
 
 
-@router.post("", response_model=CreateLLMEndpointResponse, responses=llm_engine_errors(400, 401))
+@router.post("", response_model=CreateLLMEndpointResponse, responses=CREATE_ERRORS)
 async def create_model_endpoint(
     body: CreateLLMEndpointRequest, request: Request
 ) -> CreateLLMEndpointResponse:
@@ -47,7 +50,7 @@ async def get_model_endpoint(model_endpoint_name: str, request: Request) -> Mode
     return await _service(request).get(model_endpoint_name)
 
 
-@router.put("/{model_endpoint_name}", response_model=UpdateLLMEndpointResponse, responses=CHANGE_ERRORS)
+@router.put("/{model_endpoint_name}", response_model=UpdateLLMEndpointResponse, responses=UPDATE_ERRORS)
 async def update_model_endpoint(
     model_endpoint_name: str, body: UpdateLLMEndpointRequest, request: Request
 ) -> UpdateLLMEndpointResponse:
@@ -55,7 +58,7 @@ async def update_model_endpoint(
     return await _service(request).update(model_endpoint_name, body)
 
 
-@router.delete("/{model_endpoint_name}", response_model=DeleteLLMEndpointResponse, responses=CHANGE_ERRORS)
+@router.delete("/{model_endpoint_name}", response_model=DeleteLLMEndpointResponse, responses=DELETE_ERRORS)
 async def delete_model_endpoint(model_endpoint_name: str, request: Request) -> DeleteLLMEndpointResponse:
     """Delete a runtime endpoint (`Model.delete`): 404 from now on; in-flight requests drain."""
     return await _service(request).delete(model_endpoint_name)
