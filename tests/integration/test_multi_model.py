@@ -98,6 +98,7 @@ def complete(client: httpx.Client, model: str, prompt: str = "Hello", **changes)
     return client.post("v1/llm/completions-sync", params={"model_endpoint_name": model}, json=body)
 
 
+@pytest.mark.timeout(600)  # waits of up to 60 + 90 + 120 + 90 s for Serve to scale
 def test_one_model_scales_up_and_down_while_the_other_stays(client: httpx.Client) -> None:
     wait_until(lambda: running("busy") == 1 and running("idle") == 1, 60, "one replica each")
     stop, errors = threading.Event(), []

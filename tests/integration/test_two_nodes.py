@@ -6,11 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).with_name("two_node_check.py")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULT_PREFIX = "TWO_NODE_RESULT "
 
 
+@pytest.mark.timeout(420)  # the script itself may run 300 s (a two-node cluster starting)
 def test_replicas_on_both_nodes_answer() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "RAY_ADDRESS": ""}
     done = subprocess.run(
