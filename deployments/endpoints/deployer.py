@@ -69,19 +69,19 @@ def states(app_names: set[str] | None = None) -> dict[str, AppState]:
 
 
 def _app_state(app) -> AppState:
-    messages = [d.message for d in app.deployments.values() if d.message] + [app.message]
-    message = next((m for m in messages if m), "")
+    messages = [d.message for d in app.deployments.values()] + [app.message]
     counts: dict[str, int] = {}
     for deployment in app.deployments.values():
         for state, count in deployment.replica_states.items():
-            counts[str(state)] = counts.get(str(state), 0) + count
-    num_running = counts.pop("RUNNING", 0) + counts.pop("ReplicaState.RUNNING", 0)
-    return AppState(
-        str(app.status.value if hasattr(app.status, "value") else app.status),
-        shorten(message),
-        num_running,
-        sum(counts.values()),
-    )
+            counts[_name(state)] = counts.get(_name(state), 0) + count
+    num_running = counts.pop("RUNNING", 0)
+    message = next((m for m in messages if m), "")
+    return AppState(_name(app.status), shorten(message), num_running, sum(counts.values()))
+
+
+def _name(status) -> str:
+    """An enum of Serve's (ApplicationStatus, ReplicaState) as its plain value: "RUNNING"."""
+    return str(getattr(status, "value", status))
 
 
 def shorten(message: str) -> str:
