@@ -70,8 +70,14 @@ def _is_union_branch(part: object) -> bool:
 
 
 def http_error(exc: BaseException) -> tuple[int, str]:
-    """The one mapping from an exception to (HTTP status, message)."""
-    exc = unwrap(exc)
+    """The one mapping from an exception to (HTTP status, message); the message always encodes to UTF-8."""
+    status_code, message = _status_and_message(unwrap(exc))
+    # A message quoting the request's text could hold a lone surrogate ("\ud800" in the JSON): escape it,
+    # or encoding the error body would fail and turn a 400 into a 500.
+    return status_code, message.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _status_and_message(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, ServingError):
         return exc.status_code, str(exc)
     if isinstance(exc, RequestValidationError | ValidationError):

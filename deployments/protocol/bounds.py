@@ -7,6 +7,7 @@ the model or the config (the context length, the number of stop strings) are che
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 from pydantic import AfterValidator
@@ -46,7 +47,8 @@ def greedy_below_epsilon(temperature: float) -> float:
     return 0.0 if temperature < GREEDY_TEMPERATURE else temperature
 
 
-def _check_unicode(text: str) -> str:
+def require_unicode(text: str) -> str:
+    """`text`, or ValueError naming the first lone surrogate (pydantic reports it under the field)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -61,11 +63,20 @@ def check_unicode(text: str, field: str) -> None:
     """InvalidRequestError (400) naming the field for text that is not valid Unicode; the model server
     checks prompts again before tokenizing (tokenizers fail on a lone surrogate with a TypeError)."""
     try:
-        _check_unicode(text)
+        require_unicode(text)
     except ValueError as exc:
         raise InvalidRequestError(f"{field}: {exc}") from None
 
 
 # A string that must encode to UTF-8: JSON's "\ud800" escapes decode to lone surrogates that no
 # tokenizer, grammar compiler or response encoder can handle.
-Text = Annotated[str, AfterValidator(_check_unicode)]
+Text = Annotated[str, AfterValidator(require_unicode)]
+
+
+def _check_json_unicode(value: dict[str, Any]) -> dict[str, Any]:
+    """A JSON object (a guided_json schema) whose keys and strings all encode to UTF-8."""
+    require_unicode(json.dumps(value, ensure_ascii=False))
+    return value
+
+
+UnicodeJson = Annotated[dict[str, Any], AfterValidator(_check_json_unicode)]

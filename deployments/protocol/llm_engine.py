@@ -23,6 +23,7 @@ from deployments.protocol.bounds import (
     TOP_K_DESCRIPTION,
     TOP_K_MAX,
     Text,
+    UnicodeJson,
     greedy_below_epsilon,
 )
 from engine.guided_spec import GuidedSpec
@@ -58,7 +59,7 @@ class CompletionRequest(BaseModel):
     )
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass; null = 1.")
     include_stop_str_in_output: bool | None = Field(None, description="Keep the matched stop string.")
-    guided_json: dict[str, Any] | None = Field(None, description="JSON schema the output must satisfy.")
+    guided_json: UnicodeJson | None = Field(None, description="JSON schema the output must satisfy.")
     guided_regex: Text | None = Field(None, description="Regular expression the output must match.")
     guided_choice: list[Text] | None = Field(
         None, max_length=MAX_GUIDED_CHOICES, description="The output is exactly one of these."

@@ -7,6 +7,7 @@ the most likely alternatives of each position (completions `logprobs` 0-5, chat 
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -24,7 +25,9 @@ from deployments.protocol.bounds import (
     TOP_K_DESCRIPTION,
     TOP_K_MAX,
     Text,
+    UnicodeJson,
     greedy_below_epsilon,
+    require_unicode,
 )
 from engine.errors import InvalidRequestError
 from engine.guided_spec import GuidedSpec
@@ -69,9 +72,7 @@ class SamplingFields(BaseModel):
     ignore_eos: bool | None = Field(False, description="vLLM extra: keep generating after EOS.")
     skip_special_tokens: bool | None = Field(True, description="vLLM extra: drop special tokens.")
     include_stop_str_in_output: bool | None = Field(False, description="vLLM extra: keep the stop string.")
-    guided_json: dict[str, Any] | Text | None = Field(
-        None, description="vLLM extra: JSON schema of the output."
-    )
+    guided_json: UnicodeJson | Text | None = Field(None, description="vLLM extra: JSON schema of the output.")
     guided_regex: Text | None = Field(None, description="vLLM extra: the output matches this regex in full.")
     guided_choice: list[Text] | None = Field(
         None, max_length=MAX_GUIDED_CHOICES, description="vLLM extra: the output is one of these."
@@ -84,6 +85,18 @@ class SamplingFields(BaseModel):
         if n not in (None, 1):
             raise ValueError(f"only n=1 is supported, got {n}")
         return n
+
+    @field_validator("guided_json")
+    @classmethod
+    def _guided_json_text_is_unicode(cls, guided_json: Any) -> Any:
+        """JSON text whose escapes ("\\ud800") decode to a lone surrogate is refused like a dict's."""
+        if isinstance(guided_json, str):
+            try:
+                parsed = json.loads(guided_json)
+            except ValueError:  # not JSON: GuidedSpec answers 400 with the reason
+                return guided_json
+            require_unicode(json.dumps(parsed, ensure_ascii=False))
+        return guided_json
 
     @field_validator("logit_bias")
     @classmethod
@@ -228,7 +241,7 @@ class Message(BaseModel):
 
 class JsonSchemaFormat(BaseModel):
     name: str | None = Field(None, description="The schema's name (informative).")
-    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema", description="The JSON schema.")
+    schema_: UnicodeJson = Field(default_factory=dict, alias="schema", description="The JSON schema.")
     strict: bool | None = Field(None, description="Accepted; the output always follows the schema.")
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from deployments.errors import validation_message
+from deployments.errors import http_error, validation_message
 from deployments.model_server import ChatMessage, CompletionResult
 from deployments.protocol.openai import (
     ChatCompletionRequest,
@@ -16,6 +16,7 @@ from deployments.protocol.openai import (
 )
 from deployments.protocol.openai_responses import ChatChunks, ChatCompletion, Completion, CompletionChunks
 from deployments.sse import sse_event
+from engine.errors import InvalidRequestError
 from engine.types import FinishReason, SamplingParams, TokenDelta, TokenLogProb
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
@@ -312,6 +313,8 @@ def test_top_logprobs_are_rendered():
         ({"prompt": "\ud800 hi"}, "prompt: is not valid Unicode"),
         ({"stop": ["ok", "\udc00"]}, "stop.1: is not valid Unicode"),
         ({"guided_regex": "a\ud800"}, "guided_regex: is not valid Unicode"),
+        ({"guided_json": {"properties": {"\ud800": {}}}}, "guided_json: is not valid Unicode"),
+        ({"guided_json": '{"const": "\\ud800"}'}, "guided_json: is not valid Unicode"),  # a JSON escape
     ],
 )
 def test_static_bounds_name_the_field_and_the_limit(fields, message):
@@ -342,3 +345,9 @@ def test_temperatures_below_the_epsilon_are_greedy(temperature):
 def test_seed_at_the_int64_limits_is_accepted():
     assert completion(seed=2**63 - 1).to_sampling_params().seed == 2**63 - 1
     assert completion(seed=-(2**63)).to_sampling_params().seed == -(2**63)
+
+
+def test_error_messages_always_encode_to_utf8():
+    """A message quoting a request's lone surrogate is escaped, or encoding the 400 would be a 500."""
+    status_code, message = http_error(InvalidRequestError("invalid guided_json: bad '\ud800'"))
+    assert status_code == 400 and message.encode("utf-8") and "\\ud800" in message

@@ -167,6 +167,18 @@ CASES: dict[str, Case] = {
     "chat-huge-body": huge(CHAT),
     "chat-top-logprobs-21": Case(CHAT, 400, "top_logprobs", changes={"logprobs": True, "top_logprobs": 21}),
     "openai-logprobs-6": Case(COMPLETIONS, 400, "logprobs", changes={"logprobs": 6}),
+    "llm-guided-json-surrogate-key": llm(
+        400, "guided_json: is not valid Unicode", changes={"guided_json": {"properties": {"\ud800": {}}}}
+    ),
+    "openai-guided-json-escaped-surrogate": Case(
+        COMPLETIONS, 400, "guided_json: is not valid Unicode", changes={"guided_json": '{"const": "\\ud800"}'}
+    ),
+    "chat-schema-surrogate": Case(
+        CHAT,
+        400,
+        "response_format.json_schema.schema: is not valid Unicode",
+        changes={"response_format": {"type": "json_schema", "json_schema": {"schema": {"const": "\udc00"}}}},
+    ),
 }
 ROUTES = {"llm": SYNC, "llm-stream": STREAM, "openai": COMPLETIONS, "chat": CHAT}
 
