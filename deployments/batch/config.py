@@ -51,4 +51,7 @@ class BatchSettings(BaseModel):
     batch_size: int = Field(
         32, ge=1, description="Prompts per Ray Data batch handed to one worker (and per progress step)."
     )
+    max_running_jobs: int = Field(
+        2, ge=1, description="Jobs running at once; later ones wait, status queued, in creation order."
+    )
     max_jobs_kept: int = Field(1000, ge=1, description="Finished jobs remembered; the oldest are forgotten.")

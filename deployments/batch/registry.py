@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 
 import ray
 
+from deployments.batch.config import BatchSettings
 from deployments.batch.outputs import finalize
 from deployments.batch.runner import JobRunner
 from deployments.batch.types import BatchNotFoundError, JobOutcome, JobRecord, JobSpec, JobStatus, Progress
@@ -32,15 +34,42 @@ class JobRegistry:
         self._runners: dict[str, ray.actor.ActorHandle] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         self._max_jobs_kept = max_jobs_kept
+        self._queue: deque[str] = deque()  # queued job ids, oldest first
+        self._num_running = 0
+        self._changed: asyncio.Condition | None = None  # made on the actor's loop, at first use
 
     async def create(self, spec: JobSpec, request_json: str, metadata: dict[str, str]) -> JobRecord:
         record = JobRecord(spec=spec, created_at=time.time(), request_json=request_json, metadata=metadata)
         self._jobs[spec.job_id] = record
         self._forget_oldest()
-        runner = ray.remote(JobRunner).options(num_cpus=0, max_concurrency=2).remote()
-        self._runners[spec.job_id] = runner
-        self._tasks[spec.job_id] = asyncio.get_running_loop().create_task(self._supervise(spec, runner))
+        self._queue.append(spec.job_id)
+        self._tasks[spec.job_id] = asyncio.get_running_loop().create_task(self._queue_and_run(spec))
         return record
+
+    async def _queue_and_run(self, spec: JobSpec) -> None:
+        """Jobs start in creation order while fewer than the job's batch.max_running_jobs run."""
+        limit = BatchSettings.model_validate_json(spec.batch_settings_json).max_running_jobs
+        self._changed = self._changed or asyncio.Condition()
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: (
+                    spec.job_id not in self._queue
+                    or (self._queue[0] == spec.job_id and self._num_running < limit)
+                )
+            )
+            if spec.job_id not in self._queue:  # cancelled while queued
+                return
+            self._queue.popleft()
+            self._num_running += 1
+            self._changed.notify_all()
+        try:
+            runner = ray.remote(JobRunner).options(num_cpus=0, max_concurrency=2).remote()
+            self._runners[spec.job_id] = runner
+            await self._supervise(spec, runner)
+        finally:
+            async with self._changed:
+                self._num_running -= 1
+                self._changed.notify_all()
 
     async def get(self, job_id: str) -> JobRecord:
         record = self._jobs.get(job_id)
@@ -60,6 +89,12 @@ class JobRegistry:
             runner = self._runners.get(job_id)
             if runner is not None:
                 runner.cancel.remote()
+            elif job_id in self._queue:  # not started: nothing to stop
+                self._queue.remove(job_id)
+                self._finish(job_id, JobOutcome(JobStatus.CANCELLED))
+                if self._changed is not None:
+                    async with self._changed:
+                        self._changed.notify_all()
         return record
 
     async def report(self, job_id: str, progress: Progress) -> None:

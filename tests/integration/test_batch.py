@@ -54,6 +54,7 @@ def batch_url(serve_port: int, tiny_model_dir: Path, data_root: Path) -> Iterato
         max_data_parallelism=2,
         worker_num_cpus=0.5,
         batch_size=4,
+        max_running_jobs=1,
     )
     yield run_app(
         build_app_from_configs([model], batch=settings), name=APP_NAME, route_prefix=ROUTE, port=serve_port
@@ -190,6 +191,14 @@ def test_cancel_keeps_what_was_written(data_root: Path):
         ),
     )
     assert running["status"] == "running" and running["progress"]["num_done"] < 400, running
+    queued = Completion.batch_create(  # batch.max_running_jobs=1: it waits for the first one
+        output_data_path="v1/queued.json",
+        model_config=CreateBatchCompletionsModelConfig(model=TINY_MODEL),
+        content=CreateBatchCompletionsV1RequestContent(prompts=["Hi"], max_new_tokens=2, temperature=0.0),
+    )
+    assert Completion.get_batch_completion(queued.job_id)["job"]["status"] == "queued"
+    assert Completion.cancel_batch_completion(queued.job_id) == {"success": True}
+    assert Completion.get_batch_completion(queued.job_id)["job"]["status"] == "cancelled"  # at once
     assert Completion.cancel_batch_completion(response.job_id) == {"success": True}
     job = finished_job(response.job_id)
     assert job["status"] == "cancelled", job
