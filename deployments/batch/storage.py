@@ -60,6 +60,10 @@ class DataRoot:
         """The location `given` names, or InvalidRequestError (400) naming `field` when it is outside."""
         if not given or "\x00" in given:
             raise InvalidRequestError(f"{field}: a path is required")
+        try:
+            given.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequestError(f"{field}: the path is not valid UTF-8 text") from None
         if ".." in given.replace("\\", "/").split("/"):
             raise InvalidRequestError(f"{field}: '..' is not allowed in batch paths ({given!r})")
         path = self._local_path(given, field) if self._is_local else self._remote_path(given, field)

@@ -33,6 +33,7 @@ def test_local_paths_stay_under_the_root(root: DataRoot, tmp_path: Path):
         "s3://bucket/x",
         "/etc/passwd",
         "",
+        "bad\ud800.json",
     ):
         with pytest.raises(InvalidRequestError, match="f:"):
             root.resolve(outside, field="f")
