@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from engine.async_engine import AsyncEngine
-from engine.errors import ContextLengthError, EngineDeadError, OverloadedError, RequestFailedError
+from engine.errors import ContextLengthError, OverloadedError, RequestFailedError
 from engine.types import EngineConfig, FinishReason
 from tests.engine.conftest import request, text_of
 
