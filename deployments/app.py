@@ -51,7 +51,8 @@ def build_app_from_configs(
     model_names = {m.name: _base_model_name(m) for m in models}
     wait_timeouts_s = {m.name: m.replica_wait_timeout_s for m in models}
     ingress_options = (ingress or IngressSettings()).to_options()
-    batch_context = BatchContext(batch or BatchSettings(), {m.name: m.model_dump_json() for m in models})
+    configs_json = {m.name: m.model_dump_json() for m in models}
+    batch_context = BatchContext(batch or BatchSettings(), configs_json, limits or LimitSettings())
     api_keys = (auth or AuthSettings()).resolve_keys()  # the env var is read here, where the app is built
     return (
         serve.deployment(Ingress)

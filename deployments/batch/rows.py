@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from deployments.batch.types import JobKind
 from deployments.errors import http_error
+from deployments.limits import LimitSettings
 from deployments.model_server import CompletionResult, ModelRequest
 from deployments.protocol import llm_engine, openai
 from deployments.protocol.openai_responses import ChatCompletion, Completion
@@ -36,8 +37,14 @@ class RowRequest:
 class RowParser:
     """Turns a row's JSON payload into a `RowRequest` for one job (its kind, model and v1 settings)."""
 
-    def __init__(self, kind: JobKind, model: str, v1_content: dict[str, Any] | None = None) -> None:
-        self.kind, self.model = kind, model
+    def __init__(
+        self,
+        kind: JobKind,
+        model: str,
+        v1_content: dict[str, Any] | None = None,
+        limits: LimitSettings | None = None,
+    ) -> None:
+        self.kind, self.model, self._limits = kind, model, limits or LimitSettings()
         self._v1_content = {k: v for k, v in (v1_content or {}).items() if k != "prompts"}
 
     def parse(self, index: int, payload: str) -> RowRequest:
@@ -46,13 +53,14 @@ class RowParser:
             body = llm_engine.CompletionRequest.model_validate(
                 {**self._v1_content, "prompt": json.loads(payload)}
             )
+            self._limits.check([body.prompt], body.stop_sequences)
             return RowRequest(ModelRequest(request_id, body.prompt, body.to_sampling_params()), is_chat=False)
         data = _json_object(payload)
         custom_id = None
         if self.kind == JobKind.OPENAI:
             custom_id, data = self._openai_body(data)
         data = {**data, "model": self.model, "stream": False}  # v2: the job's model, as Scale's runner does
-        return _openai_request(request_id, data, custom_id)
+        return _openai_request(request_id, data, custom_id, self._limits)
 
     def _openai_body(self, line: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
         custom_id = line.get("custom_id")
@@ -88,13 +96,17 @@ def _json_object(payload: str) -> dict[str, Any]:
     return data
 
 
-def _openai_request(request_id: str, data: dict[str, Any], custom_id: str | None) -> RowRequest:
+def _openai_request(
+    request_id: str, data: dict[str, Any], custom_id: str | None, limits: LimitSettings
+) -> RowRequest:
     if "messages" in data:
         chat = openai.ChatCompletionRequest.model_validate(data)
+        limits.check((m.content for m in chat.to_messages()), chat.stop)
         params, is_auto = chat.to_sampling_params(), chat.max_new_tokens is None
         request = ModelRequest(request_id, chat.to_messages(), params, is_max_tokens_auto=is_auto)
         return RowRequest(request, is_chat=True, custom_id=custom_id)
     completion = openai.CompletionRequest.model_validate(data)
+    limits.check([completion.prompt], completion.stop)
     request = ModelRequest(request_id, completion.prompt, completion.to_sampling_params(), is_raw_prompt=True)
     return RowRequest(request, is_chat=False, custom_id=custom_id)
 

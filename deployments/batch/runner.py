@@ -112,6 +112,7 @@ def _pipeline(spec: JobSpec, kind, rows, v1_content_json: str | None, settings: 
             "v1_content_json": v1_content_json,
             "nice": settings.worker_nice,
             "num_threads": settings.worker_num_threads,
+            "limits_json": spec.limits_json,
             "is_idle": settings.worker_idle_priority,
         },
     )

@@ -22,6 +22,7 @@ from deployments.batch.protocol import BatchCreateBase, V1Content
 from deployments.batch.registry import get_registry
 from deployments.batch.storage import DataRoot
 from deployments.batch.types import JobKind, JobRecord, JobSpec
+from deployments.limits import LimitSettings
 from deployments.protocol.llm_engine import CompletionRequest
 from engine.errors import InvalidRequestError, ModelNotFoundError
 
@@ -32,6 +33,7 @@ UPLOAD_PATH = "/v1/files"
 class BatchContext:
     settings: BatchSettings
     model_configs_json: dict[str, str]  # served name -> ModelConfig JSON
+    limits: LimitSettings = field(default_factory=LimitSettings)  # applied to every row, as online
     _root: DataRoot | None = field(default=None, repr=False)
 
     def install(self, app: Any) -> None:
@@ -145,6 +147,7 @@ class BatchContext:
             data_parallelism=data_parallelism,
             max_runtime_s=max_runtime_s,
             batch_settings_json=self.settings.model_dump_json(),
+            limits_json=self.limits.model_dump_json(),
             inline_input_json=inline,
         )
 

@@ -46,6 +46,7 @@ class JobSpec:
     data_parallelism: int
     max_runtime_s: float
     batch_settings_json: str
+    limits_json: str  # deployments.limits.LimitSettings, checked on every row
     v1_content_json: str | None = None  # v1: the sampling settings shared by every prompt
     inline_input_json: str | None = None  # content sent in the request instead of an input file
 

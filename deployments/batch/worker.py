@@ -20,6 +20,7 @@ import numpy as np
 from deployments.batch.rows import RowParser, render_error, render_result
 from deployments.batch.types import JobKind
 from deployments.config import ModelConfig
+from deployments.limits import LimitSettings
 from deployments.model_server import ModelServer
 
 logger = logging.getLogger("ray.data")
@@ -45,6 +46,7 @@ class EngineWorker:
         nice: int,
         num_threads: int | None,
         is_idle: bool = False,
+        limits_json: str | None = None,
     ) -> None:
         lower_priority(nice, is_idle)  # before the engine's threads start: they inherit it
         config = ModelConfig.model_validate_json(model_config_json)
@@ -57,7 +59,8 @@ class EngineWorker:
         # Its own metrics label, so batch load does not show up as the online model's.
         self._server = ModelServer(config.model_copy(update={"name": f"{config.name}-batch"}))
         v1_content = json.loads(v1_content_json) if v1_content_json else None
-        self._parser = RowParser(self._kind, config.name, v1_content)
+        limits = LimitSettings.model_validate_json(limits_json) if limits_json else LimitSettings()
+        self._parser = RowParser(self._kind, config.name, v1_content, limits)
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()  # one loop for the worker's life: the engine's streams use it
         self.worker_id = f"{os.uname().nodename}:{os.getpid()}"

@@ -9,6 +9,7 @@ from deployments.batch.files import FileStore
 from deployments.batch.rows import RowParser, render_error
 from deployments.batch.storage import DataRoot
 from deployments.batch.types import BatchNotFoundError, JobKind
+from deployments.limits import LimitSettings
 from engine.errors import InvalidRequestError
 
 
@@ -135,3 +136,15 @@ def test_batch_routes_need_a_key_and_uploads_have_their_own_limit():
     finally:
         for name, value in saved.items():
             setattr(app.state, name, value)
+
+
+def test_rows_obey_the_limits_section():
+    limits = LimitSettings(max_prompt_chars=10, max_stop_sequences=1)
+    v1 = RowParser(JobKind.V1, "tiny", {"max_new_tokens": 3, "temperature": 0.0}, limits)
+    with pytest.raises(InvalidRequestError, match=r"limits\.max_prompt_chars"):
+        v1.parse(0, json.dumps("x" * 11))
+    v2 = RowParser(JobKind.V2, "tiny", limits=limits)
+    with pytest.raises(InvalidRequestError, match=r"limits\.max_stop_sequences"):
+        v2.parse(0, json.dumps({"prompt": "hi", "stop": ["a", "b"]}))
+    with pytest.raises(InvalidRequestError, match=r"limits\.max_prompt_chars"):
+        v2.parse(0, json.dumps({"messages": [{"role": "user", "content": "y" * 11}]}))
