@@ -118,11 +118,13 @@ class JobRegistry:
         outcome: JobOutcome | None = None
         while outcome is None:
             done, _ = await asyncio.wait([waiting], timeout=1.0)
-            if done:
+            if done and isinstance(waiting.result(), JobOutcome):
                 outcome = waiting.result()
+            elif done:  # the runner died: assemble what its workers finished
+                outcome = await asyncio.to_thread(self._stopped_outcome, spec, waiting.result())
             elif self._is_past(spec.job_id, deadline):
                 ray.kill(runner)
-                outcome = await asyncio.to_thread(self._stopped_outcome, spec)
+                outcome = await asyncio.to_thread(self._stopped_outcome, spec, None)
         self._finish(spec.job_id, outcome)
 
     def _is_past(self, job_id: str, deadline: float) -> bool:
@@ -131,11 +133,13 @@ class JobRegistry:
         is_cancel_due = cancelled_at is not None and time.time() > cancelled_at + STOP_GRACE_S
         return is_cancel_due or time.monotonic() > deadline
 
-    def _stopped_outcome(self, spec: JobSpec) -> JobOutcome:
+    def _stopped_outcome(self, spec: JobSpec, death: str | None) -> JobOutcome:
+        """The outcome of a runner that was stopped (cancel, deadline) or died, with its parts assembled."""
         record = self._jobs[spec.job_id]
         is_cancel = record.cancel_requested_at is not None
         status = JobStatus.CANCELLED if is_cancel else JobStatus.FAILED
-        error = None if is_cancel else f"the job ran past max_runtime_sec ({spec.max_runtime_s:g} s)"
+        error = death or f"the job ran past max_runtime_sec ({spec.max_runtime_s:g} s)"
+        error = None if is_cancel else error
         try:
             output_id, error_id = finalize(spec, record.num_total)
         except OSError as exc:
@@ -161,13 +165,12 @@ class JobRegistry:
             self._jobs.pop(record.spec.job_id, None)
 
 
-async def _await(ref) -> JobOutcome:
+async def _await(ref) -> JobOutcome | str:
+    """The runner's outcome, or why it died (killed, node lost, out of memory)."""
     try:
         return await ref
-    except Exception as exc:  # the runner died (killed, node lost, out of memory)
-        return JobOutcome(
-            JobStatus.FAILED, error=f"the job's runner stopped: {type(exc).__name__}: {exc}"[:2000]
-        )
+    except Exception as exc:
+        return f"the job's runner stopped: {type(exc).__name__}: {exc}"[:2000]
 
 
 def get_registry(max_jobs_kept: int = 1000):
