@@ -89,8 +89,10 @@ class BlockManager:
 
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Grow `seq`'s block table to hold `num_tokens` tokens; False (and no change) if memory is short."""
-        needed = num_blocks_for(num_tokens, self.block_size) - len(seq.block_table)
-        if needed > self.num_free:
+        needed = -(-num_tokens // self.block_size) - len(seq.block_table)
+        if needed <= 0:
+            return True
+        if needed > len(self._plain) + len(self._evictable):
             return False
         for _ in range(needed):
             block = self._take()
@@ -100,8 +102,10 @@ class BlockManager:
 
     def commit(self, seq: Sequence) -> None:
         """Register the full blocks of `seq` whose tokens are all computed (successful steps only)."""
+        if not self.enable_caching:
+            return
         num_full = min(seq.num_computed // self.block_size, len(seq.block_table))
-        if not self.enable_caching or num_full <= seq.num_committed_blocks:
+        if num_full <= seq.num_committed_blocks:
             return
         keys = self.keys(seq, num_full)
         for i in range(seq.num_committed_blocks, num_full):

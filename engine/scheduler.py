@@ -113,9 +113,10 @@ class Scheduler:
         prefill_budget = self.max_num_batched_tokens - decode_budget
         scheduled: list[tuple[Sequence, int]] = []
         preempted = False
-        for seq in list(self.running):  # oldest first; victims are taken from the end
-            if seq not in self.running:
-                break  # preempted above: so is every sequence after it
+        index = 0
+        while index < len(self.running):  # oldest first; victims are taken from the end
+            seq = self.running[index]
+            index += 1
             pending = seq.num_tokens - seq.num_computed
             if pending == 1 and decode_budget > 0:
                 num_new = 1
