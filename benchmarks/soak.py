@@ -55,7 +55,11 @@ class SoakReport:
     rss_end_mib: float = 0.0
     rss_peak_mib: float = 0.0
     num_replicas: int = 0
+    # RSS growth of each replica (by title) from the run's half-way point to its end: warm-up (allocator
+    # pools, compiled kernels, the first long prompts) is over by then, so growth here points to a leak
+    second_half_growth_mib: dict[str, float] = field(default_factory=dict)
     latencies_s: list[float] = field(default_factory=list, repr=False)
+    rss_samples: list[tuple[float, dict[str, float]]] = field(default_factory=list, repr=False)
 
     @property
     def rss_growth_mib(self) -> float:
@@ -63,7 +67,7 @@ class SoakReport:
 
     def summary(self) -> dict:
         data = asdict(self)
-        data.pop("latencies_s")
+        data.pop("latencies_s"), data.pop("rss_samples")
         data["rss_growth_mib"] = round(self.rss_growth_mib, 1)
         data["outcomes"], data["errors"] = dict(self.outcomes), dict(self.errors)
         return data
@@ -90,6 +94,30 @@ def replicas_rss_mib(app_name: str | None = None, pids: set[int] | None = None) 
         except psutil.Error:
             continue
     return total / 1024**2, len(processes)
+
+
+def rss_by_replica_mib(pids: set[int]) -> dict[str, float]:
+    """RSS (MiB) of each replica process in `pids`, keyed by "pid title" (the deployment's name)."""
+    rss = {}
+    for process in replica_processes():
+        if process.pid not in pids:
+            continue
+        try:
+            title = " ".join(process.cmdline()[:1])
+            rss[f"{process.pid} {title}"] = process.memory_info().rss / 1024**2
+        except psutil.Error:
+            continue
+    return rss
+
+
+def second_half_growth(samples: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
+    """Each replica's RSS at the last sample minus its RSS at the first sample of the run's second half."""
+    if len(samples) < 2:
+        return {}
+    half_s = samples[0][0] + (samples[-1][0] - samples[0][0]) / 2
+    middle = next(rss for t, rss in samples if t >= half_s)
+    end = samples[-1][1]
+    return {name: round(end[name] - middle[name], 1) for name in end if name in middle}
 
 
 class Soak:
@@ -236,6 +264,8 @@ async def run_soak(config: SoakConfig) -> SoakReport:
         report.duration_s = time.monotonic() - start
     report.rss_end_mib, report.num_replicas = replicas_rss_mib(config.app_name, pids)
     report.rss_peak_mib = max(report.rss_peak_mib, report.rss_end_mib)
+    report.rss_samples.append((time.monotonic(), rss_by_replica_mib(pids)))
+    report.second_half_growth_mib = second_half_growth(report.rss_samples)
     report.latency_p50_s = _percentile(report.latencies_s, 0.50)
     report.latency_p99_s = _percentile(report.latencies_s, 0.99)
     return report
@@ -245,6 +275,7 @@ async def _sample_rss(report: SoakReport, deadline: float, app_name: str | None,
     while time.monotonic() < deadline:
         rss, _ = await asyncio.to_thread(replicas_rss_mib, app_name, pids)
         report.rss_peak_mib = max(report.rss_peak_mib, rss)
+        report.rss_samples.append((time.monotonic(), await asyncio.to_thread(rss_by_replica_mib, pids)))
         await asyncio.sleep(5)
 
 
@@ -277,6 +308,8 @@ def main() -> None:
         f"p99 latency {report.latency_p99_s:.2f} s; replica RSS {report.rss_start_mib:.0f} -> "
         f"{report.rss_end_mib:.0f} MiB ({report.rss_growth_mib:+.1f}) over {report.num_replicas} replica(s)"
     )
+    for name, growth in report.second_half_growth_mib.items():
+        print(f"second half RSS growth {growth:+.1f} MiB: {name}")
 
 
 if __name__ == "__main__":

@@ -46,3 +46,16 @@ def test_command_line_gives_the_documented_defaults():
     assert (config.url, config.model, config.duration_s) == (SoakConfig().url, SoakConfig().model, 600.0)
     custom = parse_config(["--minutes", "0.5", "--url", "http://localhost:9000/", "--app", "llm"])
     assert (custom.url, custom.duration_s, custom.app_name) == ("http://localhost:9000/", 30.0, "llm")
+
+
+def test_second_half_growth_is_each_replicas_rss_from_the_half_way_sample_to_the_end():
+    from benchmarks.soak import second_half_growth
+
+    samples = [
+        (0.0, {"a": 100.0, "b": 50.0}),
+        (10.0, {"a": 180.0, "b": 50.0}),  # warm-up in the first half does not count
+        (50.0, {"a": 200.0, "b": 60.0}),  # the first sample at or after the half-way point (t=50)
+        (100.0, {"a": 205.0, "c": 1.0}),  # "b" is gone, "c" is new: neither has both ends
+    ]
+    assert second_half_growth(samples) == {"a": 5.0}
+    assert second_half_growth(samples[:1]) == {}
