@@ -13,13 +13,14 @@ from typing import Annotated, Any
 from pydantic import AfterValidator
 
 from engine.errors import InvalidRequestError
+from engine.types import GREEDY_TEMPERATURE_EPS
 
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # int64, as vLLM
 TOP_K_MAX = 2**31 - 1  # int32; the engine clamps top_k to the vocabulary
 MAX_NEW_TOKENS_MAX = 2**20  # static bound; the model's context is the real one, checked at admission
 MAX_STOP_SEQUENCES = 1024  # static bound; `limits.max_stop_sequences` (default 16) is the real one
 MAX_GUIDED_CHOICES = 1024
-GREEDY_TEMPERATURE = 1e-5  # a temperature below this is greedy (float32 cannot divide by less safely)
+GREEDY_TEMPERATURE = GREEDY_TEMPERATURE_EPS  # below this a temperature is greedy: the engine's own bound
 
 SEED_BOUNDS: dict[str, Any] = {"ge": SEED_MIN, "le": SEED_MAX}
 SEED_DESCRIPTION = (
