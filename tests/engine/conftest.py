@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from engine.async_engine import AsyncEngine
 from engine.core import EngineCore
 from engine.types import EngineConfig, GenerationRequest, SamplingParams, TokenDelta
 from tests.tiny_model import build_tiny_model
@@ -36,6 +37,19 @@ def make_core(model_and_tokenizer, **config) -> EngineCore:
     model, tokenizer = model_and_tokenizer
     config = {"max_num_seqs": 16, "max_model_len": 256, "kv_cache_bytes": 8 * 2**20, **config}
     return EngineCore(model, tokenizer, EngineConfig(**config), torch.device("cpu"))
+
+
+def make_async_engine(model_and_tokenizer, **config):
+    """A small AsyncEngine on one torch thread; callers shut it down."""
+    model, tokenizer = model_and_tokenizer
+    config = {
+        "max_num_seqs": 4,
+        "max_model_len": 256,
+        "kv_cache_bytes": 8 * 2**20,
+        "num_threads": 1,
+        **config,
+    }
+    return AsyncEngine(model, tokenizer, EngineConfig(**config))
 
 
 def request(tokenizer, prompt: str, request_id: str | None = None, **params) -> GenerationRequest:

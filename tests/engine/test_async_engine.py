@@ -4,19 +4,14 @@ import asyncio
 
 import pytest
 
-from engine.async_engine import AsyncEngine
 from engine.errors import ContextLengthError, OverloadedError, RequestFailedError
-from engine.types import EngineConfig, FinishReason
-from tests.engine.conftest import request, text_of
+from engine.types import FinishReason
+from tests.engine.conftest import make_async_engine, request, text_of
 
 
 @pytest.fixture
 def engine(tiny):
-    model, tokenizer = tiny
-    config = EngineConfig(
-        max_num_seqs=4, max_model_len=256, kv_cache_bytes=8 * 2**20, max_waiting=4, num_threads=1
-    )
-    eng = AsyncEngine(model, tokenizer, config)
+    eng = make_async_engine(tiny, max_waiting=4)
     yield eng
     eng.shutdown()
 

@@ -8,10 +8,9 @@ import math
 import pytest
 import torch
 
-from engine.async_engine import AsyncEngine
 from engine.errors import EngineDeadError, InvalidRequestError, RequestFailedError
-from engine.types import EngineConfig, FinishReason
-from tests.engine.conftest import make_core, request, run_to_completion
+from engine.types import FinishReason
+from tests.engine.conftest import make_async_engine, make_core, request, run_to_completion
 
 PROMPTS = ["The quick brown fox", "Hello, world!", "def add(a, b):", "Numbers: 0 1 2"]
 
@@ -167,11 +166,7 @@ def test_top_logprobs_are_the_best_alternatives_in_order(tiny):
 
 @pytest.fixture
 def engine(tiny):
-    model, tokenizer = tiny
-    config = EngineConfig(
-        max_num_seqs=4, max_model_len=256, kv_cache_bytes=8 * 2**20, num_threads=1, max_consecutive_failures=2
-    )
-    eng = AsyncEngine(model, tokenizer, config)
+    eng = make_async_engine(tiny, max_consecutive_failures=2)
     yield eng
     eng.shutdown()
 
