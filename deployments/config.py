@@ -136,6 +136,17 @@ class ModelConfig(BaseModel):
     request_timeout_s: float = Field(
         600.0, gt=0, description="Longest time one generation may take; then it is aborted (504/error event)."
     )
+    stream_coalesce_ms: float = Field(
+        250.0,
+        ge=0,
+        le=1000,
+        description=(
+            "Stream messages (replica to ingress to client) carry the tokens of up to this many "
+            "milliseconds when the batch is full, scaled down with the batch: a lone stream gets every "
+            "token at once, a full batch sends about one message per request per interval. 0 = one "
+            "message per token. The first token is never held. See docs/performance.md."
+        ),
+    )
     replica_wait_timeout_s: float = Field(
         300.0,
         gt=0,

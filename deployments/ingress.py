@@ -76,18 +76,23 @@ async def error_response(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _sse_events(
-    request_id: str, first: TokenDelta | None, stream: DeploymentResponseGenerator
+    request_id: str, first: list[TokenDelta] | None, stream: DeploymentResponseGenerator
 ) -> AsyncIterator[bytes]:
-    """One event per delta, sent as it arrives; an error after the 200 becomes one last error event."""
-    delta, is_finished = first, False
+    """One event per delta (the `token` field is per token), one HTTP write per chunk of deltas; an
+    error after the 200 becomes one last error event."""
+    chunk, is_finished = first, False
     try:
-        while delta is not None:
-            output = CompletionStreamOutput.from_delta(delta)
-            yield sse_event(CompletionStreamResponse(request_id=request_id, output=output, error=None))
-            if delta.is_finished:
-                is_finished = True
+        while chunk:
+            events = []
+            for delta in chunk:
+                output = CompletionStreamOutput.from_delta(delta)
+                event = CompletionStreamResponse(request_id=request_id, output=output, error=None)
+                events.append(sse_event(event))
+                is_finished = delta.is_finished
+            yield b"".join(events)
+            if is_finished:
                 return
-            delta = await anext(stream, None)
+            chunk = await anext(stream, None)
     except _CANCELLED:
         return  # the client went away and Serve cancelled the replica's stream: nobody to tell
     except Exception as exc:
@@ -106,20 +111,29 @@ class ChunkBuilder(Protocol):
 
 
 async def _openai_sse_events(
-    first: TokenDelta | None, stream: DeploymentResponseGenerator, chunks: ChunkBuilder, is_usage_sent: bool
+    first: list[TokenDelta] | None,
+    stream: DeploymentResponseGenerator,
+    chunks: ChunkBuilder,
+    is_usage_sent: bool,
 ) -> AsyncIterator[bytes]:
-    """OpenAI framing: content chunks, the usage chunk if asked, `[DONE]`; an error event before `[DONE]`."""
-    delta, is_finished = first, False
+    """OpenAI framing: content chunks, the usage chunk if asked, `[DONE]`; an error event before `[DONE]`.
+    One HTTP write per chunk of deltas."""
+    chunk, is_finished = first, False
     try:
-        while delta is not None:
-            if delta.text or delta.token is not None or delta.is_finished:  # skip held-back-text deltas
-                yield sse_event(chunks.content(delta))
-            if delta.is_finished:
-                is_finished = True
-                if is_usage_sent:
-                    yield sse_event(chunks.usage(delta))
+        while chunk:
+            events = []
+            for delta in chunk:
+                if delta.text or delta.token is not None or delta.is_finished:  # skip held-back text
+                    events.append(sse_event(chunks.content(delta)))
+                if delta.is_finished:
+                    is_finished = True
+                    if is_usage_sent:
+                        events.append(sse_event(chunks.usage(delta)))
+            if events:
+                yield b"".join(events)
+            if is_finished:
                 break
-            delta = await anext(stream, None)
+            chunk = await anext(stream, None)
     except _CANCELLED:
         return  # the client went away and Serve cancelled the replica's stream: nobody to tell
     except Exception as exc:
@@ -253,8 +267,8 @@ class Ingress:
 
     async def _open_stream(
         self, name: str, request: ModelRequest
-    ) -> tuple[TokenDelta | None, DeploymentResponseGenerator]:
-        """The replica's stream and its first delta, pulled before answering: errors known up front
+    ) -> tuple[list[TokenDelta] | None, DeploymentResponseGenerator]:
+        """The replica's stream and its first chunk of deltas, pulled before answering: errors known up front
         (context too long, overload) become plain HTTP errors. TTFT is unchanged."""
         stream: DeploymentResponseGenerator = self._stream_handles[name].generate_stream.remote(request)
         try:

@@ -6,8 +6,6 @@ directly. Its engine comes from an `EngineFactory`, so HTTP-layer tests can inje
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
@@ -19,10 +17,11 @@ from typing import Any, Protocol
 import jinja2
 
 from deployments.config import ModelConfig
-from deployments.metrics import ModelMetrics, RequestTimer
+from deployments.metrics import ModelMetrics
 from deployments.protocol.bounds import check_unicode
 from deployments.replica_logging import forward_library_logs_in_replica
-from engine.errors import InvalidRequestError, RequestTimeoutError, ServingError
+from deployments.served_stream import DeltaSource, ServedStream, status_code_of
+from engine.errors import InvalidRequestError
 from engine.types import (
     EngineStats,
     FinishReason,
@@ -74,8 +73,7 @@ class CompletionResult:
 class Engine(Protocol):
     """What the server needs of an engine: `engine.async_engine.AsyncEngine` or a test fake."""
 
-    def check_request(self, num_prompt_tokens: int, max_new_tokens: int) -> None: ...
-    def add_request(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]: ...
+    def add_request(self, request: GenerationRequest) -> DeltaSource: ...
     def abort(self, request_id: str) -> None: ...
     def stats(self) -> EngineStats: ...
     def check_health(self) -> None: ...
@@ -137,6 +135,8 @@ class ModelServer:
         self._tokenizer = serving.tokenizer
         self._use_chat_template = serving.use_chat_template
         self._metrics = ModelMetrics(model_config.name)
+        self._coalesce_ms = model_config.stream_coalesce_ms
+        self._max_num_seqs = model_config.engine.max_num_seqs
         load_s = time.perf_counter() - start_s
         logger.info("model %s (%s) ready in %.1f s", model_config.name, model_config.model, load_s)
 
@@ -163,7 +163,7 @@ class ModelServer:
         # transformers 5 returns a BatchEncoding (a Mapping); older versions a plain list of ids.
         return list(encoded["input_ids"] if isinstance(encoded, Mapping) else encoded)
 
-    def _start(self, request: ModelRequest) -> AsyncIterator[TokenDelta]:
+    def _start(self, request: ModelRequest) -> tuple[DeltaSource, int]:
         if isinstance(request.prompt, str):
             prompt_ids = self.encode(request.prompt, is_raw=request.is_raw_prompt)
         else:
@@ -174,50 +174,60 @@ class ModelServer:
         if request.is_max_tokens_auto:  # the room the context leaves; at least 1, so too long still fails
             room = self._engine.stats().max_model_len - len(prompt_ids)
             params = dataclasses.replace(params, max_new_tokens=max(room, 1))
-        self._engine.check_request(len(prompt_ids), params.max_new_tokens)
-        deltas = self._engine.add_request(GenerationRequest(request.request_id, tuple(prompt_ids), params))
-        return _with_deadline(deltas, self._config.request_timeout_s)
+        # The engine checks the context length and the sampling settings (400) before queueing.
+        return self._engine.add_request(GenerationRequest(request.request_id, tuple(prompt_ids), params))
 
-    def _open(self, request: ModelRequest) -> AsyncIterator[TokenDelta]:
-        """`_start`, timed and counted in this model's metrics."""
+    def _open(self, request: ModelRequest) -> ServedStream:
+        """The request's stream: queued in the engine, timed and counted in this model's metrics."""
         self._metrics.ensure_stats_task(self._engine.stats)
         timer = self._metrics.start_request()
         try:
-            deltas = self._start(request)
+            source = self._start(request)
         except Exception as exc:
-            timer.on_error(_status_code(exc))
+            timer.on_error(status_code_of(exc))
             raise
-        return _timed(deltas, timer)
+        return ServedStream(
+            source,
+            abort=lambda: self._engine.abort(request.request_id),
+            timer=timer,
+            timeout_s=self._config.request_timeout_s,
+            interval_s=self._coalesce_interval_s,
+        )
 
-    async def generate_stream(self, request: ModelRequest) -> AsyncIterator[TokenDelta]:
-        """Deltas as the engine produces them; use with `handle.options(stream=True)`."""
-        deltas = self._open(request)
-        is_finished = False
+    def _coalesce_interval_s(self) -> float:
+        """The least time between two messages of one stream: `stream_coalesce_ms` scaled by how full
+        the batch is, so a lone stream gets each token at once and a full batch sends about one
+        message per `stream_coalesce_ms` per request."""
+        if self._coalesce_ms <= 0:
+            return 0.0
+        fullness = min(1.0, self._engine.stats().num_running / self._max_num_seqs)
+        return self._coalesce_ms * fullness / 1000
+
+    async def generate_stream(self, request: ModelRequest) -> AsyncIterator[list[TokenDelta]]:
+        """Chunks of deltas as the engine produces them (one Serve stream item each); use with
+        `handle.options(stream=True)`. Each chunk has at least one delta; the last ends with the
+        finished one."""
+        stream = self._open(request)
         try:
-            async for delta in deltas:
-                is_finished = delta.is_finished
-                yield delta
-        finally:
-            # Serve cancels this generator when the caller goes away: free the engine's slot now.
-            if not is_finished:
-                self._engine.abort(request.request_id)
-            await _close(deltas)
+            async for chunk in stream:
+                yield chunk
+        finally:  # Serve cancels this generator when the caller goes away: free the engine's slot now.
+            await stream.aclose()
 
     async def generate(self, request: ModelRequest) -> CompletionResult:
-        """The whole completion at once (sync route)."""
-        deltas = self._open(request)
+        """The whole completion at once (sync route): one wake-up per engine step at most."""
+        stream = self._open(request)
         texts: list[str] = []
         tokens: list[TokenLogProb] = []
         last: TokenDelta | None = None
         try:
-            async for last in deltas:
-                texts.append(last.text)
-                if last.token is not None:
-                    tokens.append(last.token)
+            while chunk := await stream.next_chunk(linger_s=self._config.request_timeout_s):
+                for last in chunk:
+                    texts.append(last.text)
+                    if last.token is not None:
+                        tokens.append(last.token)
         finally:
-            if last is None or not last.is_finished:
-                self._engine.abort(request.request_id)
-            await _close(deltas)
+            await stream.aclose()
         return CompletionResult(
             request_id=request.request_id,
             text="".join(texts),
@@ -246,48 +256,3 @@ class ModelServer:
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.shutdown()
-
-
-def _status_code(exc: Exception) -> int:
-    return exc.status_code if isinstance(exc, ServingError) else 500
-
-
-async def _timed(deltas: AsyncIterator[TokenDelta], timer: RequestTimer) -> AsyncIterator[TokenDelta]:
-    """The same deltas; the timer sees each one, then the end or the error."""
-    try:
-        async for delta in deltas:
-            timer.on_delta(delta)
-            yield delta
-    except Exception as exc:
-        timer.on_error(_status_code(exc))
-        raise
-    finally:
-        timer.on_end()
-        await _close(deltas)
-
-
-async def _with_deadline(deltas: AsyncIterator[TokenDelta], timeout_s: float) -> AsyncIterator[TokenDelta]:
-    """The same deltas, or RequestTimeoutError once `timeout_s` have passed; closing aborts the request."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    try:
-        while True:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    delta = await anext(deltas)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                raise RequestTimeoutError(
-                    f"the generation took longer than the limit of {timeout_s:g} s and was stopped "
-                    "(request_timeout_s of the model's config)"
-                ) from None
-            yield delta
-    finally:
-        await _close(deltas)
-
-
-async def _close(iterator: AsyncIterator[TokenDelta]) -> None:
-    aclose = getattr(iterator, "aclose", None)
-    if aclose is not None:
-        with contextlib.suppress(RuntimeError):  # "already running": closed from elsewhere
-            await aclose()

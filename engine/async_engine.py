@@ -66,6 +66,48 @@ class RequestStream:
             self.close()
         return item
 
+    async def next_chunk(self, linger_s: float = 0.0) -> list[TokenDelta]:
+        """Every delta that is ready, at least one; `[]` once the stream has ended.
+
+        With `linger_s`, collect until `linger_s` after this call (or the last delta) before returning,
+        so that a consumer that forwards each chunk as one message sends fewer, fatter ones; a delta
+        that arrives after that time is returned at once. An error ends the chunk: the deltas before
+        it come first, the next call raises it.
+        """
+        if self._is_finished or self._is_closed:
+            return []
+        loop = asyncio.get_running_loop()
+        until = loop.time() + linger_s
+        while not self._pending:
+            self._pending.extend(await self._out.get())
+        if loop.time() < until and not self._is_end_pending():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(until):
+                    while not self._is_end_pending():
+                        self._pending.extend(await self._out.get())
+        while not self._out.empty():
+            self._pending.extend(self._out.get_nowait())
+        chunk: list[TokenDelta] = []
+        while self._pending:
+            item = self._pending[0]
+            if isinstance(item, TokenDelta) and item.error is None:
+                chunk.append(self._pending.popleft())
+                if item.is_finished:
+                    self._is_finished = True
+                    self.close()
+                    break
+            elif chunk:
+                break  # the error comes with the next call
+            else:
+                return [await self.__anext__()]  # raises it and ends the stream
+        return chunk
+
+    def _is_end_pending(self) -> bool:
+        return any(
+            not isinstance(item, TokenDelta) or item.error is not None or item.is_finished
+            for item in self._pending
+        )
+
     async def aclose(self) -> None:
         self.close()
 

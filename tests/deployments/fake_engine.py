@@ -50,12 +50,13 @@ class FakeEngine:
                 f"the context length {MAX_MODEL_LEN}"
             )
 
-    def add_request(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+    def add_request(self, request: GenerationRequest) -> FakeStream:
+        self.check_request(len(request.prompt_token_ids), request.params.max_new_tokens)
         prompt = bytes(request.prompt_token_ids).decode("utf-8", errors="replace")
         if "[overload]" in prompt:
             raise OverloadedError("the fake engine's queue is full")
         self._running.add(request.request_id)
-        return self._generate(request, prompt)
+        return FakeStream(self._generate(request, prompt))
 
     async def _generate(self, request: GenerationRequest, prompt: str) -> AsyncIterator[TokenDelta]:
         params, num_prompt = request.params, len(request.prompt_token_ids)
@@ -93,6 +94,20 @@ class FakeEngine:
 
     def shutdown(self) -> None:
         self._running.clear()
+
+
+class FakeStream:
+    """The engine's stream interface over the fake's generator: one delta per chunk, no lingering."""
+
+    def __init__(self, deltas: AsyncIterator[TokenDelta]) -> None:
+        self._deltas = deltas
+
+    async def next_chunk(self, linger_s: float = 0.0) -> list[TokenDelta]:
+        delta = await anext(self._deltas, None)
+        return [] if delta is None else [delta]
+
+    async def aclose(self) -> None:
+        await self._deltas.aclose()
 
 
 def fake_factory(config: ModelConfig) -> ServingModel:

@@ -91,3 +91,46 @@ async def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(engine, t
     )
     assert ok[-1].num_completion_tokens == 5
     assert engine.stats().num_running == 0
+
+
+async def test_chunks_carry_the_same_deltas_as_single_iteration(engine, tiny):
+    _, tokenizer = tiny
+    alone = await collect(engine.add_request(request(tokenizer, "Count:", "one", max_new_tokens=12)))
+    stream = engine.add_request(request(tokenizer, "Count:", "chunked", max_new_tokens=12))
+    chunks = []
+    while chunk := await stream.next_chunk(linger_s=0.05):
+        chunks.append(chunk)
+    deltas = [d for c in chunks for d in c]
+    assert [(d.text, d.num_completion_tokens) for d in deltas] == [
+        (d.text, d.num_completion_tokens) for d in alone
+    ]
+    assert deltas[-1].is_finished and all(not d.is_finished for d in deltas[:-1])
+    assert len(chunks) < len(deltas)  # lingering 50 ms put several steps' tokens in one chunk
+    assert await stream.next_chunk() == []
+    assert not engine._streams
+
+
+async def test_a_chunk_without_linger_is_what_is_ready_and_never_waits_for_more(engine, tiny):
+    _, tokenizer = tiny
+    stream = engine.add_request(request(tokenizer, "Hello", max_new_tokens=50, ignore_eos=True))
+    first = await stream.next_chunk()
+    assert [d.num_completion_tokens for d in first] == [1]
+    await asyncio.sleep(0.3)  # several steps pile up meanwhile
+    piled = await stream.next_chunk()
+    assert len(piled) > 1
+    assert [d.num_completion_tokens for d in piled] == list(range(2, 2 + len(piled)))
+    await stream.aclose()
+
+
+async def test_an_error_comes_after_the_deltas_before_it(engine, tiny):
+    _, tokenizer = tiny
+    stream = engine.add_request(request(tokenizer, "Hello", max_new_tokens=200, ignore_eos=True))
+    await stream.next_chunk()
+    await asyncio.sleep(0.05)
+    engine._send_out({stream.request_id: [RequestFailedError("boom")]})  # as a failed step delivers it
+    await asyncio.sleep(0.05)
+    chunk = await stream.next_chunk(linger_s=1.0)  # the error ends the wait at once
+    assert chunk and not chunk[-1].is_finished
+    with pytest.raises(RequestFailedError, match="boom"):
+        await stream.next_chunk()
+    assert await stream.next_chunk() == []

@@ -53,6 +53,8 @@ def test_stream_matches_sync():
     assert chunks[-1].output.finished and not any(c.output.finished for c in chunks[:-1])
     assert "".join(c.output.text for c in chunks) == sync.output.text
     assert chunks[-1].output.num_completion_tokens == sync.output.num_completion_tokens
+    # one event per token, even when the replica sends several tokens in one message
+    assert [c.output.num_completion_tokens for c in chunks] == list(range(1, len(chunks) + 1))
 
 
 async def test_acreate_and_async_stream():

@@ -20,6 +20,9 @@ def build_tiny_app(model_dir: Path, engine_factory: EngineFactory | None = None)
         engine=EngineSettings(
             dtype="float32", max_model_len=TINY_MAX_MODEL_LEN, kv_cache_bytes=16 * 1024**2, num_threads=1
         ),
+        # Stream messages up to 1 s apart at a full batch: ~30 ms for a lone stream, several tiny-model
+        # steps, so every streaming test here also checks coalesced chunks (one event per token still).
+        stream_coalesce_ms=1000,
         # a health probe every second: a dead engine is replaced within seconds (test_engine_death.py)
         deployment=DeploymentSettings(
             ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32, health_check_period_s=1.0
