@@ -41,6 +41,9 @@ class AttentionMetadata:
     # With the CPU kernel, decode reads the cache in place through the block tables (no gather).
     decode_kernel: DecodeAttentionKernel | None = None
     decode_block_tables: torch.Tensor | None = None  # (D, width) int64 block ids, padded with 0
+    # Several prefill spans of similar size attend as one padded batch (one gather and one attention
+    # call per layer instead of one per span): built once per step, see `packed_prefill`.
+    packed: PackedPrefill | None = None
     _masks: dict = field(default_factory=dict)  # (kind, window) -> mask, shared by all layers
 
     def decode_mask(self, window: int | None) -> torch.Tensor:
@@ -65,6 +68,61 @@ class AttentionMetadata:
                 mask &= k_pos[None, :] > span.positions[:, None] - window
             self._masks[key] = mask[None, None]
         return self._masks[key]
+
+
+@dataclass(slots=True)
+class PackedPrefill:
+    """P prefill spans padded to n new tokens and ctx cached tokens each."""
+
+    query_index: torch.Tensor  # (P * n,) row of each padded query in the step's tokens (pads: a valid row)
+    gather: torch.Tensor  # (P * ctx,) cache slot of each padded key (pads: slot of position 0)
+    positions: torch.Tensor  # (P, n) absolute position of each query (pads: 0, so never all-masked)
+    context_lens: torch.Tensor  # (P,) keys each span may see at most
+    valid: torch.Tensor  # (P, n) True for real queries
+    rows: torch.Tensor  # (valid.sum(),) the step's token row of each real query, in `valid` order
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """(P, 1, n, ctx) causal, length and window mask."""
+        ctx = self.gather.numel() // self.context_lens.numel()
+        k_pos = torch.arange(ctx, device=self.positions.device)
+        mask = (k_pos[None, None, :] <= self.positions[:, :, None]) & (
+            k_pos[None, None, :] < self.context_lens[:, None, None]
+        )
+        if window is not None:
+            mask &= k_pos[None, None, :] > self.positions[:, :, None] - window
+        return mask[:, None]
+
+
+# Pad spans into one batch only while the padded attention work (query x key pairs) is at most this
+# many times the real work, or small anyway: below that, per-call overhead costs more than padding.
+MAX_PACKING_WASTE = 2.0
+SMALL_PACKED_PAIRS = 2**18
+
+
+def pack_prefills(spans: list[PrefillSpan]) -> PackedPrefill | None:
+    """One padded batch of `spans` (two or more, of similar sizes), or None to attend them one by one."""
+    if len(spans) < 2:
+        return None
+    n = max(span.num_tokens for span in spans)
+    ctx = max(span.gather.numel() for span in spans)
+    real = sum(span.num_tokens * span.gather.numel() for span in spans)
+    if len(spans) * n * ctx > max(MAX_PACKING_WASTE * real, SMALL_PACKED_PAIRS):
+        return None
+    device = spans[0].gather.device
+    query_index = torch.empty(len(spans), n, dtype=torch.long, device=device)
+    gather = torch.empty(len(spans), ctx, dtype=torch.long, device=device)
+    positions = torch.zeros(len(spans), n, dtype=torch.long, device=device)
+    valid = torch.zeros(len(spans), n, dtype=torch.bool, device=device)
+    for i, span in enumerate(spans):
+        num, width = span.num_tokens, span.gather.numel()
+        query_index[i] = span.start
+        query_index[i, :num] = torch.arange(span.start, span.start + num, device=device)
+        gather[i] = span.gather[0]
+        gather[i, :width] = span.gather
+        positions[i, :num] = span.positions
+        valid[i, :num] = True
+    lens = torch.tensor([span.gather.numel() for span in spans], device=device)
+    return PackedPrefill(query_index.flatten(), gather.flatten(), positions, lens, valid, query_index[valid])
 
 
 def _attend(q, k, v, mask, scale, softcap):
@@ -121,6 +179,20 @@ def attend_paged(
             q, k.transpose(1, 2), v.transpose(1, 2), meta.decode_mask(sliding_window), scaling, softcap
         )
         out[:num_decode] = o.reshape(num_decode, num_heads, head_dim)
+    packed = meta.packed
+    if packed is not None:
+        num_spans = packed.context_lens.numel()
+        q = query.index_select(0, packed.query_index).view(num_spans, -1, num_heads, head_dim)
+        k = k_cache.index_select(0, packed.gather).view(num_spans, -1, num_kv_heads, head_dim)
+        v = v_cache.index_select(0, packed.gather).view(num_spans, -1, num_kv_heads, head_dim)
+        key_ = ("packed", sliding_window)
+        if key_ not in meta._masks:
+            meta._masks[key_] = packed.mask(sliding_window)
+        o = _attend(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), meta._masks[key_], scaling, softcap
+        )  # (P, H, n, hd)
+        out[packed.rows] = o.transpose(1, 2)[packed.valid]
+        return out
     for index, span in enumerate(meta.prefills):
         q = query[span.start : span.start + span.num_tokens].transpose(0, 1).unsqueeze(0)  # (1, H, n, hd)
         k = k_cache.index_select(0, span.gather).transpose(0, 1).unsqueeze(0)  # (1, Hk, ctx, hd)

@@ -6,7 +6,7 @@ import torch
 
 from engine import attention
 from engine import native_attention as native_attention_kernel
-from engine.attention import AttentionMetadata, PrefillSpan
+from engine.attention import AttentionMetadata, PrefillSpan, pack_prefills
 from engine.fusion import optimize_model
 from engine.kv_cache import KVCache
 from engine.scheduler import ScheduledBatch
@@ -87,6 +87,7 @@ class ModelRunner:
             decode_lens=decode_lens,
             max_decode_ctx=max_ctx,
             prefills=prefills,
+            packed=pack_prefills(prefills),
             decode_kernel=self.decode_kernel if batch.num_decode else None,
             decode_block_tables=tables,
         )

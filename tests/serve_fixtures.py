@@ -7,7 +7,9 @@ route prefixes, so a test session starts each app once.
 
 from __future__ import annotations
 
+import os
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +39,8 @@ def free_port() -> int:
 def serve_session() -> Iterator[int]:
     """Yield the HTTP port of a running Serve; starts Ray and Serve on first use, stops them on last."""
     if _state.num_users == 0:
+        if os.environ.get("LLMSERVE_TEST_HAPROXY") == "1":
+            _use_haproxy(tempfile.mkdtemp(prefix="haproxy-serve-"))
         # address="local": always a private instance, never someone else's running cluster.
         ray.init(address="local", num_cpus=NUM_LOGICAL_CPUS, include_dashboard=False)
         _state.port = free_port()
@@ -49,6 +53,18 @@ def serve_session() -> Iterator[int]:
         if _state.num_users == 0:
             serve.shutdown()
             ray.shutdown()
+
+
+def _use_haproxy(state_dir: str) -> None:
+    """Serve's HAProxy mode (the README's server command), its files in this session's own folder."""
+    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    for name, file in (
+        ("CONFIG_FILE_LOC", "haproxy.cfg"),
+        ("SOCKET_PATH", "admin.sock"),
+        ("SERVER_STATE_BASE", ""),
+        ("SERVER_STATE_FILE", "server-state"),
+    ):
+        os.environ[f"RAY_SERVE_HAPROXY_{name}"] = os.path.join(state_dir, file).rstrip("/")
 
 
 def run_app(app: serve.Application, *, name: str, route_prefix: str, port: int) -> str:
