@@ -33,7 +33,6 @@ from deployments.guard import GuardSettings, RequestGuard
 from deployments.health import probe_models, readiness
 from deployments.http_metrics import HttpErrorMetrics
 from deployments.limits import LimitSettings
-from deployments.model_server import CompletionResult, ModelRequest
 from deployments.openapi_responses import (
     LLM_ENGINE_STREAM,
     LLM_ENGINE_SYNC,
@@ -55,6 +54,7 @@ from deployments.protocol.llm_engine import (
 )
 from deployments.protocol.openai_responses import ChatChunks, ChatCompletion, Completion, CompletionChunks
 from deployments.sse import SSE_DONE, SSE_HEADERS, SSE_MEDIA_TYPE, sse_event
+from deployments.wire import CompletionResult, ModelRequest
 from engine.errors import InvalidRequestError, ModelNotFoundError, ModelUnavailableError, ServingError
 from engine.types import TokenDelta
 

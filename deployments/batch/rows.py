@@ -17,9 +17,9 @@ from pydantic import ValidationError
 from deployments.batch.types import JobKind
 from deployments.errors import http_error
 from deployments.limits import LimitSettings
-from deployments.model_server import CompletionResult, ModelRequest
 from deployments.protocol import llm_engine, openai
 from deployments.protocol.openai_responses import ChatCompletion, Completion
+from deployments.wire import CompletionResult, ModelRequest
 from engine.errors import InvalidRequestError
 
 OPENAI_URLS = ("/v1/chat/completions", "/v1/completions")

@@ -12,7 +12,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from deployments.model_server import ChatMessage
 from deployments.protocol.bounds import (
     GREEDY_NOTE,
     MAX_GUIDED_CHOICES,
@@ -29,6 +28,7 @@ from deployments.protocol.bounds import (
     greedy_below_epsilon,
     require_unicode,
 )
+from deployments.wire import ChatMessage
 from engine.errors import InvalidRequestError
 from engine.guided_spec import GuidedSpec
 from engine.types import SamplingParams

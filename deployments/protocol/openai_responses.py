@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from deployments.model_server import CompletionResult
+from deployments.wire import CompletionResult
 from engine.types import FinishReason, TokenDelta, TokenLogProb
 
 _FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort"}

@@ -11,8 +11,9 @@ from deployments.config import ModelConfig
 from deployments.health import LOADING, READY, UNAVAILABLE, model_state, readiness
 from deployments.http_metrics import HttpErrorMetrics
 from deployments.metrics import ModelMetrics
-from deployments.model_server import ModelRequest, ModelServer
+from deployments.model_server import ModelServer
 from deployments.replica_logging import forward_library_logs
+from deployments.wire import ModelRequest
 from engine.errors import ContextLengthError
 from engine.types import EngineStats, FinishReason, SamplingParams, TokenDelta
 from tests.deployments.fake_engine import MAX_MODEL_LEN, fake_factory

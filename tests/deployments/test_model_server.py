@@ -7,7 +7,8 @@ import jinja2
 import pytest
 
 from deployments.config import ModelConfig
-from deployments.model_server import ChatMessage, ModelRequest, ModelServer, ServingModel
+from deployments.model_server import ModelServer, ServingModel
+from deployments.wire import ChatMessage, ModelRequest
 from engine.errors import ContextLengthError, InvalidRequestError
 from engine.types import FinishReason, SamplingParams
 from tests.deployments.fake_engine import MAX_MODEL_LEN, FakeEngine, FakeTokenizer, fake_factory

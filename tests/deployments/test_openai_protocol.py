@@ -6,7 +6,6 @@ import pytest
 from pydantic import ValidationError
 
 from deployments.errors import http_error, validation_message
-from deployments.model_server import ChatMessage, CompletionResult
 from deployments.protocol.openai import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -16,6 +15,7 @@ from deployments.protocol.openai import (
 )
 from deployments.protocol.openai_responses import ChatChunks, ChatCompletion, Completion, CompletionChunks
 from deployments.sse import sse_event
+from deployments.wire import ChatMessage, CompletionResult
 from engine.errors import InvalidRequestError
 from engine.types import FinishReason, SamplingParams, TokenDelta, TokenLogProb
 

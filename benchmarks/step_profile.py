@@ -1,0 +1,142 @@
+"""Where one decode step's time goes: torch.profiler over N steps of a full batch, grouped by kind.
+
+    python benchmarks/step_profile.py [--batch 16] [--steps 20] [--model smollm2-135m-instruct]
+
+Loads the model as the server does (EngineCore, fused/packed projections, paged attention), admits
+`--batch` requests, steps until every one is decoding, then profiles `--steps` decode steps. Each
+module kind runs inside a `record_function` range, so the table gives wall time per step by kind:
+projections (q/k/v/o, gate/up/down, lm head), attention (cache write + kernel), norms, rotary,
+embedding, activations, sampling and the rest; "Python and dispatch" is the step's wall time that
+no torch operator accounts for. The numbers belong in docs/performance.md beside the change they
+motivate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's packages
+
+from prompts import prompt_texts
+
+from engine import attention
+from engine.core import EngineCore
+from engine.device import default_num_threads, resolve_device, resolve_dtype
+from engine.types import EngineConfig, GenerationRequest, SamplingParams
+from model_zoo.catalogue import resolve
+from model_zoo.loader import load_model
+
+KINDS = {  # module class name -> kind
+    "PackedLinear": "projections",
+    "FusedProjection": "projections",
+    "Linear": "projections",
+    "LlamaRMSNorm": "norms",
+    "Gemma3RMSNorm": "norms",
+    "LlamaRotaryEmbedding": "rotary",
+    "Gemma3RotaryEmbedding": "rotary",
+    "Embedding": "embedding",
+    "Gemma3TextScaledWordEmbedding": "embedding",
+    "SiLUActivation": "activation",
+    "GELUTanh": "activation",
+    "PytorchGELUTanh": "activation",
+}
+
+
+SAMPLING_OPS = ("aten::multinomial", "aten::argmax", "aten::topk", "aten::softmax", "aten::sort")
+
+
+def label_modules(model: torch.nn.Module) -> None:
+    """Wrap each module of a known kind in a record_function range named after its kind."""
+
+    def wrap(module: torch.nn.Module, kind: str) -> None:
+        forward = module.forward
+
+        def labelled(*args, **kwargs):
+            with record_function(f"kind::{kind}"):
+                return forward(*args, **kwargs)
+
+        module.forward = labelled
+
+    for module in model.modules():
+        kind = KINDS.get(type(module).__name__)
+        if kind is not None:
+            wrap(module, kind)
+    attend = attention.attend_paged  # called by name from paged_attention: label it there
+
+    def labelled_attend(*args, **kwargs):
+        with record_function("kind::attention"):
+            return attend(*args, **kwargs)
+
+    attention.attend_paged = labelled_attend
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args()
+
+    torch.set_num_threads(default_num_threads())
+    device = resolve_device("auto")
+    dtype = resolve_dtype(args.dtype, device)
+    spec = resolve(args.model)
+    loaded = load_model(spec, dtype=dtype, device=device)
+    config = EngineConfig(max_num_seqs=max(32, args.batch), max_model_len=2048)
+    with torch.inference_mode():
+        core = EngineCore(loaded.model, loaded.tokenizer, config, device)
+        for text in prompt_texts(args.batch):
+            ids = tuple(loaded.tokenizer(f"[{uuid.uuid4().hex[:6]}] {text}").input_ids)
+            params = SamplingParams(max_new_tokens=args.steps + 40, temperature=0.0, ignore_eos=True)
+            core.add_request(GenerationRequest(uuid.uuid4().hex, ids, params))
+        while core.scheduler.waiting or any(
+            s.num_computed < s.num_tokens - 1 for s in core.scheduler.running
+        ):
+            core.step()  # prefill until every sequence decodes
+        for _ in range(5):
+            core.step()  # warm
+        label_modules(core.runner.model)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                with record_function("step"):
+                    core.step()
+            wall_s = (time.perf_counter() - start) / args.steps
+    print(
+        f"model {args.model}, {dtype}, {torch.get_num_threads()} threads, batch {args.batch} decoding, "
+        f"{args.steps} steps: {wall_s * 1e3:.1f} ms per step ({args.batch / wall_s:.0f} tok/s)\n"
+    )
+    by_kind: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        if event.key.startswith("kind::"):
+            by_kind[event.key.removeprefix("kind::")] += event.cpu_time_total
+        elif event.key in SAMPLING_OPS:
+            by_kind["sampling (ops)"] += event.self_cpu_time_total
+    step_us = wall_s * 1e6
+    rows = sorted(((us / args.steps, kind) for kind, us in by_kind.items()), reverse=True)
+    print("| kind | ms per step | share |\n|---|---|---|")
+    for us, kind in rows:
+        print(f"| {kind} | {us / 1e3:.2f} | {us / step_us:.0%} |")
+    rest = step_us - sum(us for us, _ in rows)
+    print(
+        f"| the rest (Python and dispatch outside these modules, other ops) | {rest / 1e3:.2f} | "
+        f"{rest / step_us:.0%} |"
+    )
+    print(f"| whole step | {step_us / 1e3:.2f} | 100% |")
+    print("\ntop operators by self CPU time:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+if __name__ == "__main__":
+    main()
