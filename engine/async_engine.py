@@ -80,11 +80,14 @@ class RequestStream:
         until = loop.time() + linger_s
         while not self._pending:
             self._pending.extend(await self._out.get())
-        if loop.time() < until and not self._is_end_pending():
+        is_end = _has_end(self._pending)
+        if loop.time() < until and not is_end:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(until):
-                    while not self._is_end_pending():
-                        self._pending.extend(await self._out.get())
+                    while not is_end:  # look at the new items only: a long sync stream stays linear
+                        items = await self._out.get()
+                        self._pending.extend(items)
+                        is_end = _has_end(items)
         while not self._out.empty():
             self._pending.extend(self._out.get_nowait())
         chunk: list[TokenDelta] = []
@@ -101,12 +104,6 @@ class RequestStream:
             else:
                 return [await self.__anext__()]  # raises it and ends the stream
         return chunk
-
-    def _is_end_pending(self) -> bool:
-        return any(
-            not isinstance(item, TokenDelta) or item.error is not None or item.is_finished
-            for item in self._pending
-        )
 
     async def aclose(self) -> None:
         self.close()
@@ -381,6 +378,13 @@ class AsyncEngine:
         for request_id in self.core.abort_all():
             error = exc if isinstance(exc, ServingError) else RequestFailedError(f"generation failed: {exc}")
             self._deliver_error(request_id, error)
+
+
+def _has_end(items) -> bool:
+    """Whether `items` (deltas and errors) hold a stream's end: its last delta or an error."""
+    return any(
+        not isinstance(item, TokenDelta) or item.error is not None or item.is_finished for item in items
+    )
 
 
 def _log_failure(future: Future) -> None:
