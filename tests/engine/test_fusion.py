@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.fusion import FusedProjection, PackedLinear, optimize_model
+from engine.fusion import FusedProjection, PackedLinear, optimize_model, padded_rows
 
 SHAPES = [(960, 576), (576, 1536), (3072, 576), (64, 48)]  # SmolLM2's q/k/v, down, gate/up; a tiny one
 
@@ -24,6 +24,15 @@ def test_packed_linear_rows_are_the_same_at_every_batch_size(dtype, out_features
         expected = nn.functional.linear(x.float(), weight.float())
         tolerance = 1e-4 if dtype == torch.float32 else 5e-2
         torch.testing.assert_close(rows.float(), expected, atol=tolerance, rtol=tolerance)
+
+
+def test_row_counts_are_padded_to_few_sizes_with_little_waste():
+    """oneDNN compiles and keeps a kernel per row count: a step's token count must not make new ones."""
+    sizes = [padded_rows(m) for m in range(1, 513)]
+    assert all(m <= size <= max(2, m + m / 8) for m, size in zip(range(1, 513), sizes, strict=True))
+    assert sizes[:16] == [2, *range(2, 17)]  # decode batches run exactly (a lone row as two)
+    assert sizes == sorted(sizes)
+    assert len(set(sizes)) <= 56  # instead of 512
 
 
 def test_fused_projections_match_the_modules_they_replace():
