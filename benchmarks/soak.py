@@ -103,11 +103,16 @@ def rss_by_replica_mib(pids: set[int]) -> dict[str, float]:
         if process.pid not in pids:
             continue
         try:
-            title = " ".join(process.cmdline()[:1])
+            # Ray rewrites a busy worker's title (the method it runs), so a replica's key keeps the
+            # title it had when first sampled: the same process stays one key through the run.
+            title = _titles.setdefault(process.pid, " ".join(process.cmdline()[:1]))
             rss[f"{process.pid} {title}"] = process.memory_info().rss / 1024**2
         except psutil.Error:
             continue
     return rss
+
+
+_titles: dict[int, str] = {}  # pid -> its title when first sampled
 
 
 def second_half_growth(samples: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
