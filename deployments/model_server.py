@@ -126,7 +126,7 @@ class ModelServer:
         # transformers 5 returns a BatchEncoding (a Mapping); older versions a plain list of ids.
         return list(encoded["input_ids"] if isinstance(encoded, Mapping) else encoded)
 
-    def _start(self, request: ModelRequest) -> tuple[DeltaSource, int]:
+    def _start(self, request: ModelRequest) -> DeltaSource:
         if isinstance(request.prompt, str):
             prompt_ids = self.encode(request.prompt, is_raw=request.is_raw_prompt)
         else:

@@ -42,7 +42,7 @@ class AttentionMetadata:
     decode_kernel: DecodeAttentionKernel | None = None
     decode_block_tables: torch.Tensor | None = None  # (D, width) int64 block ids, padded with 0
     # Several prefill spans of similar size attend as one padded batch (one gather and one attention
-    # call per layer instead of one per span): built once per step, see `packed_prefill`.
+    # call per layer instead of one per span): built once per step by `pack_prefills`.
     packed: PackedPrefill | None = None
     _masks: dict = field(default_factory=dict)  # (kind, window) -> mask, shared by all layers
 
@@ -67,6 +67,13 @@ class AttentionMetadata:
             if window is not None:
                 mask &= k_pos[None, :] > span.positions[:, None] - window
             self._masks[key] = mask[None, None]
+        return self._masks[key]
+
+    def packed_mask(self, window: int | None) -> torch.Tensor:
+        """(P, 1, n, ctx) mask of the packed prefill spans."""
+        key = ("packed", window)
+        if key not in self._masks:
+            self._masks[key] = self.packed.mask(window)
         return self._masks[key]
 
 
@@ -185,12 +192,8 @@ def attend_paged(
         q = query.index_select(0, packed.query_index).view(num_spans, -1, num_heads, head_dim)
         k = k_cache.index_select(0, packed.gather).view(num_spans, -1, num_kv_heads, head_dim)
         v = v_cache.index_select(0, packed.gather).view(num_spans, -1, num_kv_heads, head_dim)
-        key_ = ("packed", sliding_window)
-        if key_ not in meta._masks:
-            meta._masks[key_] = packed.mask(sliding_window)
-        o = _attend(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), meta._masks[key_], scaling, softcap
-        )  # (P, H, n, hd)
+        mask = meta.packed_mask(sliding_window)
+        o = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, scaling, softcap)
         out[packed.rows] = o.transpose(1, 2)[packed.valid]
         return out
     for index, span in enumerate(meta.prefills):
