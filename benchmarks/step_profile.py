@@ -1,13 +1,16 @@
 """Where one decode step's time goes: torch.profiler over N steps of a full batch, grouped by kind.
 
     python benchmarks/step_profile.py [--batch 16] [--steps 20] [--model smollm2-135m-instruct]
+    python benchmarks/step_profile.py --prefill-tokens 240   # each step also prefills a 240-token prompt
 
 Loads the model as the server does (EngineCore, fused/packed projections, paged attention), admits
 `--batch` requests, steps until every one is decoding, then profiles `--steps` decode steps. Each
 module kind runs inside a `record_function` range, so the table gives wall time per step by kind:
 projections (q/k/v/o, gate/up/down, lm head), attention (cache write + kernel), norms, rotary,
 embedding, activations, sampling and the rest; "Python and dispatch" is the step's wall time that
-no torch operator accounts for. The numbers belong in docs/performance.md beside the change they
+no torch operator accounts for. With `--prefill-tokens P`, each profiled step also carries one new
+request's whole prompt of P tokens (admitted before the step, aborted after it), the shape of a step
+under prefill-heavy load. The numbers belong in docs/performance.md beside the change they
 motivate.
 """
 
@@ -86,6 +89,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument(
+        "--prefill-tokens", type=int, default=0, help="a new prompt of this many tokens in every step"
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(default_num_threads())
@@ -93,7 +99,11 @@ def main() -> None:
     dtype = resolve_dtype(args.dtype, device)
     spec = resolve(args.model)
     loaded = load_model(spec, dtype=dtype, device=device)
-    config = EngineConfig(max_num_seqs=max(32, args.batch), max_model_len=2048)
+    config = EngineConfig(
+        max_num_seqs=max(32, args.batch + 1),
+        max_model_len=2048,
+        max_num_batched_tokens=max(256, args.batch + args.prefill_tokens),
+    )
     with torch.inference_mode():
         core = EngineCore(loaded.model, loaded.tokenizer, config, device)
         for text in prompt_texts(args.batch):
@@ -107,15 +117,30 @@ def main() -> None:
         for _ in range(5):
             core.step()  # warm
         label_modules(core.runner.model)
+        vocab = core.vocab_size
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            start = time.perf_counter()
-            for _ in range(args.steps):
+            wall_s = 0.0
+            for step in range(args.steps):
+                request_id = None
+                if args.prefill_tokens:  # distinct ids, so the prefix cache never shortens it
+                    ids = tuple(
+                        (step * 7919 + i * 104729) % (vocab - 1) + 1 for i in range(args.prefill_tokens)
+                    )
+                    request_id = uuid.uuid4().hex
+                    params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+                    core.add_request(GenerationRequest(request_id, ids, params))
+                start = time.perf_counter()
                 with record_function("step"):
                     core.step()
-            wall_s = (time.perf_counter() - start) / args.steps
+                wall_s += (time.perf_counter() - start) / args.steps
+                if request_id is not None:
+                    core.abort(request_id)
+    tokens = args.batch + args.prefill_tokens
     print(
-        f"model {args.model}, {dtype}, {torch.get_num_threads()} threads, batch {args.batch} decoding, "
-        f"{args.steps} steps: {wall_s * 1e3:.1f} ms per step ({args.batch / wall_s:.0f} tok/s)\n"
+        f"model {args.model}, {dtype}, {torch.get_num_threads()} threads, batch {args.batch} decoding"
+        f"{f' + a {args.prefill_tokens}-token prefill' if args.prefill_tokens else ''}, {args.steps} steps: "
+        f"{wall_s * 1e3:.1f} ms per step ({args.batch / wall_s:.0f} decode tok/s, "
+        f"{tokens / wall_s:.0f} tokens/s through the model)\n"
     )
     by_kind: dict[str, float] = defaultdict(float)
     for event in prof.key_averages():
