@@ -19,7 +19,7 @@ import jinja2
 from deployments.config import ModelConfig
 from deployments.metrics import ModelMetrics
 from deployments.protocol.bounds import check_unicode
-from deployments.replica_logging import forward_library_logs_in_replica
+from deployments.replica_logging import LOADING_LOGGER, forward_library_logs_in_replica
 from deployments.served_stream import DeltaSource, ServedStream, status_code_of
 from deployments.wire import ChatMessage, CompletionResult, ModelRequest
 from engine.errors import InvalidRequestError
@@ -30,7 +30,7 @@ from engine.types import (
     TokenLogProb,
 )
 
-logger = logging.getLogger("ray.serve")
+logger = logging.getLogger(LOADING_LOGGER)  # forwarded to Serve's replica log (replica_logging.py)
 
 
 class Engine(Protocol):

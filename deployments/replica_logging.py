@@ -1,15 +1,20 @@
 """Make the libraries' log records (model loading, engine) show in a Serve replica's log.
 
 Serve writes only the `ray.serve` logger to the replica's log file (and stderr); `model_zoo` and
-`engine` log under their own names, whose INFO records the root logger (WARNING) would drop.
+`engine` log under their own names, whose INFO records the root logger (WARNING) would drop. In Serve's
+throughput-optimized mode (the README's server command) Serve keeps replica logs off stderr, so these
+few loading records are also written to stderr themselves: `serve run` still shows a model's progress.
 """
 
 import logging
+import sys
 
 from ray.serve.context import _get_internal_replica_context
 
 SERVE_LOGGER = "ray.serve"
-LIBRARY_LOGGERS = ("model_zoo", "engine")
+LOADING_LOGGER = "deployments.loading"  # the model server's own loading and ready messages
+LIBRARY_LOGGERS = ("model_zoo", "engine", LOADING_LOGGER)
+STDERR_FORMAT = "%(levelname)s %(asctime)s %(name)s -- %(message)s"
 
 
 class _ForwardHandler(logging.Handler):
@@ -23,10 +28,23 @@ class _ForwardHandler(logging.Handler):
         self.target.handle(record)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes records to the process's stderr, which Ray streams to the `serve run` terminal."""
+
+
 def forward_library_logs_in_replica() -> None:
     """`forward_library_logs()` inside a Serve replica; nothing elsewhere (tests keep their logging)."""
     if _get_internal_replica_context() is not None:
         forward_library_logs()
+        if not _serve_logs_to_stderr():
+            copy_library_logs_to_stderr()
+
+
+def _serve_logs_to_stderr() -> bool:
+    """Whether Serve itself writes replica logs to stderr (off in its throughput-optimized mode)."""
+    from ray.serve._private import constants  # Ray 2.60 has no public flag for it
+
+    return bool(getattr(constants, "RAY_SERVE_LOG_TO_STDERR", True))
 
 
 def forward_library_logs(names: tuple[str, ...] = LIBRARY_LOGGERS, level: int = logging.INFO) -> None:
@@ -39,3 +57,13 @@ def forward_library_logs(names: tuple[str, ...] = LIBRARY_LOGGERS, level: int = 
         if not any(isinstance(h, _ForwardHandler) for h in library.handlers):
             library.addHandler(_ForwardHandler(target))
         library.propagate = False  # the root logger would print them a second time
+
+
+def copy_library_logs_to_stderr(names: tuple[str, ...] = LIBRARY_LOGGERS) -> None:
+    """Also write `names`' records to stderr; idempotent. Use after `forward_library_logs`."""
+    for name in names:
+        library = logging.getLogger(name)
+        if not any(isinstance(h, _StderrHandler) for h in library.handlers):
+            handler = _StderrHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter(STDERR_FORMAT))
+            library.addHandler(handler)

@@ -41,6 +41,8 @@ def serve_session() -> Iterator[int]:
     if _state.num_users == 0:
         if os.environ.get("LLMSERVE_TEST_HAPROXY") == "1":
             _use_haproxy(tempfile.mkdtemp(prefix="haproxy-serve-"))
+        else:
+            _use_readme_serve_env()
         # address="local": always a private instance, never someone else's running cluster.
         ray.init(address="local", num_cpus=NUM_LOGICAL_CPUS, include_dashboard=False)
         _state.port = free_port()
@@ -55,8 +57,20 @@ def serve_session() -> Iterator[int]:
             ray.shutdown()
 
 
+# The Serve settings of the README's server command (docs/performance.md, "Ray Serve's throughput mode").
+# Set here, after this process imported Serve, so only the processes Ray starts read them: this test
+# process keeps its default router loop, which its blocking handle calls need.
+README_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+
+
+def _use_readme_serve_env() -> None:
+    """Serve's throughput-optimized mode without direct ingress, unless the environment says otherwise."""
+    for name, value in README_SERVE_ENV.items():
+        os.environ.setdefault(name, value)
+
+
 def _use_haproxy(state_dir: str) -> None:
-    """Serve's HAProxy mode (the README's server command), its files in this session's own folder."""
+    """Serve's HAProxy mode (opt-in, LLMSERVE_TEST_HAPROXY=1), its files in this session's own folder."""
     os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
     for name, file in (
         ("CONFIG_FILE_LOC", "haproxy.cfg"),

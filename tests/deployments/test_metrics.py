@@ -12,7 +12,7 @@ from deployments.health import LOADING, READY, UNAVAILABLE, model_state, readine
 from deployments.http_metrics import HttpErrorMetrics
 from deployments.metrics import ModelMetrics
 from deployments.model_server import ModelServer
-from deployments.replica_logging import forward_library_logs
+from deployments.replica_logging import copy_library_logs_to_stderr, forward_library_logs
 from deployments.wire import ModelRequest
 from engine.errors import ContextLengthError
 from engine.types import EngineStats, FinishReason, SamplingParams, TokenDelta
@@ -186,3 +186,15 @@ def test_library_logs_reach_the_serve_logger():
     finally:
         serve_logger.removeHandler(keep)
     assert [r.getMessage() for r in records] == ["loading m"]
+
+
+def test_library_logs_are_copied_to_stderr_once(capsys):
+    """Serve's throughput mode keeps replica logs off stderr: the loading records are written there too."""
+    name = "test_library_stderr"
+    forward_library_logs((name,))
+    copy_library_logs_to_stderr((name,))
+    copy_library_logs_to_stderr((name,))  # idempotent: one copy of each record
+    logging.getLogger(name).info("loaded %s in %.1f s", "m", 0.8)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("INFO ")
+    assert lines[0].endswith(f"{name} -- loaded m in 0.8 s")
