@@ -12,8 +12,25 @@ import zlib
 from typing import Any
 
 import schemathesis
+from hypothesis.internal import lambda_sources
 
 MODELS_ENV = "LLMSERVE_FUZZ_MODELS"  # comma-separated served names
+
+
+_describe_lambda = lambda_sources._lambda_description
+
+
+def _describe_lambda_or_unknown(f: Any, *args: Any, **kwargs: Any) -> str:
+    """CPython 3.11.7's `ast.parse` can raise SystemError ("AST constructor recursion depth mismatch")
+    deep in a stack; hypothesis parses a lambda's source only to describe it, so that crashed case
+    generation (no request sent). Describe such a lambda as hypothesis does when it has no source."""
+    try:
+        return _describe_lambda(f, *args, **kwargs)
+    except SystemError:
+        return "lambda: <unknown>"
+
+
+lambda_sources._lambda_description = _describe_lambda_or_unknown
 
 
 def _served_name(value: Any) -> Any:
