@@ -2,8 +2,9 @@
 
 Serve writes only the `ray.serve` logger to the replica's log file (and stderr); `model_zoo` and
 `engine` log under their own names, whose INFO records the root logger (WARNING) would drop. In Serve's
-throughput-optimized mode (the README's server command) Serve keeps replica logs off stderr, so these
-few loading records are also written to stderr themselves: `serve run` still shows a model's progress.
+throughput-optimized mode (the README's server command) Serve keeps replica logs off stderr and buffers
+its log file, so these few loading records are also written to stderr themselves: `serve run` still
+shows a model's progress as it happens.
 """
 
 import logging
@@ -29,7 +30,12 @@ class _ForwardHandler(logging.Handler):
 
 
 class _StderrHandler(logging.StreamHandler):
-    """Writes records to the process's stderr, which Ray streams to the `serve run` terminal."""
+    """Writes records to the process's own stderr (file descriptor 2), which Ray streams to the `serve
+    run` terminal. Not `sys.stderr`: inside a replica Serve replaces it with a stream into its own logger,
+    whose file handler holds records back (1,000 at a time in the throughput mode)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.__stderr__ or sys.stderr)
 
 
 def forward_library_logs_in_replica() -> None:
@@ -64,6 +70,6 @@ def copy_library_logs_to_stderr(names: tuple[str, ...] = LIBRARY_LOGGERS) -> Non
     for name in names:
         library = logging.getLogger(name)
         if not any(isinstance(h, _StderrHandler) for h in library.handlers):
-            handler = _StderrHandler(sys.stderr)
+            handler = _StderrHandler()
             handler.setFormatter(logging.Formatter(STDERR_FORMAT))
             library.addHandler(handler)

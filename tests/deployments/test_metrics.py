@@ -188,13 +188,13 @@ def test_library_logs_reach_the_serve_logger():
     assert [r.getMessage() for r in records] == ["loading m"]
 
 
-def test_library_logs_are_copied_to_stderr_once(capsys):
+def test_library_logs_are_copied_to_stderr_once(capfd):
     """Serve's throughput mode keeps replica logs off stderr: the loading records are written there too."""
     name = "test_library_stderr"
     forward_library_logs((name,))
     copy_library_logs_to_stderr((name,))
     copy_library_logs_to_stderr((name,))  # idempotent: one copy of each record
     logging.getLogger(name).info("loaded %s in %.1f s", "m", 0.8)
-    lines = capsys.readouterr().err.splitlines()
+    lines = capfd.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("INFO ")
     assert lines[0].endswith(f"{name} -- loaded m in 0.8 s")
