@@ -114,11 +114,13 @@ async def test_a_chunk_without_linger_is_what_is_ready_and_never_waits_for_more(
     _, tokenizer = tiny
     stream = engine.add_request(request(tokenizer, "Hello", max_new_tokens=50, ignore_eos=True))
     first = await stream.next_chunk()
-    assert [d.num_completion_tokens for d in first] == [1]
+    # Whatever was ready when the loop woke: usually one token, more on a loaded machine.
+    assert [d.num_completion_tokens for d in first] == list(range(1, 1 + len(first)))
     await asyncio.sleep(0.3)  # several steps pile up meanwhile
     piled = await stream.next_chunk()
     assert len(piled) > 1
-    assert [d.num_completion_tokens for d in piled] == list(range(2, 2 + len(piled)))
+    start = 1 + len(first)
+    assert [d.num_completion_tokens for d in piled] == list(range(start, start + len(piled)))
     await stream.aclose()
 
 
