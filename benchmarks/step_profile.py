@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 
 from prompts import prompt_texts
 
-from engine import attention
+from engine import attention, fast_forward
 from engine.core import EngineCore
 from engine.device import default_num_threads, resolve_device, resolve_dtype
 from engine.types import EngineConfig, GenerationRequest, SamplingParams
@@ -72,13 +72,22 @@ def label_modules(model: torch.nn.Module) -> None:
         kind = KINDS.get(type(module).__name__)
         if kind is not None:
             wrap(module, kind)
-    attend = attention.attend_paged  # called by name from paged_attention: label it there
+    # Called by name (from paged_attention and the fast forward, where norms and rotary are no
+    # modules): label them where they are defined.
+    for owner, name, kind in (
+        (attention, "attend_paged", "attention"),
+        (fast_forward, "rms_norm", "norms"),
+        (fast_forward, "apply_rotary", "rotary"),
+    ):
+        setattr(owner, name, _labelled(getattr(owner, name), kind))
 
-    def labelled_attend(*args, **kwargs):
-        with record_function("kind::attention"):
-            return attend(*args, **kwargs)
 
-    attention.attend_paged = labelled_attend
+def _labelled(function, kind: str):
+    def labelled(*args, **kwargs):
+        with record_function(f"kind::{kind}"):
+            return function(*args, **kwargs)
+
+    return labelled
 
 
 def main() -> None:

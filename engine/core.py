@@ -83,7 +83,12 @@ class EngineCore:
         num_slots, mib = num_blocks * config.block_size, self.kv_cache.num_bytes / 2**20
         logger.info("KV cache: %d blocks, %d tokens, %.1f MiB of %s", num_blocks, num_slots, mib, dtype)
         self.runner = ModelRunner(
-            model, self.kv_cache, device, config.optimize_model, config.native_attention
+            model,
+            self.kv_cache,
+            device,
+            config.optimize_model,
+            config.native_attention,
+            config.fast_forward,
         )
         self.scheduler = Scheduler(
             max_num_seqs=config.max_num_seqs,

@@ -7,6 +7,7 @@ import torch
 from engine import attention
 from engine import native_attention as native_attention_kernel
 from engine.attention import AttentionMetadata, PrefillSpan, pack_prefills
+from engine.fast_forward import FastForward
 from engine.fusion import optimize_model
 from engine.kv_cache import KVCache
 from engine.scheduler import ScheduledBatch
@@ -22,13 +23,16 @@ class ModelRunner:
         device: torch.device,
         optimize: bool,
         native_attention: bool = True,
+        fast_forward: bool = True,
     ) -> None:
         """Takes the model over: its attention becomes the paged one and, if `optimize`, its linears fused.
 
-        `native_attention`: decode attention in the C kernel where it supports the device and dtype."""
+        `native_attention`: decode attention in the C kernel where it supports the device and dtype.
+        `fast_forward`: Llama-shaped models (fused) run through `engine/fast_forward.py`."""
         model.set_attn_implementation(attention.register())
         if optimize:
             optimize_model(model)
+        self.fast_forward = FastForward(model) if fast_forward and FastForward.supports(model) else None
         use_kernel = native_attention and native_attention_kernel.supports(device, kv_cache.dtype)
         self.decode_kernel = native_attention_kernel.load() if use_kernel else None
         self.model = model
@@ -99,9 +103,13 @@ class ModelRunner:
         """Run one step; returns float32 logits (S, V) for the sequences whose last token was fed."""
         ids, pos, meta, sample_index = self.prepare(batch)
         keep = torch.tensor(sample_index, dtype=torch.long, device=self.device)
-        out = self.model(
-            input_ids=ids, position_ids=pos, attn_meta=meta, logits_to_keep=keep, use_cache=False
-        )
+        if self.fast_forward is not None:
+            logits = self.fast_forward(ids, pos, meta, keep)
+        else:
+            out = self.model(
+                input_ids=ids, position_ids=pos, attn_meta=meta, logits_to_keep=keep, use_cache=False
+            )
+            logits = out.logits[0]
         for seq, n in batch.items:
             seq.num_computed += n
-        return out.logits[0].float()
+        return logits.float()

@@ -1,0 +1,139 @@
+"""The fast forward (engine/fast_forward.py) gives transformers' logits to the bit, step after step.
+
+Every step of a load mixing chunked prefills, packed prefills, prefix-cache hits and decodes is run
+both ways on the same attention metadata, and the two logit tensors must be equal (`torch.equal`),
+for the tiny Llama and for a tiny Mistral with a sliding window shorter than the prompts.
+"""
+
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM
+
+from engine.core import EngineCore
+from engine.fast_forward import FastForward
+from engine.types import EngineConfig
+from tests.engine.conftest import make_core, request, run_to_completion, text_of
+
+PROMPTS = [
+    "Hello there",
+    "The capital of France is",
+    "Once upon a time there was a little model that wanted to write stories. " * 3,
+    "Once upon a time there was a little model that wanted to write stories. " * 3 + "The end?",
+    "1 2 3 4 5 6 7 8 9 10",
+]
+
+
+def check_every_step(core: EngineCore) -> list[bool]:
+    """Make the runner compute each step both ways first; returns one `torch.equal` per step."""
+    runner = core.runner
+    assert runner.fast_forward is not None
+    execute, results = runner.execute, []
+
+    def both_ways(batch):
+        ids, pos, meta, sample_index = runner.prepare(batch)
+        keep = torch.tensor(sample_index, dtype=torch.long)
+        reference = runner.model(
+            input_ids=ids, position_ids=pos, attn_meta=meta, logits_to_keep=keep, use_cache=False
+        ).logits[0]
+        results.append(torch.equal(runner.fast_forward(ids, pos, meta, keep), reference))
+        return execute(batch)
+
+    runner.execute = both_ways
+    return results
+
+
+def run_load(core: EngineCore, tokenizer) -> dict[str, str]:
+    for i, prompt in enumerate(PROMPTS):
+        core.add_request(request(tokenizer, prompt, f"r{i}", max_new_tokens=20, ignore_eos=True))
+    return {rid: text_of(deltas) for rid, deltas in run_to_completion(core).items()}
+
+
+@pytest.mark.parametrize("max_num_batched_tokens", [256, 24])  # whole prompts (packed), and chunked
+def test_llama_logits_equal_transformers_at_every_step(tiny, max_num_batched_tokens):
+    _, tokenizer = tiny
+    core = make_core(tiny, max_num_batched_tokens=max_num_batched_tokens)
+    equal = check_every_step(core)
+    run_load(core, tokenizer)
+    assert len(equal) >= 20 and all(equal)
+
+
+def test_greedy_text_is_the_same_with_and_without_it(tiny):
+    _, tokenizer = tiny
+    texts = [run_load(make_core(tiny, fast_forward=fast), tokenizer) for fast in (False, True)]
+    assert texts[0] == texts[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_mistral(tiny):
+    _, tokenizer = tiny
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        sliding_window=8,  # shorter than most prompts: the window masks part of the context
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    return MistralForCausalLM(config).eval(), tokenizer
+
+
+def test_mistral_with_a_sliding_window_equals_transformers(tiny_mistral):
+    _, tokenizer = tiny_mistral
+    core = make_core(tiny_mistral, max_num_batched_tokens=24)
+    assert core.runner.fast_forward.sliding_window == 8
+    equal = check_every_step(core)
+    run_load(core, tokenizer)
+    assert len(equal) >= 20 and all(equal)
+
+
+def test_a_wrong_window_would_be_seen(tiny_mistral):
+    """The check above can fail: the same load without the window differs from transformers."""
+    _, tokenizer = tiny_mistral
+    core = make_core(tiny_mistral, max_num_batched_tokens=24)
+    core.runner.fast_forward.sliding_window = None
+    equal = check_every_step(core)
+    run_load(core, tokenizer)
+    assert not all(equal)
+
+
+def test_it_is_used_only_where_it_applies(tiny):
+    assert make_core(tiny).runner.fast_forward is not None
+    assert make_core(tiny, fast_forward=False).runner.fast_forward is None
+    assert EngineConfig().fast_forward
+
+
+def test_unfused_or_unknown_models_run_on_transformers(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert not FastForward.supports(model)  # not fused yet
+    core = make_core((model, tokenizer), optimize_model=False)
+    assert core.runner.fast_forward is None
+    with pytest.raises(ValueError, match="not fused"):
+        FastForward(model)
+
+    class OtherForCausalLM(torch.nn.Module):
+        pass
+
+    with pytest.raises(ValueError, match="OtherForCausalLM is not one of"):
+        FastForward(OtherForCausalLM())
+
+
+@pytest.mark.slow
+def test_smollm2_bf16_logits_equal_transformers_at_every_step():
+    """The shipped model in its shipped dtype: the same bits as transformers' own forward."""
+    from model_zoo import resolve
+    from model_zoo.loader import load_model
+
+    loaded = load_model(resolve("smollm2-135m-instruct"), dtype=torch.bfloat16)
+    core = make_core((loaded.model, loaded.tokenizer), max_num_batched_tokens=64)
+    equal = check_every_step(core)
+    run_load(core, loaded.tokenizer)
+    assert len(equal) >= 20 and all(equal)
