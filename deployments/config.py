@@ -55,6 +55,15 @@ class EngineSettings(BaseModel):
         _ENGINE_DEFAULTS.enable_prefix_caching,
         description="Reuse the KV blocks of prompt prefixes that requests share (docs/kv_cache.md).",
     )
+    native_attention: bool = Field(
+        _ENGINE_DEFAULTS.native_attention,
+        description="CPU decode attention in the engine's C kernel; false = torch's attention.",
+    )
+    fast_forward: bool = Field(
+        _ENGINE_DEFAULTS.fast_forward,
+        description="Llama and Mistral models step through the engine's own forward (same operations and "
+        "results as transformers' code, less Python); false = transformers' modules.",
+    )
 
     def to_engine_config(self, *, context_length: int | None = None, **overrides: Any) -> EngineConfig:
         """The engine's config; `max_model_len` defaults to the model's `context_length`."""

@@ -46,6 +46,12 @@ def test_engine_defaults_mirror_engine_config():
     assert engine == EngineConfig(max_model_len=4096)
 
 
+def test_engine_code_paths_can_be_switched_off_per_model():
+    settings = {"fast_forward": False, "native_attention": False}
+    engine = ModelConfig(name="m", model="m", engine=settings).engine.to_engine_config()
+    assert (engine.fast_forward, engine.native_attention) == (False, False)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
