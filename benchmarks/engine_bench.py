@@ -164,6 +164,9 @@ def main() -> None:
     parser.add_argument("--sequential-requests", type=int, default=4)
     parser.add_argument("--skip-baselines", action="store_true")
     parser.add_argument("--guided", action="store_true", help="also compare JSON-guided with free requests")
+    parser.add_argument(
+        "--no-fast-forward", action="store_true", help="transformers' modules even for Llama (A/B)"
+    )
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -178,7 +181,11 @@ def main() -> None:
     results: dict[str, Result] = {}
     tokenizer = run_in_thread(lambda: baselines(load, args, results, threads))
     print(f"model {args.model}, {dtype}, {device}, {threads} threads, torch {torch.__version__}")
-    engine = AsyncEngine.from_loader(load, EngineConfig(max_num_seqs=32, num_threads=threads), device)
+    engine = AsyncEngine.from_loader(
+        load,
+        EngineConfig(max_num_seqs=32, num_threads=threads, fast_forward=not args.no_fast_forward),
+        device,
+    )
     prompts16 = make_prompts(tokenizer, 16)
     print(
         f"prompt tokens: {min(map(len, prompts16))}-{max(map(len, prompts16))}, new tokens {args.new_tokens}"

@@ -99,6 +99,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument(
+        "--no-fast-forward", action="store_true", help="transformers' modules even for Llama (A/B)"
+    )
+    parser.add_argument(
         "--prefill-tokens", type=int, default=0, help="a new prompt of this many tokens in every step"
     )
     args = parser.parse_args()
@@ -112,6 +115,7 @@ def main() -> None:
         max_num_seqs=max(32, args.batch + 1),
         max_model_len=2048,
         max_num_batched_tokens=max(256, args.batch + args.prefill_tokens),
+        fast_forward=not args.no_fast_forward,
     )
     with torch.inference_mode():
         core = EngineCore(loaded.model, loaded.tokenizer, config, device)
