@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from engine import attention
@@ -11,6 +13,8 @@ from engine.fast_forward import FastForward
 from engine.fusion import optimize_model
 from engine.kv_cache import KVCache
 from engine.scheduler import ScheduledBatch
+
+logger = logging.getLogger("engine")
 
 
 class ModelRunner:
@@ -33,6 +37,8 @@ class ModelRunner:
         if optimize:
             optimize_model(model)
         self.fast_forward = FastForward(model) if fast_forward and FastForward.supports(model) else None
+        path = "the engine's fast forward" if self.fast_forward is not None else "transformers' modules"
+        logger.info("%s steps through %s", type(model).__name__, path)
         use_kernel = native_attention and native_attention_kernel.supports(device, kv_cache.dtype)
         self.decode_kernel = native_attention_kernel.load() if use_kernel else None
         self.model = model
