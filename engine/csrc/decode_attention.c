@@ -35,6 +35,29 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, NaN kept
     return (uint16_t)(u >> 16);
 }
 
+/* e^x in float32 within ~2 ulp on [-87, 88] (x is clamped to that range: e^-87 ~ 1.6e-38 stands in for
+   anything smaller, the tail of a softmax), written without calls or branches so that the compiler
+   vectorizes the softmax loop: libm's expf is a scalar call per score, and it was most of a decode
+   step's attention time. Cephes' polynomial after x = n ln2 + r, |r| <= ln2/2; the two-part ln2 is
+   subtracted with explicit fmaf, which -fassociative-math may not merge. */
+static inline float exp_approx(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = fmaf(n, -0.693359375f, x);
+    r = fmaf(n, 2.12194440e-4f, r);
+    float p = 1.9875691500e-4f;
+    p = fmaf(p, r, 1.3981999507e-3f);
+    p = fmaf(p, r, 8.3334519073e-3f);
+    p = fmaf(p, r, 4.1665795894e-2f);
+    p = fmaf(p, r, 1.6666665459e-1f);
+    p = fmaf(p, r, 5.0000001201e-1f);
+    p = fmaf(p * r, r, r) + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
 /* n values starting at element `offset` of base, as float32 */
 static inline void load_span(const void *base, int64_t offset, int64_t n, int dtype, float *restrict dst) {
     if (dtype == 0) {
@@ -87,7 +110,7 @@ static inline __attribute__((always_inline)) void attend(
         for (int64_t t = 1; t < n; t++) top = sh[t] > top ? sh[t] : top;
         float total = 0.0f;
         for (int64_t t = 0; t < n; t++) {
-            sh[t] = expf(sh[t] - top);
+            sh[t] = exp_approx(sh[t] - top);
             total += sh[t];
         }
         const float inv = 1.0f / total;

@@ -68,6 +68,18 @@ def test_kernel_matches_reference(dtype, heads, kv_heads, head_dim, block_size, 
 
 
 @needs_kernel
+def test_kernel_softmax_holds_over_a_wide_range_of_scores():
+    """Scores spread over hundreds (a large scale): the kernel's own exp, clamped far below the max."""
+    lens = [3, 40, 77, 128]
+    query, k_cache, v_cache, tables, ctx = make_case(torch.float32, 9, 3, 64, 16, lens, seed=2)
+    for scale in (4.0, 0.01):
+        out = torch.empty_like(query)
+        kernel(query, k_cache, v_cache, tables, ctx, 16, scale, None, None, out)
+        expected = reference(query, k_cache, v_cache, tables, ctx, 16, scale, None, None)
+        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_rows_do_not_depend_on_the_batch(dtype):
     lens = [23, 64, 7, 50, 31]
