@@ -77,6 +77,7 @@ def label_modules(model: torch.nn.Module) -> None:
     for owner, name, kind in (
         (attention, "attend_paged", "attention"),
         (fast_forward, "rms_norm", "norms"),
+        (fast_forward, "gemma_rms_norm", "norms"),
         (fast_forward, "apply_rotary", "rotary"),
     ):
         setattr(owner, name, _labelled(getattr(owner, name), kind))

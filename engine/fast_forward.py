@@ -1,13 +1,13 @@
-"""The decoder of Llama-shaped models as one function: transformers' operations without its module tree.
+"""The decoder of known architectures as one function: transformers' operations without its module tree.
 
-transformers runs a Llama step through ~450 module calls (hooks, keyword plumbing, decorators, output
-records, a mask it builds and we never read): ~4-5 ms of Python per SmolLM2 step here, on top of
-~30 ms of arithmetic, and most of a lone request's step beyond the weights' read. `FastForward`
-runs the same weights through the same torch operations in the same order, so the logits are the
-same bits (tested against transformers' forward), as one loop over the layers. It is used for
-architectures whose layers it knows exactly (`SUPPORTED`), once `engine/fusion.py` has fused their
-projections; every other model (Gemma 3, Qwen3's q/k norms, MoE layers) runs on transformers'
-modules, unchanged. `EngineConfig.fast_forward` turns it off.
+transformers runs a SmolLM2 (Llama) step through ~450 module calls (hooks, keyword plumbing,
+decorators, output records, a mask it builds and we never read): ~4-5 ms of Python per step here, on
+top of ~30 ms of arithmetic, and most of a lone request's step beyond the weights' read.
+`FastForward` runs the same weights through the same torch operations in the same order, so the
+logits are the same bits (tested against transformers' forward), as one loop over the layers. It
+knows the layers of `SUPPORTED` exactly and is used for them once `engine/fusion.py` has fused their
+projections; every other model (Qwen3's q/k norms, MoE layers, ...) runs on transformers' modules,
+unchanged. `EngineConfig.fast_forward` turns it off.
 
 The norm and rotary helpers are looked up by name at each call, so a profiler can label them
 (benchmarks/step_profile.py).
@@ -24,10 +24,13 @@ from engine import attention
 from engine.attention import AttentionMetadata
 from engine.fusion import FusedProjection
 
-# Model classes whose decoder layers are exactly: RMSNorm -> fused q/k/v -> rotary -> attention -> o
-# -> residual -> RMSNorm -> fused gate/up -> act(gate) * up -> down -> residual, with a final RMSNorm.
-# Mistral differs from Llama only by passing its config's sliding window to attention.
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM")
+# Llama and Mistral layers: RMSNorm -> fused q/k/v -> rotary -> attention -> o -> residual -> RMSNorm
+# -> fused gate/up -> act(gate) * up -> down -> residual (Mistral passes its sliding window on).
+# Gemma 3 layers add q/k norms, a norm after attention and around the MLP, (1 + weight) norms in
+# float32, per-layer sliding windows with their own rotary tables, and a scaled embedding.
+LLAMA_LIKE = ("LlamaForCausalLM", "MistralForCausalLM")
+GEMMA3 = ("Gemma3ForCausalLM",)
+SUPPORTED = LLAMA_LIKE + GEMMA3
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -39,6 +42,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x.to(dtype)
 
 
+def gemma_rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Gemma3RMSNorm, op for op; `scale` is its `1.0 + weight.float()`, computed once."""
+    y = x.float()
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * scale).type_as(x)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """transformers' apply_rotary_pos_emb for one tensor (T, heads, hd) with cos/sin (T, 1, hd)."""
     half = x.shape[-1] // 2
@@ -47,47 +57,133 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 @dataclass(frozen=True, slots=True)
-class _Layer:
-    """What one decoder layer's step reads, fetched once from its modules (no attribute walks per step)."""
+class _Attention:
+    """What a layer's attention reads, fetched once from its modules (no attribute walks per step)."""
 
     index: int
-    norm1: torch.Tensor
-    eps1: float
     qkv: nn.Module
     q_size: int
     k_size: int
     head_dim: int
     scaling: float
+    window: int | None
     o_proj: nn.Module
-    norm2: torch.Tensor
-    eps2: float
-    gate_up: nn.Module
-    gate_up_sizes: list[int]
-    act: nn.Module
-    down: nn.Module
 
     @classmethod
-    def of(cls, index: int, layer: nn.Module) -> _Layer:
-        attn, mlp = layer.self_attn, layer.mlp
-        qkv, gate_up = attn.fused_q_k_v, mlp.fused_gate_up
-        norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
+    def of(cls, index: int, attn: nn.Module, window: int | None) -> _Attention:
+        qkv = attn.fused_q_k_v
         return cls(
             index=attn.layer_idx if attn.layer_idx is not None else index,
-            norm1=norm1.weight,
-            eps1=norm1.variance_epsilon,
             qkv=qkv.linear,
             q_size=qkv.sizes[0],
             k_size=qkv.sizes[1],
             head_dim=attn.head_dim,
             scaling=attn.scaling,
+            window=window,
             o_proj=attn.o_proj,
-            norm2=norm2.weight,
-            eps2=norm2.variance_epsilon,
-            gate_up=gate_up.linear,
-            gate_up_sizes=gate_up.sizes,
-            act=mlp.act_fn,
-            down=mlp.down_proj,
         )
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (T, H, hd), k and v (T, Hk, hd): views into one fused product."""
+        qkv, hd, num_tokens = self.qkv(x), self.head_dim, x.shape[0]
+        k_end = self.q_size + self.k_size
+        q = qkv[:, : self.q_size].view(num_tokens, -1, hd)
+        k = qkv[:, self.q_size : k_end].view(num_tokens, -1, hd)
+        return q, k, qkv[:, k_end:].view(num_tokens, -1, hd)
+
+    def attend(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
+        out = attention.attend_paged(self.index, q, k, v, meta, self.scaling, self.window)
+        return self.o_proj(out.view(out.shape[0], -1))
+
+
+@dataclass(frozen=True, slots=True)
+class _Mlp:
+    gate_up: nn.Module
+    sizes: list[int]
+    act: nn.Module
+    down: nn.Module
+
+    @classmethod
+    def of(cls, mlp: nn.Module) -> _Mlp:
+        return cls(mlp.fused_gate_up.linear, mlp.fused_gate_up.sizes, mlp.act_fn, mlp.down_proj)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).split(self.sizes, dim=-1)
+        return self.down(self.act(gate) * up)
+
+
+@dataclass(frozen=True, slots=True)
+class _LlamaLayer:
+    attn: _Attention
+    mlp: _Mlp
+    norm1: torch.Tensor
+    eps1: float
+    norm2: torch.Tensor
+    eps2: float
+    rope: str | None = None  # one rotary table for every layer
+
+    @classmethod
+    def of(cls, index: int, layer: nn.Module, window: int | None) -> _LlamaLayer:
+        norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
+        attn = _Attention.of(index, layer.self_attn, window)
+        mlp = _Mlp.of(layer.mlp)
+        return cls(attn, mlp, norm1.weight, norm1.variance_epsilon, norm2.weight, norm2.variance_epsilon)
+
+    def __call__(self, hidden, cos, sin, meta: AttentionMetadata) -> torch.Tensor:
+        attn, num_tokens = self.attn, hidden.shape[0]
+        qkv = attn.qkv(rms_norm(hidden, self.norm1, self.eps1))
+        hd, k_end = attn.head_dim, attn.q_size + attn.k_size
+        # q and k sit side by side in the product's output: one rotary pass over both (elementwise)
+        qk = apply_rotary(qkv[:, :k_end].view(num_tokens, -1, hd), cos, sin)
+        num_q_heads = attn.q_size // hd
+        v = qkv[:, k_end:].view(num_tokens, -1, hd)
+        hidden = hidden + attn.attend(qk[:, :num_q_heads], qk[:, num_q_heads:], v, meta)
+        return hidden + self.mlp(rms_norm(hidden, self.norm2, self.eps2))
+
+
+@dataclass(frozen=True, slots=True)
+class _GemmaLayer:
+    attn: _Attention
+    mlp: _Mlp
+    eps: float
+    input_norm: torch.Tensor  # each a (1 + weight) float32 scale
+    q_norm: torch.Tensor
+    k_norm: torch.Tensor
+    post_attention_norm: torch.Tensor
+    pre_mlp_norm: torch.Tensor
+    post_mlp_norm: torch.Tensor
+    rope: str  # the layer type, which picks its rotary table
+
+    @classmethod
+    def of(cls, index: int, layer: nn.Module, layer_type: str) -> _GemmaLayer:
+        attn = layer.self_attn
+        scales = [
+            (1.0 + norm.weight.float()).detach()
+            for norm in (
+                layer.input_layernorm,
+                attn.q_norm,
+                attn.k_norm,
+                layer.post_attention_layernorm,
+                layer.pre_feedforward_layernorm,
+                layer.post_feedforward_layernorm,
+            )
+        ]
+        return cls(
+            _Attention.of(index, attn, attn.sliding_window),
+            _Mlp.of(layer.mlp),
+            layer.input_layernorm.eps,
+            *scales,
+            rope=layer_type,
+        )
+
+    def __call__(self, hidden, cos, sin, meta: AttentionMetadata) -> torch.Tensor:
+        eps, attn = self.eps, self.attn
+        q, k, v = attn.split(gemma_rms_norm(hidden, self.input_norm, eps))
+        q = apply_rotary(gemma_rms_norm(q, self.q_norm, eps), cos, sin)
+        k = apply_rotary(gemma_rms_norm(k, self.k_norm, eps), cos, sin)
+        hidden = hidden + gemma_rms_norm(attn.attend(q, k, v, meta), self.post_attention_norm, eps)
+        out = self.mlp(gemma_rms_norm(hidden, self.pre_mlp_norm, eps))
+        return hidden + gemma_rms_norm(out, self.post_mlp_norm, eps)
 
 
 def _unsupported_reason(model: nn.Module) -> str | None:
@@ -109,23 +205,30 @@ def _unsupported_reason(model: nn.Module) -> str | None:
 
 
 class FastForward:
-    """Logits of one packed step, computed as transformers' Llama code would, without its modules."""
+    """Logits of one packed step, computed as transformers' code would, without its modules."""
 
     def __init__(self, model: nn.Module) -> None:
         reason = _unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"no fast forward for this model: {reason}")
-        decoder = model.model
-        self.embed = decoder.embed_tokens
+        config, decoder = model.config, model.model
+        self.embed = decoder.embed_tokens  # Gemma's scales its output: called as the module it is
         self.rotary = decoder.rotary_emb
-        self.layers = [_Layer.of(i, layer) for i, layer in enumerate(decoder.layers)]
-        self.final_norm, self.final_eps = decoder.norm.weight, decoder.norm.variance_epsilon
+        self.gemma = type(model).__name__ in GEMMA3
+        if self.gemma:
+            self.layers = [
+                _GemmaLayer.of(i, layer, config.layer_types[i]) for i, layer in enumerate(decoder.layers)
+            ]
+            self.final_norm = ((1.0 + decoder.norm.weight.float()).detach(), decoder.norm.eps)
+            self.logit_softcap = getattr(config, "final_logit_softcapping", None)
+        else:
+            mistral = type(model).__name__ == "MistralForCausalLM"
+            window = getattr(config, "sliding_window", None) if mistral else None
+            self.layers = [_LlamaLayer.of(i, layer, window) for i, layer in enumerate(decoder.layers)]
+            self.final_norm = (decoder.norm.weight, decoder.norm.variance_epsilon)
+            self.logit_softcap = None
+        self.rope_kinds = sorted({layer.rope for layer in self.layers}, key=str)
         self.lm_head = model.lm_head
-        self.sliding_window = (
-            getattr(model.config, "sliding_window", None)
-            if type(model).__name__ == "MistralForCausalLM"
-            else None
-        )
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
@@ -140,29 +243,16 @@ class FastForward:
     ) -> torch.Tensor:
         """(S, vocab) logits in the model's dtype."""
         hidden = self.embed(input_ids[0])  # (T, D)
-        num_tokens = hidden.shape[0]
-        cos, sin = self.rotary(hidden, position_ids)  # (1, T, hd) each
-        cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)
-        window = self.sliding_window
+        tables = {}
+        for kind in self.rope_kinds:  # (1, T, hd) each -> (T, 1, hd)
+            args = (hidden, position_ids) if kind is None else (hidden, position_ids, kind)
+            cos, sin = self.rotary(*args)
+            tables[kind] = (cos[0].unsqueeze(1), sin[0].unsqueeze(1))
         for layer in self.layers:
-            x = rms_norm(hidden, layer.norm1, layer.eps1)
-            qkv = layer.qkv(x)
-            q_end, k_end, hd = layer.q_size, layer.q_size + layer.k_size, layer.head_dim
-            # q and k side by side in the product's output: one rotary pass over both (elementwise)
-            qk = apply_rotary(qkv[:, :k_end].view(num_tokens, -1, hd), cos, sin)
-            num_q_heads = q_end // hd
-            out = attention.attend_paged(
-                layer.index,
-                qk[:, :num_q_heads],
-                qk[:, num_q_heads:],
-                qkv[:, k_end:].view(num_tokens, -1, hd),
-                meta,
-                layer.scaling,
-                window,
-            )
-            hidden = hidden + layer.o_proj(out.view(num_tokens, -1))
-            x = rms_norm(hidden, layer.norm2, layer.eps2)
-            gate, up = layer.gate_up(x).split(layer.gate_up_sizes, dim=-1)
-            hidden = hidden + layer.down(layer.act(gate) * up)
-        kept = rms_norm(hidden[keep], self.final_norm, self.final_eps)  # row-wise: slice first
-        return self.lm_head(kept)
+            cos, sin = tables[layer.rope]
+            hidden = layer(hidden, cos, sin, meta)
+        norm = gemma_rms_norm if self.gemma else rms_norm
+        logits = self.lm_head(norm(hidden[keep], *self.final_norm))  # row-wise: slice first
+        if self.logit_softcap is not None:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits

