@@ -61,8 +61,8 @@ class EngineSettings(BaseModel):
     )
     fast_forward: bool = Field(
         _ENGINE_DEFAULTS.fast_forward,
-        description="Llama and Mistral models step through the engine's own forward (same operations and "
-        "results as transformers' code, less Python); false = transformers' modules.",
+        description="Llama, Mistral and Gemma 3 models step through the engine's own forward (same "
+        "operations and results as transformers' code, less Python); false = transformers' modules.",
     )
 
     def to_engine_config(self, *, context_length: int | None = None, **overrides: Any) -> EngineConfig:

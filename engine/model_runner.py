@@ -32,7 +32,7 @@ class ModelRunner:
         """Takes the model over: its attention becomes the paged one and, if `optimize`, its linears fused.
 
         `native_attention`: decode attention in the C kernel where it supports the device and dtype.
-        `fast_forward`: Llama-shaped models (fused) run through `engine/fast_forward.py`."""
+        `fast_forward`: the architectures `engine/fast_forward.py` knows (fused) run through it."""
         model.set_attn_implementation(attention.register())
         if optimize:
             optimize_model(model)
