@@ -57,6 +57,21 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def tiny_dims(tokenizer: PreTrainedTokenizerFast) -> dict:
+    """The tiny test models' vocabulary, sizes and special ids: config keywords every decoder shares."""
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
 def build_tiny_model(path: Path, eos_bias: float = 0.0) -> Path:
     """Save a deterministic tiny Llama (float32) and its tokenizer into `path`; returns `path`.
 
@@ -66,18 +81,7 @@ def build_tiny_model(path: Path, eos_bias: float = 0.0) -> Path:
     """
     tokenizer = build_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        **tiny_dims(tokenizer), num_hidden_layers=2, max_position_embeddings=512, tie_word_embeddings=False
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.float32)

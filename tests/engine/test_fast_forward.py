@@ -18,6 +18,7 @@ from engine.fast_forward import FastForward
 from engine.types import EngineConfig
 from model_zoo.catalogue import GEMMA3_270M
 from tests.engine.conftest import make_core, request, run_to_completion, text_of
+from tests.tiny_model import tiny_dims
 
 PROMPTS = [
     "Hello there",
@@ -53,12 +54,18 @@ def run_load(core: EngineCore, tokenizer) -> dict[str, str]:
     return {rid: text_of(deltas) for rid, deltas in run_to_completion(core).items()}
 
 
+def steps_equal(core: EngineCore, tokenizer) -> list[bool]:
+    """Run the load with every step computed both ways; one `torch.equal` per step."""
+    equal = check_every_step(core)
+    run_load(core, tokenizer)
+    return equal
+
+
 @pytest.mark.parametrize("max_num_batched_tokens", [256, 24])  # whole prompts (packed), and chunked
 def test_llama_logits_equal_transformers_at_every_step(tiny, max_num_batched_tokens):
     _, tokenizer = tiny
     core = make_core(tiny, max_num_batched_tokens=max_num_batched_tokens)
-    equal = check_every_step(core)
-    run_load(core, tokenizer)
+    equal = steps_equal(core, tokenizer)
     assert len(equal) >= 20 and all(equal)
 
 
@@ -72,17 +79,10 @@ def test_greedy_text_is_the_same_with_and_without_it(tiny):
 def tiny_mistral(tiny):
     _, tokenizer = tiny
     config = MistralConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        **tiny_dims(tokenizer),
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=256,
         sliding_window=8,  # shorter than most prompts: the window masks part of the context
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
     )
     torch.manual_seed(0)
     return MistralForCausalLM(config).eval(), tokenizer
@@ -92,8 +92,7 @@ def test_mistral_with_a_sliding_window_equals_transformers(tiny_mistral):
     _, tokenizer = tiny_mistral
     core = make_core(tiny_mistral, max_num_batched_tokens=24)
     assert [layer.attn.window for layer in core.runner.fast_forward.layers] == [8, 8]
-    equal = check_every_step(core)
-    run_load(core, tokenizer)
+    equal = steps_equal(core, tokenizer)
     assert len(equal) >= 20 and all(equal)
 
 
@@ -103,8 +102,7 @@ def test_a_wrong_window_would_be_seen(tiny_mistral):
     core = make_core(tiny_mistral, max_num_batched_tokens=24)
     fast = core.runner.fast_forward
     fast.layers = [replace(layer, attn=replace(layer.attn, window=None)) for layer in fast.layers]
-    equal = check_every_step(core)
-    run_load(core, tokenizer)
+    equal = steps_equal(core, tokenizer)
     assert not all(equal)
 
 
@@ -112,21 +110,13 @@ def test_a_wrong_window_would_be_seen(tiny_mistral):
 def tiny_gemma3(tiny):
     _, tokenizer = tiny
     config = Gemma3TextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        **tiny_dims(tokenizer),
         num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
         query_pre_attn_scalar=16,
         max_position_embeddings=256,
         sliding_window=8,
         layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
         final_logit_softcapping=30.0,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
     )
     torch.manual_seed(0)
     model = Gemma3ForCausalLM(config).eval()
@@ -142,8 +132,7 @@ def test_gemma3_with_sliding_and_full_layers_equals_transformers(tiny_gemma3, ma
     _, tokenizer = tiny_gemma3
     core = make_core(tiny_gemma3, max_num_batched_tokens=max_num_batched_tokens)
     assert [layer.attn.window for layer in core.runner.fast_forward.layers] == [8, 8, None, 8]
-    equal = check_every_step(core)
-    run_load(core, tokenizer)
+    equal = steps_equal(core, tokenizer)
     assert len(equal) >= 20 and all(equal)
 
 
@@ -179,8 +168,7 @@ def test_smollm2_bf16_logits_equal_transformers_at_every_step():
 
     loaded = load_model(resolve("smollm2-135m-instruct"), dtype=torch.bfloat16)
     core = make_core((loaded.model, loaded.tokenizer), max_num_batched_tokens=64)
-    equal = check_every_step(core)
-    run_load(core, loaded.tokenizer)
+    equal = steps_equal(core, loaded.tokenizer)
     assert len(equal) >= 20 and all(equal)
 
 
@@ -195,6 +183,5 @@ def test_gemma3_270m_bf16_logits_equal_transformers_at_every_step():
 
     loaded = load_model(resolve(GEMMA3_270M.name), dtype=torch.bfloat16)
     core = make_core((loaded.model, loaded.tokenizer), max_num_batched_tokens=64, kv_cache_bytes=32 * 2**20)
-    equal = check_every_step(core)
-    run_load(core, loaded.tokenizer)
+    equal = steps_equal(core, loaded.tokenizer)
     assert len(equal) >= 20 and all(equal)
