@@ -36,6 +36,7 @@ class _StderrHandler(logging.StreamHandler):
 
     def __init__(self) -> None:
         super().__init__(sys.__stderr__ or sys.stderr)
+        self.setFormatter(logging.Formatter(STDERR_FORMAT))
 
 
 def forward_library_logs_in_replica() -> None:
@@ -60,16 +61,17 @@ def forward_library_logs(names: tuple[str, ...] = LIBRARY_LOGGERS, level: int = 
         library = logging.getLogger(name)
         if library.level == logging.NOTSET or library.level > level:
             library.setLevel(level)
-        if not any(isinstance(h, _ForwardHandler) for h in library.handlers):
-            library.addHandler(_ForwardHandler(target))
+        _add_handler_once(library, _ForwardHandler, target)
         library.propagate = False  # the root logger would print them a second time
 
 
 def copy_library_logs_to_stderr(names: tuple[str, ...] = LIBRARY_LOGGERS) -> None:
     """Also write `names`' records to stderr; idempotent. Use after `forward_library_logs`."""
     for name in names:
-        library = logging.getLogger(name)
-        if not any(isinstance(h, _StderrHandler) for h in library.handlers):
-            handler = _StderrHandler()
-            handler.setFormatter(logging.Formatter(STDERR_FORMAT))
-            library.addHandler(handler)
+        _add_handler_once(logging.getLogger(name), _StderrHandler)
+
+
+def _add_handler_once(library: logging.Logger, kind: type[logging.Handler], *args) -> None:
+    """Add a `kind(*args)` handler unless the logger has one of that kind already."""
+    if not any(isinstance(h, kind) for h in library.handlers):
+        library.addHandler(kind(*args))
