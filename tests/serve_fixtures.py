@@ -40,7 +40,7 @@ def serve_session() -> Iterator[int]:
     """Yield the HTTP port of a running Serve; starts Ray and Serve on first use, stops them on last."""
     if _state.num_users == 0:
         if os.environ.get("LLMSERVE_TEST_HAPROXY") == "1":
-            _use_haproxy(tempfile.mkdtemp(prefix="haproxy-serve-"))
+            use_haproxy(tempfile.mkdtemp(prefix="haproxy-serve-"))
         else:
             _use_readme_serve_env()
         # address="local": always a private instance, never someone else's running cluster.
@@ -69,8 +69,9 @@ def _use_readme_serve_env() -> None:
         os.environ.setdefault(name, value)
 
 
-def _use_haproxy(state_dir: str) -> None:
-    """Serve's HAProxy mode (opt-in, LLMSERVE_TEST_HAPROXY=1), its files in this session's own folder."""
+def use_haproxy(state_dir: str) -> None:
+    """Serve's HAProxy mode (opt-in, LLMSERVE_TEST_HAPROXY=1) with its files in `state_dir` and its stats
+    and metrics listeners on free ports (not 8404 and 9101), so that it runs beside another Serve."""
     os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
     for name, file in (
         ("CONFIG_FILE_LOC", "haproxy.cfg"),
@@ -79,6 +80,8 @@ def _use_haproxy(state_dir: str) -> None:
         ("SERVER_STATE_FILE", "server-state"),
     ):
         os.environ[f"RAY_SERVE_HAPROXY_{name}"] = os.path.join(state_dir, file).rstrip("/")
+    for name in ("STATS_PORT", "METRICS_PORT"):
+        os.environ[f"RAY_SERVE_HAPROXY_{name}"] = str(free_port())
 
 
 def run_app(app: serve.Application, *, name: str, route_prefix: str, port: int) -> str:
