@@ -8,11 +8,14 @@ route prefixes, so a test session starts each app once.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import ray
@@ -39,10 +42,7 @@ def free_port() -> int:
 def serve_session() -> Iterator[int]:
     """Yield the HTTP port of a running Serve; starts Ray and Serve on first use, stops them on last."""
     if _state.num_users == 0:
-        if os.environ.get("LLMSERVE_TEST_HAPROXY") == "1":
-            use_haproxy(tempfile.mkdtemp(prefix="haproxy-serve-"))
-        else:
-            _use_readme_serve_env()
+        use_readme_serve_env()
         # address="local": always a private instance, never someone else's running cluster.
         ray.init(address="local", num_cpus=NUM_LOGICAL_CPUS, include_dashboard=False)
         _state.port = free_port()
@@ -57,22 +57,38 @@ def serve_session() -> Iterator[int]:
             ray.shutdown()
 
 
-# The Serve settings of the README's server command (docs/performance.md, "Ray Serve's throughput mode").
-# Set here, after this process imported Serve, so only the processes Ray starts read them: this test
-# process keeps its default router loop, which its blocking handle calls need.
-README_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+# The Serve settings of the README's server command, as written there (docs/performance.md, "Serve's
+# HAProxy mode"). Set here, after this process imported Serve, so only the processes Ray starts read
+# them: this test process keeps its default router loop, which its blocking handle calls need.
+README_SERVE_ENV = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_HAPROXY_BINARY_PATH": "$(command -v llmserve-haproxy)",
+}
+HAPROXY_LAUNCHER = "llmserve-haproxy"  # deployments/haproxy_launcher.py, a console script of this project
 
 
-def _use_readme_serve_env() -> None:
-    """Serve's throughput-optimized mode without direct ingress, unless the environment says otherwise."""
+def use_readme_serve_env() -> None:
+    """The README's Serve settings, unless the environment says otherwise (`RAY_SERVE_ENABLE_HA_PROXY=0
+    python -m pytest` runs the suite through Serve's Python proxy)."""
     for name, value in README_SERVE_ENV.items():
-        os.environ.setdefault(name, value)
+        os.environ.setdefault(name, launcher_path() if HAPROXY_LAUNCHER in value else value)
+    if os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1":
+        use_haproxy(tempfile.mkdtemp(prefix="haproxy-serve-"))
+
+
+def launcher_path() -> str:
+    """The installed `llmserve-haproxy`: on the PATH, or beside this Python (a venv not activated)."""
+    beside = Path(sysconfig.get_path("scripts")) / HAPROXY_LAUNCHER
+    found = shutil.which(HAPROXY_LAUNCHER) or (str(beside) if beside.is_file() else None)
+    if found is None:
+        raise FileNotFoundError(f"{HAPROXY_LAUNCHER} is not installed: pip install -e .")
+    return found
 
 
 def use_haproxy(state_dir: str) -> None:
-    """Serve's HAProxy mode (opt-in, LLMSERVE_TEST_HAPROXY=1) with its files in `state_dir` and its stats
-    and metrics listeners on free ports (not 8404 and 9101), so that it runs beside another Serve."""
-    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    """Serve's HAProxy with its files in `state_dir` (not /tmp/haproxy-serve) and its stats and metrics
+    listeners on free ports (not 8404 and 9101), so that it runs beside another Serve."""
     for name, file in (
         ("CONFIG_FILE_LOC", "haproxy.cfg"),
         ("SOCKET_PATH", "admin.sock"),

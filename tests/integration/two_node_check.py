@@ -6,7 +6,6 @@ Prints one line "TWO_NODE_RESULT <json>":
 """
 
 import json
-import os
 import socket
 import sys
 import tempfile
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from deployments.app import build_app_from_configs
 from deployments.config import DeploymentSettings, EngineSettings, ModelConfig
-from tests.serve_fixtures import use_haproxy
+from tests.serve_fixtures import use_readme_serve_env
 from tests.tiny_model import build_tiny_model
 
 RESULT_PREFIX = "TWO_NODE_RESULT "  # Ray also logs to stdout
@@ -57,8 +56,7 @@ def replica_node_ids() -> dict[str, str]:
 
 
 def main() -> None:
-    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":  # the suite's HAProxy mode: not its files or ports
-        use_haproxy(tempfile.mkdtemp(prefix="hap-"))  # short: HAProxy takes 97 characters of socket path
+    use_readme_serve_env()  # as the suite's Serve, with HAProxy files and ports of its own
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 1, "resources": {"head-node": 1}, "include_dashboard": False},

