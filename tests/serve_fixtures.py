@@ -75,6 +75,10 @@ def use_readme_serve_env() -> None:
         os.environ.setdefault(name, launcher_path() if HAPROXY_LAUNCHER in value else value)
     if os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1":
         use_haproxy(tempfile.mkdtemp(prefix="haproxy-serve-"))
+    # The one departure from the README's Serve: an ingress replica that stops (every deleted test app)
+    # holds on for Serve's minimum drain of 30 s, kept so that an outside load balancer can stop sending
+    # to it. The tests delete apps with no traffic left, so 1 s (a whole suite ran ~6 min longer at 30).
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
 
 
 def launcher_path() -> str:
