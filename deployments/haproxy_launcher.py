@@ -8,8 +8,8 @@ wrote its answer (measured with a bare uvicorn app behind the same binary and Se
 splicing off, five of five at once). For a sync completion that means a generation running to its
 end for nobody. HAProxy's `-dS` switches splice off whatever the config says, and Serve runs the
 binary named by `RAY_SERVE_HAPROXY_BINARY_PATH`, so the README's command points that variable here.
-The answer bytes are copied through HAProxy's buffers instead; for SSE chunks of a few hundred bytes
-that costs nothing measurable (docs/performance.md, "Serve's HAProxy mode").
+The answer bytes are copied through HAProxy's buffers instead, which for SSE chunks of a few hundred
+bytes was faster, not slower (docs/performance.md, "Serve's HAProxy mode").
 """
 
 from __future__ import annotations

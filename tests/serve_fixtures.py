@@ -21,6 +21,8 @@ import httpx
 import ray
 from ray import serve
 
+from deployments.haproxy_launcher import LAUNCHER as HAPROXY_LAUNCHER
+
 NUM_LOGICAL_CPUS = 4  # logical: the machine has 2 cores; deployments ask for fractions
 
 
@@ -65,7 +67,6 @@ README_SERVE_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_HAPROXY_BINARY_PATH": "$(command -v llmserve-haproxy)",
 }
-HAPROXY_LAUNCHER = "llmserve-haproxy"  # deployments/haproxy_launcher.py, a console script of this project
 
 
 def use_readme_serve_env() -> None:
