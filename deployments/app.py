@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-import logging
-import os
 from typing import Any
 
 from ray import serve
@@ -14,20 +12,15 @@ from ray import serve
 from deployments.batch.config import BatchSettings
 from deployments.batch.service import BatchContext
 from deployments.config import AppConfig, EndpointSettings, IngressSettings, ModelConfig, parse_app_config
-from deployments.haproxy_launcher import serve_env_warning
 from deployments.ingress import Ingress
 from deployments.limits import AuthSettings, LimitSettings
 from deployments.model_server import EngineFactory, ModelServer
 from model_zoo import CATALOGUE
 
-logger = logging.getLogger("ray.serve")
-
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """The application described by `args` (see `deployments.config.AppConfig`); ConfigError if invalid."""
     config: AppConfig = parse_app_config(args)
-    if warning := serve_env_warning(os.environ):  # read where `serve run` builds the app: the user's shell
-        logger.warning(warning)
     return build_app_from_configs(
         config.models,
         ingress=config.ingress,

@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -30,6 +31,7 @@ from deployments.endpoints.routes import router as endpoints_router
 from deployments.endpoints.service import EndpointService
 from deployments.errors import as_serving_error, http_error
 from deployments.guard import GuardSettings, RequestGuard
+from deployments.haproxy_launcher import serve_env_warning
 from deployments.health import probe_models, readiness
 from deployments.http_metrics import HttpErrorMetrics
 from deployments.limits import LimitSettings
@@ -53,6 +55,7 @@ from deployments.protocol.llm_engine import (
     TokenOutput,
 )
 from deployments.protocol.openai_responses import ChatChunks, ChatCompletion, Completion, CompletionChunks
+from deployments.replica_logging import LOADING_LOGGER, forward_library_logs_in_replica
 from deployments.sse import SSE_DONE, SSE_HEADERS, SSE_MEDIA_TYPE, sse_event
 from deployments.wire import CompletionResult, ModelRequest
 from engine.errors import InvalidRequestError, ModelNotFoundError, ModelUnavailableError, ServingError
@@ -182,6 +185,9 @@ class Ingress:
         batch: BatchContext | None = None,
         endpoints: EndpointSettings | None = None,
     ) -> None:
+        forward_library_logs_in_replica()  # so that `serve run` shows the warning below
+        if warning := serve_env_warning(os.environ):  # as `serve run` or `ray start` got it
+            logging.getLogger(LOADING_LOGGER).warning(warning)
         self._replica_wait_timeouts_s = dict(replica_wait_timeouts_s or {})
         self._limits = limits or LimitSettings()
         # The middleware reads it from the app: one Ingress per replica process owns this app object.

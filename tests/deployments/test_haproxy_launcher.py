@@ -37,7 +37,7 @@ HA = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
         ({**HA, "RAY_SERVE_HAPROXY_BINARY_PATH": "/usr/sbin/haproxy"}, True),
     ],
 )
-def test_building_the_app_warns_when_haproxy_would_splice(environ: dict[str, str], warns: bool):
+def test_the_ingress_warns_when_haproxy_would_splice(environ: dict[str, str], warns: bool):
     warning = serve_env_warning(environ)
     assert (warning is not None) == warns
     if warns:
