@@ -75,7 +75,7 @@ def use_readme_serve_env() -> None:
     for name, value in README_SERVE_ENV.items():
         os.environ.setdefault(name, launcher_path() if HAPROXY_LAUNCHER in value else value)
     if os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1":
-        use_haproxy(tempfile.mkdtemp(prefix="haproxy-serve-"))
+        _use_haproxy(tempfile.mkdtemp(prefix="haproxy-serve-"))
     # The one departure from the README's Serve: an ingress replica that stops (every deleted test app)
     # holds on for Serve's minimum drain of 30 s, kept so that an outside load balancer can stop sending
     # to it. The tests delete apps with no traffic left, so 1 s (a whole suite ran ~6 min longer at 30).
@@ -91,7 +91,7 @@ def launcher_path() -> str:
     return found
 
 
-def use_haproxy(state_dir: str) -> None:
+def _use_haproxy(state_dir: str) -> None:
     """Serve's HAProxy with its files in `state_dir` (not /tmp/haproxy-serve) and its stats and metrics
     listeners on free ports (not 8404 and 9101), so that it runs beside another Serve."""
     for name, file in (
