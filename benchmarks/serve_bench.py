@@ -110,6 +110,7 @@ class LevelResult:
     concurrency: float  # x of the plot; the rate for Poisson runs
     duration_s: float
     results: list[RequestResult]
+    prompts: list[str] = field(default_factory=list)  # what was sent, for --compare-engine
 
     @property
     def ok(self) -> list[RequestResult]:
@@ -159,7 +160,7 @@ def percentile(values: list[float], q: float) -> float:
 
 async def run_concurrency(client, api: Api, concurrency: int, prompts: list[str]) -> LevelResult:
     """Closed loop: `concurrency` clients, each sending its next request when the last one ends."""
-    prompts = list(prompts)
+    prompts_sent, prompts = prompts, list(prompts)
     results: list[RequestResult] = []
 
     async def worker() -> None:
@@ -168,7 +169,8 @@ async def run_concurrency(client, api: Api, concurrency: int, prompts: list[str]
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return LevelResult(f"concurrency {concurrency}", concurrency, time.perf_counter() - start, results)
+    duration_s = time.perf_counter() - start
+    return LevelResult(f"concurrency {concurrency}", concurrency, duration_s, results, prompts_sent)
 
 
 async def run_poisson(client, api: Api, rate: float, prompts: list[str], seed: int = 0) -> LevelResult:
@@ -273,7 +275,9 @@ def plot(levels: list[LevelResult], path: str, title: str) -> None:
 
 
 def compare_engine(args: argparse.Namespace, levels: list[LevelResult]) -> None:
-    """Engine alone (engine_bench's loop) on the model config the server runs, in this process."""
+    """Engine alone (engine_bench's loop) on the model config the server runs, in this process, level by
+    level on the very prompts each HTTP level sent: unique per request, so the engine's prefix cache
+    shares no block between them either (engine_bench's own prompts repeat, which flatters it)."""
     import sys
     import threading
     from pathlib import Path
@@ -286,14 +290,24 @@ def compare_engine(args: argparse.Namespace, levels: list[LevelResult]) -> None:
 
     serving = load_serving_model(load_model_config(args.model_config))
     tokenizer, engine = serving.tokenizer, serving.engine
-    prompts = {c: [tokenizer(t).input_ids for t in prompt_texts(default_num_requests(c))] for c in (1, 16)}
-    box: dict = {}
+    is_templated = args.api == "llm-engine" and serving.use_chat_template  # as the HTTP route encodes
+
+    def encode(text: str) -> list[int]:
+        if not is_templated:
+            return list(tokenizer(text).input_ids)
+        turn = [{"role": "user", "content": text}]
+        ids = tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    closed = [lv for lv in levels if lv.label.startswith("concurrency")]
+    alone: list = []
 
     def run() -> None:
         async def main() -> None:
-            await bench_engine(engine, prompts[1][:2], 2, 4)  # warm-up
-            for c in (1, 16):
-                box[c] = await bench_engine(engine, prompts[c], c, args.max_tokens)
+            await bench_engine(engine, [encode(t) for t in prompt_texts(2)], 2, 4)  # warm-up
+            for level in closed:
+                prompts = [encode(t) for t in level.prompts]
+                alone.append(await bench_engine(engine, prompts, int(level.concurrency), args.max_tokens))
 
         asyncio.run(main())
 
@@ -301,20 +315,17 @@ def compare_engine(args: argparse.Namespace, levels: list[LevelResult]) -> None:
     thread.start()
     thread.join()
     engine.shutdown()
-    by_label = {lv.label: lv for lv in levels}
-    http1, http16 = by_label.get("concurrency 1"), by_label.get("concurrency 16")
-    ttft_engine, tpot_engine = (statistics.median(v) * 1e3 for v in (box[1].ttft_s, box[1].tpot_s))
-    print("\n| path | concurrency 1: TTFT p50 ms | TPOT p50 ms | concurrency 16: output tok/s |")
-    print("|---|---|---|---|")
-    print(f"| engine alone | {ttft_engine:.0f} | {tpot_engine:.1f} | {box[16].tok_per_s:.1f} |")
-    if http1 and http16:
-        ttft_http = percentile([r.ttft_s for r in http1.ok], 50) * 1e3
-        tpot_http = percentile([t for r in http1.ok if (t := r.tpot_s) is not None], 50) * 1e3
-        cells = f"{ttft_http:.0f} | {tpot_http:.1f} | {http16.output_throughput:.1f}"
-        print(f"| HTTP + Serve ({args.api}) | {cells} |")
-        overhead = 100 * (1 - http16.output_throughput / box[16].tok_per_s)
-        print(f"\nHTTP + Serve add {ttft_http - ttft_engine:.0f} ms to TTFT at concurrency 1 and cost "
-              f"{overhead:.0f}% of the engine's throughput at concurrency 16.")  # fmt: skip
+    print("\n| load | out tok/s HTTP + Serve / engine alone | ratio | TTFT p50 ms | TPOT p50 ms |")
+    print("|---|---|---|---|---|")
+    for http, eng in zip(closed, alone, strict=True):
+        tpots = [t for r in http.ok if (t := r.tpot_s) is not None]
+        ttft = (http.ms([r.ttft_s for r in http.ok], 50), statistics.median(eng.ttft_s) * 1e3)
+        tpot = (http.ms(tpots, 50), statistics.median(eng.tpot_s) * 1e3)
+        ratio = http.output_throughput / eng.tok_per_s
+        print(
+            f"| {http.label} | {http.output_throughput:.1f} / {eng.tok_per_s:.1f} | {ratio:.2f}x "
+            f"| {ttft[0]:.0f} / {ttft[1]:.0f} | {tpot[0]:.1f} / {tpot[1]:.1f} |"
+        )
 
 
 def main() -> None:
