@@ -4,6 +4,10 @@ Workload (as in shared/reference/measurements.md): prompts of ~32 tokens, 64 new
 (EOS ignored), greedy. Prints one table and the ratios the targets are stated in.
 
     python benchmarks/engine_bench.py [--model smollm2-135m-instruct] [--dtype bfloat16]
+
+The default prompts repeat (16 topics), so from the 17th request on the prefix cache serves whole
+prompts. `--unique-prompts --levels 1:8 16:64 32:64 --skip-baselines` runs serve_bench.py's load
+instead (unique prompts, its levels): the quiet engine-alone figure to hold a server run against.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import uuid
 from dataclasses import dataclass
 
 import torch
-from prompts import prompt_texts  # benchmarks/ is on sys.path when run as a script
+from prompts import prompt_texts, unique_prompt_texts  # benchmarks/ is on sys.path when run as a script
 
 from engine.async_engine import AsyncEngine
 from engine.device import default_num_threads, resolve_device, resolve_dtype
@@ -167,7 +171,20 @@ def main() -> None:
     parser.add_argument(
         "--no-fast-forward", action="store_true", help="transformers' modules even for Llama (A/B)"
     )
+    parser.add_argument(
+        "--unique-prompts",
+        action="store_true",
+        help="a tag first in every prompt, as serve_bench.py sends: no prefix-cache hits between requests",
+    )
+    parser.add_argument(
+        "--levels",
+        nargs="+",
+        default=["1:4", "4:16", "16:32"],
+        help="concurrency:requests per level (serve_bench.py's load: 1:8 16:64 32:64)",
+    )
     args = parser.parse_args()
+    levels = [tuple(int(x) for x in level.split(":")) for level in args.levels]
+    run_id = f"{uuid.uuid4().hex[:6]}"
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -195,8 +212,12 @@ def main() -> None:
 
     async def run_engine() -> None:
         await bench_engine(engine, prompts16[:2], 2, 4)  # warm-up
-        for concurrency, num_requests in ((1, 4), (4, 16), (16, 32)):
-            prompts = make_prompts(tokenizer, num_requests)
+        for concurrency, num_requests in levels:
+            if args.unique_prompts:
+                texts = unique_prompt_texts(num_requests, f"{run_id}.{concurrency}")
+                prompts = [tokenizer(t).input_ids for t in texts]
+            else:  # 16 topics repeat: from the 17th request on, the prefix cache serves whole prompts
+                prompts = make_prompts(tokenizer, num_requests)
             results[f"c{concurrency}"] = await bench_engine(engine, prompts, concurrency, args.new_tokens)
         notes.append(await batch_invariance(engine, prompts16, args.new_tokens))
         if args.guided:  # same load, every request guided by a JSON schema vs none
@@ -226,7 +247,7 @@ def main() -> None:
     for r in results.values():
         print(r.row())
     print("\n" + "\n".join(notes))
-    if "seq" in results:
+    if "seq" in results and {"c1", "c16"} <= results.keys():
         c1, c16 = results["c1"], results["c16"]
         seq, static = results["seq"], results["static"]
         print(f"\nconcurrency 16 vs sequential generate: {c16.tok_per_s / seq.tok_per_s:.1f}x (target >= 8x)")
