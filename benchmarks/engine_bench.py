@@ -184,7 +184,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     levels = [tuple(int(x) for x in level.split(":")) for level in args.levels]
-    run_id = f"{uuid.uuid4().hex[:6]}"
+    run_id = uuid.uuid4().hex[:6]
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)

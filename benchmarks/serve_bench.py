@@ -160,17 +160,17 @@ def percentile(values: list[float], q: float) -> float:
 
 async def run_concurrency(client, api: Api, concurrency: int, prompts: list[str]) -> LevelResult:
     """Closed loop: `concurrency` clients, each sending its next request when the last one ends."""
-    prompts_sent, prompts = prompts, list(prompts)
+    pending = list(prompts)
     results: list[RequestResult] = []
 
     async def worker() -> None:
-        while prompts:
-            results.append(await send(client, api, prompts.pop()))
+        while pending:
+            results.append(await send(client, api, pending.pop()))
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     duration_s = time.perf_counter() - start
-    return LevelResult(f"concurrency {concurrency}", concurrency, duration_s, results, prompts_sent)
+    return LevelResult(f"concurrency {concurrency}", concurrency, duration_s, results, prompts)
 
 
 async def run_poisson(client, api: Api, rate: float, prompts: list[str], seed: int = 0) -> LevelResult:
@@ -182,6 +182,11 @@ async def run_poisson(client, api: Api, rate: float, prompts: list[str], seed: i
         await asyncio.sleep(rng.expovariate(rate))
     results = list(await asyncio.gather(*tasks))
     return LevelResult(f"Poisson {rate:g} req/s", rate, time.perf_counter() - start, results)
+
+
+def closed_loop(levels: list[LevelResult]) -> list[LevelResult]:
+    """The concurrency levels of a run, without its Poisson level."""
+    return [lv for lv in levels if lv.label.startswith("concurrency")]
 
 
 def default_num_requests(concurrency: int) -> int:
@@ -245,7 +250,7 @@ def plot(levels: list[LevelResult], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    closed = [lv for lv in levels if lv.label.startswith("concurrency")]
+    closed = closed_loop(levels)
     x = [lv.concurrency for lv in closed]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.plot(x, [lv.output_throughput for lv in closed], "o-", label="output tokens/s")
@@ -299,7 +304,7 @@ def compare_engine(args: argparse.Namespace, levels: list[LevelResult]) -> None:
         ids = tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
-    closed = [lv for lv in levels if lv.label.startswith("concurrency")]
+    closed = closed_loop(levels)
     alone: list = []
 
     def run() -> None:
