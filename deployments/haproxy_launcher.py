@@ -19,6 +19,7 @@ import sys
 from collections.abc import Mapping
 
 LAUNCHER = "llmserve-haproxy"
+LAUNCHER_COMMAND = f"$(command -v {LAUNCHER})"  # how the README's command names it to Serve
 
 
 def serve_env_warning(environ: Mapping[str, str]) -> str | None:
@@ -30,7 +31,7 @@ def serve_env_warning(environ: Mapping[str, str]) -> str | None:
         return None
     return (
         f"RAY_SERVE_ENABLE_HA_PROXY=1 with RAY_SERVE_HAPROXY_BINARY_PATH={binary!r}, not "
-        f"$(command -v {LAUNCHER}): HAProxy splices, so a client that hangs up on a sync completion "
+        f"{LAUNCHER_COMMAND}: HAProxy splices, so a client that hangs up on a sync completion "
         "leaves its generation running to its end (see the README's server command)"
     )
 

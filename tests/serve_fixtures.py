@@ -22,6 +22,7 @@ import ray
 from ray import serve
 
 from deployments.haproxy_launcher import LAUNCHER as HAPROXY_LAUNCHER
+from deployments.haproxy_launcher import LAUNCHER_COMMAND
 
 NUM_LOGICAL_CPUS = 4  # logical: the machine has 2 cores; deployments ask for fractions
 
@@ -65,7 +66,7 @@ def serve_session() -> Iterator[int]:
 README_SERVE_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
-    "RAY_SERVE_HAPROXY_BINARY_PATH": "$(command -v llmserve-haproxy)",
+    "RAY_SERVE_HAPROXY_BINARY_PATH": LAUNCHER_COMMAND,
 }
 
 
@@ -73,7 +74,8 @@ def use_readme_serve_env() -> None:
     """The README's Serve settings, unless the environment says otherwise (`RAY_SERVE_ENABLE_HA_PROXY=0
     python -m pytest` runs the suite through Serve's Python proxy)."""
     for name, value in README_SERVE_ENV.items():
-        os.environ.setdefault(name, launcher_path() if HAPROXY_LAUNCHER in value else value)
+        if name not in os.environ:  # the launcher is looked up only when it is the one to run
+            os.environ[name] = launcher_path() if value == LAUNCHER_COMMAND else value
     if os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1":
         _use_haproxy(tempfile.mkdtemp(prefix="haproxy-serve-"))
     # The one departure from the README's Serve: an ingress replica that stops (every deleted test app)
