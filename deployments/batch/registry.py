@@ -103,12 +103,7 @@ class JobRegistry:
             return
         if record.status == JobStatus.QUEUED:
             record.status, record.started_at = JobStatus.RUNNING, time.time()
-        record.num_total, record.num_done, record.num_failed = (
-            progress.num_total,
-            progress.num_done,
-            progress.num_failed,
-        )
-        record.worker_ids = list(progress.worker_ids)
+        _apply(record, progress)
 
     async def _supervise(self, spec: JobSpec, runner) -> None:
         """Wait for the runner; past a cancel or the deadline (+ grace) kill it and assemble its parts."""
@@ -152,6 +147,8 @@ class JobRegistry:
         self._tasks.pop(job_id, None)
         if record is None:
             return
+        if outcome.progress is not None:  # the final counts, whatever order the last report arrives in
+            _apply(record, outcome.progress)
         status = outcome.status  # a job that completed before its cancel took effect stays completed
         record.status, record.error, record.finished_at = status, outcome.error, time.time()
         record.output_file_id, record.error_file_id = outcome.output_file_id, outcome.error_file_id
@@ -163,6 +160,15 @@ class JobRegistry:
             : max(0, len(self._jobs) - self._max_jobs_kept)
         ]:
             self._jobs.pop(record.spec.job_id, None)
+
+
+def _apply(record: JobRecord, progress: Progress) -> None:
+    record.num_total, record.num_done, record.num_failed = (
+        progress.num_total,
+        progress.num_done,
+        progress.num_failed,
+    )
+    record.worker_ids = list(progress.worker_ids)
 
 
 async def _await(ref) -> JobOutcome | str:

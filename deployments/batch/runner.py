@@ -45,6 +45,7 @@ class JobRunner:
 
     def __init__(self) -> None:
         self._cancelled = threading.Event()
+        self._progress: Progress | None = None  # the latest counts, reported and returned at the end
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -55,13 +56,15 @@ class JobRunner:
             kind, rows, v1_content_json = load_rows(spec)
         except ServingError as exc:
             return JobOutcome(JobStatus.FAILED, error=str(exc))
-        registry.report.remote(spec.job_id, Progress(len(rows), 0, 0, ()))
+        self._progress = Progress(len(rows), 0, 0, ())
+        registry.report.remote(spec.job_id, self._progress)
         status, error = self._execute(spec, kind, rows, v1_content_json, registry, deadline)
         try:
             output_id, error_id = finalize(spec, len(rows))
         except OSError as exc:
-            return JobOutcome(JobStatus.FAILED, error=f"cannot write the output: {exc}")
-        return JobOutcome(status, error=error, output_file_id=output_id, error_file_id=error_id)
+            error = f"cannot write the output: {exc}"
+            return JobOutcome(JobStatus.FAILED, error=error, progress=self._progress)
+        return JobOutcome(status, error, output_id, error_id, self._progress)
 
     def _execute(self, spec, kind, rows, v1_content_json, registry, deadline) -> tuple[JobStatus, str | None]:
         settings = BatchSettings.model_validate_json(spec.batch_settings_json)
@@ -74,7 +77,8 @@ class JobRunner:
                 done += len(records)
                 failed += sum(r["error"] is not None for r in records)
                 workers.update(r["worker"] for r in records)
-                registry.report.remote(spec.job_id, Progress(len(rows), done, failed, tuple(sorted(workers))))
+                self._progress = Progress(len(rows), done, failed, tuple(sorted(workers)))
+                registry.report.remote(spec.job_id, self._progress)
                 if self._cancelled.is_set():
                     return JobStatus.CANCELLED, None
                 if time.monotonic() > deadline:

@@ -84,9 +84,13 @@ class Progress:
 
 @dataclass(frozen=True, slots=True)
 class JobOutcome:
-    """A runner's last word: the final status, why, and the files it produced."""
+    """A runner's last word: the final status, why, the files it produced and its final counts.
+
+    The counts travel here too: the runner's last `report` is a separate actor call that may reach
+    the registry after this outcome, when the record is terminal and no longer takes reports."""
 
     status: JobStatus
     error: str | None = None
     output_file_id: str | None = None
     error_file_id: str | None = None
+    progress: Progress | None = None
