@@ -172,6 +172,9 @@ def main() -> None:
         "--no-fast-forward", action="store_true", help="transformers' modules even for Llama (A/B)"
     )
     parser.add_argument(
+        "--no-native-linear", action="store_true", help="bf16 products on oneDNN, not the C kernel (A/B)"
+    )
+    parser.add_argument(
         "--unique-prompts",
         action="store_true",
         help="a tag first in every prompt, as serve_bench.py sends: no prefix-cache hits between requests",
@@ -200,7 +203,12 @@ def main() -> None:
     print(f"model {args.model}, {dtype}, {device}, {threads} threads, torch {torch.__version__}")
     engine = AsyncEngine.from_loader(
         load,
-        EngineConfig(max_num_seqs=32, num_threads=threads, fast_forward=not args.no_fast_forward),
+        EngineConfig(
+            max_num_seqs=32,
+            num_threads=threads,
+            fast_forward=not args.no_fast_forward,
+            native_linear=not args.no_native_linear,
+        ),
         device,
     )
     prompts16 = make_prompts(tokenizer, 16)

@@ -103,6 +103,9 @@ def main() -> None:
         "--no-fast-forward", action="store_true", help="transformers' modules even for Llama (A/B)"
     )
     parser.add_argument(
+        "--no-native-linear", action="store_true", help="bf16 products on oneDNN, not the C kernel (A/B)"
+    )
+    parser.add_argument(
         "--prefill-tokens", type=int, default=0, help="a new prompt of this many tokens in every step"
     )
     args = parser.parse_args()
@@ -117,6 +120,7 @@ def main() -> None:
         max_model_len=2048,
         max_num_batched_tokens=max(256, args.batch + args.prefill_tokens),
         fast_forward=not args.no_fast_forward,
+        native_linear=not args.no_native_linear,
     )
     with torch.inference_mode():
         core = EngineCore(loaded.model, loaded.tokenizer, config, device)

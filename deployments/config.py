@@ -59,6 +59,11 @@ class EngineSettings(BaseModel):
         _ENGINE_DEFAULTS.native_attention,
         description="CPU decode attention in the engine's C kernel; false = torch's attention.",
     )
+    native_linear: bool = Field(
+        _ENGINE_DEFAULTS.native_linear,
+        description="CPU bf16 matrix products in the engine's C kernel (CPUs with AVX512-BF16); "
+        "false = oneDNN's.",
+    )
     fast_forward: bool = Field(
         _ENGINE_DEFAULTS.fast_forward,
         description="Llama, Mistral and Gemma 3 models step through the engine's own forward (same "

@@ -89,6 +89,7 @@ class EngineCore:
             config.optimize_model,
             config.native_attention,
             config.fast_forward,
+            config.native_linear,
         )
         self.scheduler = Scheduler(
             max_num_seqs=config.max_num_seqs,

@@ -28,14 +28,16 @@ class ModelRunner:
         optimize: bool,
         native_attention: bool = True,
         fast_forward: bool = True,
+        native_linear: bool = True,
     ) -> None:
         """Takes the model over: its attention becomes the paged one and, if `optimize`, its linears fused.
 
         `native_attention`: decode attention in the C kernel where it supports the device and dtype.
-        `fast_forward`: the architectures `engine/fast_forward.py` knows (fused) run through it."""
+        `fast_forward`: the architectures `engine/fast_forward.py` knows (fused) run through it.
+        `native_linear`: CPU bf16 products in the C kernel where the CPU has AVX512-BF16."""
         model.set_attn_implementation(attention.register())
         if optimize:
-            optimize_model(model)
+            optimize_model(model, native_linear)
         self.fast_forward = FastForward(model) if fast_forward and FastForward.supports(model) else None
         path = "the engine's fast forward" if self.fast_forward is not None else "transformers' modules"
         logger.info("%s steps through %s", type(model).__name__, path)

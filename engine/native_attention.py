@@ -6,10 +6,7 @@ batch 16 on this 2-core machine. The kernel reads the paged cache in place throu
 ~80 us a layer alone (~190 us inside a step, caches cold), float32 accumulation, and each sequence
 is computed alone in a fixed order, so a greedy completion is the same alone and amid a batch.
 
-The kernel is compiled with the system C compiler (`$CC`, else `cc`) for this CPU (-march=native)
-into `$LLMSERVE_KERNEL_DIR` (default ~/.cache/llmserve/kernels), keyed by the source, the flags, the
-compiler's version and the CPU's feature flags, and loaded with ctypes (no torch headers: it builds in
-well under a second).
+The kernel is built on first use by `engine/native_build.py` (the system C compiler, for this CPU).
 Without a compiler, or for other devices and dtypes, `load()` returns None and attention stays on torch.
 """
 
@@ -17,41 +14,27 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
+from engine import native_build
+
 logger = logging.getLogger("engine")
 
-KERNEL_DIR_ENV = "LLMSERVE_KERNEL_DIR"
-_SOURCE = Path(__file__).with_name("csrc") / "decode_attention.c"
 # The parts of -ffast-math the kernel needs (vectorized sums and max, inlined expf), and no more: the
 # -ffast-math / -Ofast / -funsafe-math-optimizations driver flags link crtfastmath.o, whose constructor
 # turns on flush-to-zero for the whole thread that loads the library (the engine thread: subnormal
 # floats would then read as 0 everywhere in torch and Python). -ffinite-math-only stays off: the kernel
 # relies on -inf.
-_FLAGS = [
-    "-O3",
-    "-march=native",
+_FLAGS = (
     "-fno-math-errno",
     "-fno-trapping-math",
     "-fno-signed-zeros",
     "-fassociative-math",
     "-freciprocal-math",
     "-ffp-contract=fast",
-    "-shared",
-    "-fPIC",
-]
-# OpenMP links libgomp by its soname, which resolves to the copy torch already loaded, so the kernel
-# runs on the engine thread's existing OpenMP team. Without OpenMP support it builds single-threaded.
-_OPENMP_FLAGS = ["-fopenmp"]
+)
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 _i64, _ptr, _f32, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
@@ -62,64 +45,11 @@ def supports(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype in _DTYPE_CODES
 
 
-def kernel_dir() -> Path:
-    env = os.environ.get(KERNEL_DIR_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "llmserve" / "kernels"
-
-
-def _cpu_fingerprint() -> str:
-    """The CPU's feature flags: a library built with -march=native must not run on another CPU."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _compiler_version(compiler: str) -> str:
-    """`cc --version`'s first line: another compiler (or release) builds another library."""
-    try:
-        result = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return compiler
-    return (result.stdout.splitlines() or [compiler])[0]
-
-
-def _build(compiler: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build aside, then rename: atomic
-        built = Path(tmp) / target.name
-        for extra in (_OPENMP_FLAGS, []):
-            command = [compiler, *_FLAGS, *extra, "-o", str(built), str(_SOURCE), "-lm"]
-            result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-            if result.returncode == 0:
-                break
-        result.check_returncode()
-        os.replace(built, target)
-
-
 @functools.cache
 def load() -> DecodeAttentionKernel | None:
     """The compiled kernel, or None (logged once) when it cannot be built here."""
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if compiler is None:
-        logger.warning("no C compiler found: decode attention uses torch (slower on CPU)")
-        return None
-    source = _SOURCE.read_bytes()
-    flags = " ".join(_FLAGS + _OPENMP_FLAGS).encode()
-    parts = [source, flags, _compiler_version(compiler).encode(), _cpu_fingerprint().encode()]
-    key = hashlib.sha256(b"\0".join(parts))
-    target = kernel_dir() / f"decode_attention-{key.hexdigest()[:16]}.so"
-    try:
-        if not target.exists():
-            _build(compiler, target)
-        return DecodeAttentionKernel(ctypes.CDLL(str(target)))
-    except (OSError, subprocess.SubprocessError) as exc:
-        detail = getattr(exc, "stderr", "") or exc
-        logger.warning("building the CPU decode-attention kernel failed, using torch: %s", detail)
-        return None
+    library = native_build.build("decode_attention", _FLAGS)
+    return DecodeAttentionKernel(library) if library is not None else None
 
 
 class DecodeAttentionKernel:

@@ -106,6 +106,7 @@ class EngineConfig:
     guided_compile_timeout_s: float = 10.0  # a grammar that takes longer to compile is refused (400)
     optimize_model: bool = True  # fuse q/k/v and gate/up products, prepack CPU weights for oneDNN
     native_attention: bool = True  # CPU decode attention in the C kernel (engine/native_attention.py)
+    native_linear: bool = True  # CPU bf16 products in the C kernel (engine/native_linear.py), else oneDNN
     fast_forward: bool = True  # Llama/Mistral/Gemma 3 skip transformers' module tree (engine/fast_forward.py)
     enable_prefix_caching: bool = True  # reuse the KV blocks of shared prefixes (docs/kv_cache.md)
     # A forward that fails for one sequence alone fails that request; this many such failures in a row,

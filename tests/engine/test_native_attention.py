@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from engine import native_attention
+from engine import native_attention, native_build
 from tests.engine.conftest import make_core, request, run_to_completion, text_of
 
 kernel = native_attention.load()
@@ -117,7 +117,7 @@ def test_torch_path_and_kernel_give_the_same_greedy_text(tiny):
 
 
 def test_without_a_compiler_attention_stays_on_torch(monkeypatch, tmp_path):
-    monkeypatch.setattr(native_attention.shutil, "which", lambda name: None)
+    monkeypatch.setattr(native_build.shutil, "which", lambda name: None)
     native_attention.load.cache_clear()
     try:
         assert native_attention.load() is None
@@ -126,9 +126,9 @@ def test_without_a_compiler_attention_stays_on_torch(monkeypatch, tmp_path):
 
 
 def test_a_failed_build_falls_back(monkeypatch, tmp_path):
-    monkeypatch.setenv(native_attention.KERNEL_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(native_build.KERNEL_DIR_ENV, str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
-    monkeypatch.setattr(native_attention.shutil, "which", lambda name: "/bin/false")
+    monkeypatch.setattr(native_build.shutil, "which", lambda name: "/bin/false")
     native_attention.load.cache_clear()
     try:
         assert native_attention.load() is None

@@ -1,0 +1,107 @@
+"""The C bf16 product kernel against a float64 reference, its batch invariance, and where it is used."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from engine import native_linear
+from engine.fusion import PackedLinear
+from tests.engine.conftest import make_core, request, run_to_completion, text_of
+
+kernel = native_linear.load()
+needs_kernel = pytest.mark.skipif(kernel is None, reason="no C compiler or no AVX512-BF16 on this CPU")
+
+# SmolLM2's fused q/k/v and down shapes, a tiny one, and sizes that leave a partial 16-column block
+SHAPES = [(960, 576), (576, 1536), (64, 48), (100, 64), (17, 2), (1, 30)]
+
+
+def case(out_features, in_features, num_rows, seed=0, bias=False):
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=gen).bfloat16()
+    x = torch.randn(num_rows, in_features, generator=gen).bfloat16()
+    b = torch.randn(out_features, generator=gen) if bias else None
+    return weight, x, b
+
+
+@needs_kernel
+@pytest.mark.parametrize(("out_features", "in_features"), SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_products_match_a_float64_reference(out_features, in_features, bias):
+    weight, x, b = case(out_features, in_features, 37, bias=bias)
+    packed = kernel.pack(weight)
+    expected = x.double() @ weight.double().T + (b.double() if bias else 0)
+    for num_rows in (1, 2, 3, 4, 5, 16, 37):  # every tile height, and several tiles
+        got = kernel(x[:num_rows], packed, out_features, b)
+        assert got.dtype == torch.bfloat16 and got.shape == (num_rows, out_features)
+        # float32 sums, then one rounding to bf16 (8 bits of mantissa)
+        want = expected[:num_rows]
+        scale = x.double().abs()[:num_rows] @ weight.double().abs().T
+        assert ((got.double() - want).abs() <= scale * 2e-6 + want.abs() / 128).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize(("out_features", "in_features"), SHAPES)
+def test_a_rows_bits_do_not_depend_on_the_batch(out_features, in_features):
+    """Alone, first, last, amid 300 rows, read through a strided view: always the same bits."""
+    weight, x, _ = case(out_features, in_features, 300, seed=1)
+    packed = kernel.pack(weight)
+    alone = torch.cat([kernel(x[i : i + 1], packed, out_features, None) for i in range(len(x))])
+    for start, stop in ((0, 2), (0, 5), (3, 20), (1, 300), (0, 300)):
+        assert torch.equal(kernel(x[start:stop], packed, out_features, None), alone[start:stop])
+    wide = torch.zeros(300, in_features + 6, dtype=torch.bfloat16)
+    wide[:, 2 : 2 + in_features] = x
+    assert torch.equal(kernel(wide[:, 2 : 2 + in_features], packed, out_features, None), alone)
+    repeated = x[7:8].expand(9, -1)  # row stride 0
+    assert torch.equal(kernel(repeated, packed, out_features, None), alone[7:8].expand(9, -1))
+
+
+@needs_kernel
+def test_no_rows_and_bad_input_are_handled():
+    weight, x, _ = case(32, 16, 4)
+    packed = kernel.pack(weight)
+    assert kernel(x[:0], packed, 32, None).shape == (0, 32)
+    with pytest.raises(ValueError, match="bfloat16"):
+        kernel(x.float(), packed, 32, None)
+
+
+def test_only_cpu_bf16_weights_with_an_even_input_size_are_supported():
+    assert native_linear.supports(torch.zeros(8, 4, dtype=torch.bfloat16))
+    assert not native_linear.supports(torch.zeros(8, 5, dtype=torch.bfloat16))  # k is read in pairs
+    assert not native_linear.supports(torch.zeros(8, 4, dtype=torch.float32))
+    assert not native_linear.supports(torch.zeros(8, 4, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_packed_linear_takes_the_kernel_where_it_runs_else_onednn(native):
+    weight, x, b = case(100, 64, 5, bias=True)
+    linear = PackedLinear(weight, b.bfloat16(), native=native)
+    assert linear.is_native == (native and kernel is not None)
+    assert linear.is_packed == (not linear.is_native and torch.backends.mkldnn.is_available())
+    with torch.inference_mode():
+        got = linear(x.view(5, 1, 64))
+    assert got.shape == (5, 1, 100)
+    expected = torch.nn.functional.linear(x.float(), weight.float(), b.bfloat16().float())
+    torch.testing.assert_close(got.view(5, 100).float(), expected, atol=0.1, rtol=0.02)
+    fp32 = PackedLinear(weight.float(), None, native=native)
+    assert not fp32.is_native  # float32 stays on oneDNN
+
+
+@needs_kernel
+def test_a_bf16_engine_on_the_kernel_gives_the_same_greedy_text_alone_and_batched(tiny_model_dir: Path):
+    """The engine's batch invariance in bf16 with its products on the kernel."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    core = make_core((model, tokenizer), dtype="bfloat16", enable_prefix_caching=False)
+    products = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert products and all(m.is_native for m in products)
+    prompts = ["Hello there", "The capital of France is", "1 2 3 4 5 6 7 8"]
+    alone = []
+    for i, prompt in enumerate(prompts):
+        core.add_request(request(tokenizer, prompt, f"a{i}", max_new_tokens=20, ignore_eos=True))
+        alone.append(text_of(run_to_completion(core)[f"a{i}"]))
+    for i, prompt in enumerate(prompts):
+        core.add_request(request(tokenizer, prompt, f"b{i}", max_new_tokens=20, ignore_eos=True))
+    out = run_to_completion(core)
+    assert [text_of(out[f"b{i}"]) for i in range(len(prompts))] == alone
