@@ -175,6 +175,9 @@ def main() -> None:
         "--no-native-linear", action="store_true", help="bf16 products on oneDNN, not the C kernel (A/B)"
     )
     parser.add_argument(
+        "--no-native-norm", action="store_true", help="torch's RMSNorm ops, not the C kernel (A/B)"
+    )
+    parser.add_argument(
         "--unique-prompts",
         action="store_true",
         help="a tag first in every prompt, as serve_bench.py sends: no prefix-cache hits between requests",
@@ -208,6 +211,7 @@ def main() -> None:
             num_threads=threads,
             fast_forward=not args.no_fast_forward,
             native_linear=not args.no_native_linear,
+            native_norm=not args.no_native_norm,
         ),
         device,
     )

@@ -106,6 +106,9 @@ def main() -> None:
         "--no-native-linear", action="store_true", help="bf16 products on oneDNN, not the C kernel (A/B)"
     )
     parser.add_argument(
+        "--no-native-norm", action="store_true", help="torch's RMSNorm ops, not the C kernel (A/B)"
+    )
+    parser.add_argument(
         "--prefill-tokens", type=int, default=0, help="a new prompt of this many tokens in every step"
     )
     args = parser.parse_args()
@@ -121,6 +124,7 @@ def main() -> None:
         max_num_batched_tokens=max(256, args.batch + args.prefill_tokens),
         fast_forward=not args.no_fast_forward,
         native_linear=not args.no_native_linear,
+        native_norm=not args.no_native_norm,
     )
     with torch.inference_mode():
         core = EngineCore(loaded.model, loaded.tokenizer, config, device)

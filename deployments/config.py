@@ -64,6 +64,11 @@ class EngineSettings(BaseModel):
         description="CPU bf16 matrix products in the engine's C kernel (CPUs with AVX512-BF16); "
         "false = oneDNN's.",
     )
+    native_norm: bool = Field(
+        _ENGINE_DEFAULTS.native_norm,
+        description="The fast forward's bf16 CPU RMSNorms in the engine's C kernel (the same bits as "
+        "torch's operations, checked at load); false = torch's operations.",
+    )
     fast_forward: bool = Field(
         _ENGINE_DEFAULTS.fast_forward,
         description="Llama, Mistral and Gemma 3 models step through the engine's own forward (same "

@@ -90,6 +90,7 @@ class EngineCore:
             config.native_attention,
             config.fast_forward,
             config.native_linear,
+            config.native_norm,
         )
         self.scheduler = Scheduler(
             max_num_seqs=config.max_num_seqs,

@@ -7,7 +7,8 @@ top of ~30 ms of arithmetic, and most of a lone request's step beyond the weight
 logits are the same bits (tested against transformers' forward), as one loop over the layers. It
 knows the layers of `SUPPORTED` exactly and is used for them once `engine/fusion.py` has fused their
 projections; every other model (Qwen3's q/k norms, MoE layers, ...) runs on transformers' modules,
-unchanged. `EngineConfig.fast_forward` turns it off.
+unchanged. `EngineConfig.fast_forward` turns it off. In bf16 on CPU the norms run in a C kernel that
+gives the same bits (engine/native_norm.py, checked at load; `EngineConfig.native_norm`).
 
 The norm and rotary helpers are looked up by name at each call, so a profiler can label them
 (benchmarks/step_profile.py).
@@ -15,14 +16,18 @@ The norm and rotary helpers are looked up by name at each call, so a profiler ca
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from engine import attention
+from engine import attention, native_norm
 from engine.attention import AttentionMetadata
 from engine.fusion import FusedProjection
+from engine.native_norm import NormKernel
+
+logger = logging.getLogger("engine")
 
 # Llama and Mistral layers: RMSNorm -> fused q/k/v -> rotary -> attention -> o -> residual -> RMSNorm
 # -> fused gate/up -> act(gate) * up -> down -> residual (Mistral passes its sliding window on).
@@ -33,8 +38,13 @@ GEMMA3 = ("Gemma3ForCausalLM",)
 SUPPORTED = LLAMA_LIKE + GEMMA3
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' LlamaRMSNorm, op for op (float32 statistics, weight applied in the input dtype)."""
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, kernel: NormKernel | None = None
+) -> torch.Tensor:
+    """transformers' LlamaRMSNorm, op for op (float32 statistics, weight applied in the input dtype),
+    or the C kernel that gives its bits (engine/native_norm.py) when the layer holds one."""
+    if kernel is not None:
+        return kernel.llama(x, weight, eps)
     dtype = x.dtype
     x = x.to(torch.float32)
     variance = x.pow(2).mean(-1, keepdim=True)
@@ -42,8 +52,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x.to(dtype)
 
 
-def gemma_rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' Gemma3RMSNorm, op for op; `scale` is its `1.0 + weight.float()`, computed once."""
+def gemma_rms_norm(
+    x: torch.Tensor, scale: torch.Tensor, eps: float, kernel: NormKernel | None = None
+) -> torch.Tensor:
+    """transformers' Gemma3RMSNorm, op for op; `scale` is its `1.0 + weight.float()`, computed once.
+    Or the C kernel that gives its bits."""
+    if kernel is not None:
+        return kernel.gemma(x, scale, eps)
     y = x.float()
     y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
     return (y * scale).type_as(x)
@@ -121,24 +136,26 @@ class _LlamaLayer:
     norm2: torch.Tensor
     eps2: float
     rope: str | None = None  # one rotary table for every layer
+    kernel: NormKernel | None = None  # the C RMSNorm, where it gives torch's bits
 
     @classmethod
-    def of(cls, index: int, layer: nn.Module, window: int | None) -> _LlamaLayer:
+    def of(cls, index: int, layer: nn.Module, window: int | None, kernel: NormKernel | None) -> _LlamaLayer:
         norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
         attn = _Attention.of(index, layer.self_attn, window)
         mlp = _Mlp.of(layer.mlp)
-        return cls(attn, mlp, norm1.weight, norm1.variance_epsilon, norm2.weight, norm2.variance_epsilon)
+        eps1, eps2 = norm1.variance_epsilon, norm2.variance_epsilon
+        return cls(attn, mlp, norm1.weight, eps1, norm2.weight, eps2, kernel=kernel)
 
     def __call__(self, hidden, cos, sin, meta: AttentionMetadata) -> torch.Tensor:
         attn, num_tokens = self.attn, hidden.shape[0]
-        qkv = attn.qkv(rms_norm(hidden, self.norm1, self.eps1))
+        qkv = attn.qkv(rms_norm(hidden, self.norm1, self.eps1, self.kernel))
         hd, k_end = attn.head_dim, attn.q_size + attn.k_size
         # q and k sit side by side in the product's output: one rotary pass over both (elementwise)
         qk = apply_rotary(qkv[:, :k_end].view(num_tokens, -1, hd), cos, sin)
         num_q_heads = attn.q_size // hd
         v = qkv[:, k_end:].view(num_tokens, -1, hd)
         hidden = hidden + attn.attend(qk[:, :num_q_heads], qk[:, num_q_heads:], v, meta)
-        return hidden + self.mlp(rms_norm(hidden, self.norm2, self.eps2))
+        return hidden + self.mlp(rms_norm(hidden, self.norm2, self.eps2, self.kernel))
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,9 +170,10 @@ class _GemmaLayer:
     pre_mlp_norm: torch.Tensor
     post_mlp_norm: torch.Tensor
     rope: str  # the layer type, which picks its rotary table
+    kernel: NormKernel | None = None  # the C RMSNorm, where it gives torch's bits
 
     @classmethod
-    def of(cls, index: int, layer: nn.Module, layer_type: str) -> _GemmaLayer:
+    def of(cls, index: int, layer: nn.Module, layer_type: str, kernel: NormKernel | None) -> _GemmaLayer:
         attn = layer.self_attn
         scales = [
             (1.0 + norm.weight.float()).detach()
@@ -174,16 +192,33 @@ class _GemmaLayer:
             layer.input_layernorm.eps,
             *scales,
             rope=layer_type,
+            kernel=kernel,
         )
 
     def __call__(self, hidden, cos, sin, meta: AttentionMetadata) -> torch.Tensor:
-        eps, attn = self.eps, self.attn
-        q, k, v = attn.split(gemma_rms_norm(hidden, self.input_norm, eps))
-        q = apply_rotary(gemma_rms_norm(q, self.q_norm, eps), cos, sin)
-        k = apply_rotary(gemma_rms_norm(k, self.k_norm, eps), cos, sin)
-        hidden = hidden + gemma_rms_norm(attn.attend(q, k, v, meta), self.post_attention_norm, eps)
-        out = self.mlp(gemma_rms_norm(hidden, self.pre_mlp_norm, eps))
-        return hidden + gemma_rms_norm(out, self.post_mlp_norm, eps)
+        eps, attn, kernel = self.eps, self.attn, self.kernel
+        q, k, v = attn.split(gemma_rms_norm(hidden, self.input_norm, eps, kernel))
+        q = apply_rotary(gemma_rms_norm(q, self.q_norm, eps, kernel), cos, sin)
+        k = apply_rotary(gemma_rms_norm(k, self.k_norm, eps, kernel), cos, sin)
+        hidden = hidden + gemma_rms_norm(attn.attend(q, k, v, meta), self.post_attention_norm, eps, kernel)
+        out = self.mlp(gemma_rms_norm(hidden, self.pre_mlp_norm, eps, kernel))
+        return hidden + gemma_rms_norm(out, self.post_mlp_norm, eps, kernel)
+
+
+def _norm_kernel(model: nn.Module, gemma: bool) -> NormKernel | None:
+    """The C RMSNorm for a bf16 CPU model, if it gives torch's bits at the model's norm widths."""
+    weight = model.model.norm.weight
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
+        return None
+    kernel = native_norm.load()
+    if kernel is None:
+        return None
+    widths = {model.config.hidden_size} | ({model.config.head_dim} if gemma else set())
+    reference = gemma_rms_norm if gemma else rms_norm
+    if all(kernel.matches(reference, gemma, width) for width in sorted(widths)):
+        return kernel
+    logger.warning("the C RMSNorm does not give this torch's bits: norms stay on torch's operations")
+    return None
 
 
 def _unsupported_reason(model: nn.Module) -> str | None:
@@ -207,7 +242,7 @@ def _unsupported_reason(model: nn.Module) -> str | None:
 class FastForward:
     """Logits of one packed step, computed as transformers' code would, without its modules."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, native_norm: bool = True) -> None:
         reason = _unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"no fast forward for this model: {reason}")
@@ -215,16 +250,18 @@ class FastForward:
         self.embed = decoder.embed_tokens  # Gemma's scales its output: called as the module it is
         self.rotary = decoder.rotary_emb
         self.gemma = type(model).__name__ in GEMMA3
+        kernel = self.norm_kernel = _norm_kernel(model, self.gemma) if native_norm else None
         if self.gemma:
             self.layers = [
-                _GemmaLayer.of(i, layer, config.layer_types[i]) for i, layer in enumerate(decoder.layers)
+                _GemmaLayer.of(i, layer, config.layer_types[i], kernel)
+                for i, layer in enumerate(decoder.layers)
             ]
             self.final_norm = ((1.0 + decoder.norm.weight.float()).detach(), decoder.norm.eps)
             self.logit_softcap = getattr(config, "final_logit_softcapping", None)
         else:
             mistral = type(model).__name__ == "MistralForCausalLM"
             window = getattr(config, "sliding_window", None) if mistral else None
-            self.layers = [_LlamaLayer.of(i, layer, window) for i, layer in enumerate(decoder.layers)]
+            self.layers = [_LlamaLayer.of(i, layer, window, kernel) for i, layer in enumerate(decoder.layers)]
             self.final_norm = (decoder.norm.weight, decoder.norm.variance_epsilon)
             self.logit_softcap = None
         self.rope_kinds = sorted({layer.rope for layer in self.layers}, key=str)
@@ -252,7 +289,7 @@ class FastForward:
             cos, sin = tables[layer.rope]
             hidden = layer(hidden, cos, sin, meta)
         norm = gemma_rms_norm if self.gemma else rms_norm
-        logits = self.lm_head(norm(hidden[keep], *self.final_norm))  # row-wise: slice first
+        logits = self.lm_head(norm(hidden[keep], *self.final_norm, self.norm_kernel))  # row-wise: slice first
         if self.logit_softcap is not None:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits

@@ -29,16 +29,19 @@ class ModelRunner:
         native_attention: bool = True,
         fast_forward: bool = True,
         native_linear: bool = True,
+        native_norm: bool = True,
     ) -> None:
         """Takes the model over: its attention becomes the paged one and, if `optimize`, its linears fused.
 
         `native_attention`: decode attention in the C kernel where it supports the device and dtype.
         `fast_forward`: the architectures `engine/fast_forward.py` knows (fused) run through it.
-        `native_linear`: CPU bf16 products in the C kernel where the CPU has AVX512-BF16."""
+        `native_linear`: CPU bf16 products in the C kernel where the CPU has AVX512-BF16.
+        `native_norm`: the fast forward's bf16 CPU norms in the C kernel that gives torch's bits."""
         model.set_attn_implementation(attention.register())
         if optimize:
             optimize_model(model, native_linear)
-        self.fast_forward = FastForward(model) if fast_forward and FastForward.supports(model) else None
+        use_fast_forward = fast_forward and FastForward.supports(model)
+        self.fast_forward = FastForward(model, native_norm) if use_fast_forward else None
         path = "the engine's fast forward" if self.fast_forward is not None else "transformers' modules"
         logger.info("%s steps through %s", type(model).__name__, path)
         use_kernel = native_attention and native_attention_kernel.supports(device, kv_cache.dtype)

@@ -107,6 +107,7 @@ class EngineConfig:
     optimize_model: bool = True  # fuse q/k/v and gate/up products, prepack CPU weights for oneDNN
     native_attention: bool = True  # CPU decode attention in the C kernel (engine/native_attention.py)
     native_linear: bool = True  # CPU bf16 products in the C kernel (engine/native_linear.py), else oneDNN
+    native_norm: bool = True  # the fast forward's bf16 CPU RMSNorms in C, same bits (engine/native_norm.py)
     fast_forward: bool = True  # Llama/Mistral/Gemma 3 skip transformers' module tree (engine/fast_forward.py)
     enable_prefix_caching: bool = True  # reuse the KV blocks of shared prefixes (docs/kv_cache.md)
     # A forward that fails for one sequence alone fails that request; this many such failures in a row,

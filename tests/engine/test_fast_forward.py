@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM
 
+from engine import native_norm
 from engine.core import EngineCore
 from engine.fast_forward import FastForward
 from engine.types import EngineConfig
@@ -168,6 +169,8 @@ def test_smollm2_bf16_logits_equal_transformers_at_every_step():
 
     loaded = load_model(resolve("smollm2-135m-instruct"), dtype=torch.bfloat16)
     core = make_core((loaded.model, loaded.tokenizer), max_num_batched_tokens=64)
+    # with a C compiler the norms run in the C kernel here: the same bits (engine/native_norm.py)
+    assert (core.runner.fast_forward.norm_kernel is not None) == (native_norm.load() is not None)
     equal = steps_equal(core, loaded.tokenizer)
     assert len(equal) >= 20 and all(equal)
 
@@ -183,5 +186,6 @@ def test_gemma3_270m_bf16_logits_equal_transformers_at_every_step():
 
     loaded = load_model(resolve(GEMMA3_270M.name), dtype=torch.bfloat16)
     core = make_core((loaded.model, loaded.tokenizer), max_num_batched_tokens=64, kv_cache_bytes=32 * 2**20)
+    assert (core.runner.fast_forward.norm_kernel is not None) == (native_norm.load() is not None)
     equal = steps_equal(core, loaded.tokenizer)
     assert len(equal) >= 20 and all(equal)
