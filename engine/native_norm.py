@@ -30,12 +30,17 @@ def load() -> NormKernel | None:
 
 
 class NormKernel:
+    """Callable wrapper over the C function: `llama` and `gemma` are transformers' two RMSNorms."""
+
     def __init__(self, library: ctypes.CDLL) -> None:
         self._fn = library.rms_norm
         self._fn.argtypes = [ctypes.c_int, _ptr, _i64, _i64, _i64, _ptr, ctypes.c_float, _ptr]
         self._fn.restype = ctypes.c_int
 
     def _run(self, kind: int, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        want = torch.float32 if kind == _GEMMA else torch.bfloat16
+        if x.dtype != torch.bfloat16 or weight.dtype != want or not weight.is_contiguous():
+            raise ValueError(f"rms_norm takes bf16 rows and a contiguous {want} weight")
         n = x.shape[-1]
         rows = x.reshape(-1, n)
         if rows.stride(1) != 1:
