@@ -75,7 +75,9 @@ def build(name: str, flags: list[str] | tuple[str, ...] = ()) -> ctypes.CDLL | N
         return None
     source = SOURCE_DIR / f"{name}.c"
     all_flags = [*_BASE_FLAGS, *flags, *_OPENMP_FLAGS]
-    parts = [source.read_bytes(), " ".join(all_flags).encode(), _compiler_version(compiler).encode()]
+    headers = [h.read_bytes() for h in sorted(SOURCE_DIR.glob("*.h"))]  # included by the sources
+    version = _compiler_version(compiler).encode()
+    parts = [source.read_bytes(), *headers, " ".join(all_flags).encode(), version]
     key = hashlib.sha256(b"\0".join([*parts, _cpu_fingerprint().encode()]))
     target = kernel_dir() / f"{name}-{key.hexdigest()[:16]}.so"
     try:

@@ -14,26 +14,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #else
 static int omp_get_max_threads(void) { return 1; }
 #endif
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, NaN kept NaN */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 /* e^x in float32 within ~2 ulp on [-87, 88] (x is clamped to that range: e^-87 ~ 1.6e-38 stands in for
    anything smaller, the tail of a softmax), written without calls or branches so that the compiler
