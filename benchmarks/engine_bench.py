@@ -21,7 +21,8 @@ import uuid
 from dataclasses import dataclass
 
 import torch
-from prompts import prompt_texts, unique_prompt_texts  # benchmarks/ is on sys.path when run as a script
+from engine_switches import add_switch_flags, switches  # benchmarks/ is on sys.path when run as a script
+from prompts import prompt_texts, unique_prompt_texts
 
 from engine.async_engine import AsyncEngine
 from engine.device import default_num_threads, resolve_device, resolve_dtype
@@ -168,15 +169,7 @@ def main() -> None:
     parser.add_argument("--sequential-requests", type=int, default=4)
     parser.add_argument("--skip-baselines", action="store_true")
     parser.add_argument("--guided", action="store_true", help="also compare JSON-guided with free requests")
-    parser.add_argument(
-        "--no-fast-forward", action="store_true", help="transformers' modules even for Llama (A/B)"
-    )
-    parser.add_argument(
-        "--no-native-linear", action="store_true", help="bf16 products on oneDNN, not the C kernel (A/B)"
-    )
-    parser.add_argument(
-        "--no-native-norm", action="store_true", help="torch's RMSNorm ops, not the C kernel (A/B)"
-    )
+    add_switch_flags(parser)
     parser.add_argument(
         "--unique-prompts",
         action="store_true",
@@ -209,9 +202,7 @@ def main() -> None:
         EngineConfig(
             max_num_seqs=32,
             num_threads=threads,
-            fast_forward=not args.no_fast_forward,
-            native_linear=not args.no_native_linear,
-            native_norm=not args.no_native_norm,
+            **switches(args),
         ),
         device,
     )

@@ -28,6 +28,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's packages
 
+from engine_switches import add_switch_flags, switches
 from prompts import prompt_texts
 
 from engine import attention, fast_forward
@@ -99,15 +100,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument(
-        "--no-fast-forward", action="store_true", help="transformers' modules even for Llama (A/B)"
-    )
-    parser.add_argument(
-        "--no-native-linear", action="store_true", help="bf16 products on oneDNN, not the C kernel (A/B)"
-    )
-    parser.add_argument(
-        "--no-native-norm", action="store_true", help="torch's RMSNorm ops, not the C kernel (A/B)"
-    )
+    add_switch_flags(parser)
     parser.add_argument(
         "--prefill-tokens", type=int, default=0, help="a new prompt of this many tokens in every step"
     )
@@ -122,9 +115,7 @@ def main() -> None:
         max_num_seqs=max(32, args.batch + 1),
         max_model_len=2048,
         max_num_batched_tokens=max(256, args.batch + args.prefill_tokens),
-        fast_forward=not args.no_fast_forward,
-        native_linear=not args.no_native_linear,
-        native_norm=not args.no_native_norm,
+        **switches(args),
     )
     with torch.inference_mode():
         core = EngineCore(loaded.model, loaded.tokenizer, config, device)

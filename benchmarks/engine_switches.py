@@ -1,0 +1,24 @@
+"""The engine's A/B switches as command-line flags, shared by engine_bench.py and step_profile.py:
+each `--no-<field>` turns off one `EngineConfig` field that is on by default."""
+
+from __future__ import annotations
+
+import argparse
+
+# EngineConfig field -> what turning it off runs instead
+SWITCHES = {
+    "fast_forward": "transformers' modules even for Llama",
+    "native_linear": "bf16 products on oneDNN, not the C kernel",
+    "native_norm": "torch's RMSNorm ops, not the C kernel",
+}
+
+
+def add_switch_flags(parser: argparse.ArgumentParser) -> None:
+    for field, instead in SWITCHES.items():
+        flag = "--no-" + field.replace("_", "-")
+        parser.add_argument(flag, action="store_true", help=f"{instead} (A/B)")
+
+
+def switches(args: argparse.Namespace) -> dict[str, bool]:
+    """EngineConfig keyword arguments from the parsed flags."""
+    return {field: not getattr(args, f"no_{field}") for field in SWITCHES}
