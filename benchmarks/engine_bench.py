@@ -7,7 +7,8 @@ Workload (as in shared/reference/measurements.md): prompts of ~32 tokens, 64 new
 
 The default prompts repeat (16 topics), so from the 17th request on the prefix cache serves whole
 prompts. `--unique-prompts --levels 1:8 16:64 32:64 --skip-baselines` runs serve_bench.py's load
-instead (unique prompts, its levels): the quiet engine-alone figure to hold a server run against.
+instead (unique prompts, its levels): the quiet engine-alone figure to hold a server run against;
+`--prompt-words 250` pads those prompts to ~310 tokens, as serve_bench.py's prefill-heavy load.
 """
 
 from __future__ import annotations
@@ -176,12 +177,20 @@ def main() -> None:
         help="a tag first in every prompt, as serve_bench.py sends: no prefix-cache hits between requests",
     )
     parser.add_argument(
+        "--prompt-words",
+        type=int,
+        default=0,
+        help="with --unique-prompts: filler words in each prompt, as serve_bench.py's (a prefill-heavy load)",
+    )
+    parser.add_argument(
         "--levels",
         nargs="+",
         default=["1:4", "4:16", "16:32"],
         help="concurrency:requests per level (serve_bench.py's load: 1:8 16:64 32:64)",
     )
     args = parser.parse_args()
+    if args.prompt_words and not args.unique_prompts:
+        parser.error("--prompt-words pads the --unique-prompts load")
     levels = [tuple(int(x) for x in level.split(":")) for level in args.levels]
     run_id = uuid.uuid4().hex[:6]
 
@@ -217,7 +226,7 @@ def main() -> None:
         await bench_engine(engine, prompts16[:2], 2, 4)  # warm-up
         for concurrency, num_requests in levels:
             if args.unique_prompts:
-                texts = unique_prompt_texts(num_requests, f"{run_id}.{concurrency}")
+                texts = unique_prompt_texts(num_requests, f"{run_id}.{concurrency}", args.prompt_words)
                 prompts = [tokenizer(t).input_ids for t in texts]
             else:  # 16 topics repeat: from the 17th request on, the prefix cache serves whole prompts
                 prompts = make_prompts(tokenizer, num_requests)

@@ -2,6 +2,7 @@
 
     python benchmarks/step_profile.py [--batch 16] [--steps 20] [--model smollm2-135m-instruct]
     python benchmarks/step_profile.py --prefill-tokens 240   # each step also prefills a 240-token prompt
+    python benchmarks/step_profile.py --prompt-words 250     # the batch decodes at ~330-token contexts
 
 Loads the model as the server does (EngineCore, fused/packed projections, paged attention), admits
 `--batch` requests, steps until every one is decoding, then profiles `--steps` decode steps. Each
@@ -29,7 +30,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's packages
 
 from engine_switches import add_switch_flags, switches
-from prompts import prompt_texts
+from prompts import unique_prompt_texts
 
 from engine import attention, fast_forward
 from engine.core import EngineCore
@@ -104,6 +105,9 @@ def main() -> None:
     parser.add_argument(
         "--prefill-tokens", type=int, default=0, help="a new prompt of this many tokens in every step"
     )
+    parser.add_argument(
+        "--prompt-words", type=int, default=0, help="filler words in each prompt: decode at a longer context"
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(default_num_threads())
@@ -119,8 +123,8 @@ def main() -> None:
     )
     with torch.inference_mode():
         core = EngineCore(loaded.model, loaded.tokenizer, config, device)
-        for text in prompt_texts(args.batch):
-            ids = tuple(loaded.tokenizer(f"[{uuid.uuid4().hex[:6]}] {text}").input_ids)
+        for text in unique_prompt_texts(args.batch, uuid.uuid4().hex[:6], args.prompt_words):
+            ids = tuple(loaded.tokenizer(text).input_ids)
             params = SamplingParams(max_new_tokens=args.steps + 40, temperature=0.0, ignore_eos=True)
             core.add_request(GenerationRequest(uuid.uuid4().hex, ids, params))
         while core.scheduler.waiting or any(
@@ -149,8 +153,10 @@ def main() -> None:
                 if request_id is not None:
                     core.abort(request_id)
     tokens = args.batch + args.prefill_tokens
+    contexts = [seq.num_tokens for seq in core.scheduler.running]
     print(
-        f"model {args.model}, {dtype}, {torch.get_num_threads()} threads, batch {args.batch} decoding"
+        f"model {args.model}, {dtype}, {torch.get_num_threads()} threads, batch {args.batch} decoding "
+        f"(contexts {min(contexts)}-{max(contexts)} at the end)"
         f"{f' + a {args.prefill_tokens}-token prefill' if args.prefill_tokens else ''}, {args.steps} steps: "
         f"{wall_s * 1e3:.1f} ms per step ({args.batch / wall_s:.0f} decode tok/s, "
         f"{tokens / wall_s:.0f} tokens/s through the model)\n"

@@ -38,9 +38,13 @@ class AttentionMetadata:
     decode_lens: torch.Tensor | None  # (D,) context length of each decode sequence
     max_decode_ctx: int
     prefills: list[PrefillSpan]
-    # With the CPU kernel, decode reads the cache in place through the block tables (no gather).
+    # With the CPU kernel, the first `kernel_rows` rows (every row of the step: decode and prefill
+    # tokens alike) read the cache in place through their sequence's block table (no gather); row r
+    # attends to its sequence's positions [0, decode_lens[r]) (its own included). Then `decode_lens`
+    # and `decode_block_tables` have one row per kernel row.
     decode_kernel: DecodeAttentionKernel | None = None
-    decode_block_tables: torch.Tensor | None = None  # (D, width) int64 block ids, padded with 0
+    decode_block_tables: torch.Tensor | None = None  # (rows, width) int64 block ids, padded with 0
+    kernel_rows: int = 0
     # Several prefill spans of similar size attend as one padded batch (one gather and one attention
     # call per layer instead of one per span): built once per step by `pack_prefills`.
     packed: PackedPrefill | None = None
@@ -163,9 +167,9 @@ def attend_paged(
     num_kv_heads = key.shape[1]
     out = query.new_empty(num_tokens, num_heads, head_dim)
     num_decode = meta.num_decode
-    if num_decode and meta.decode_kernel is not None:
+    if meta.kernel_rows:
         meta.decode_kernel(
-            query[:num_decode],
+            query,
             k_cache,
             v_cache,
             meta.decode_block_tables,
@@ -174,9 +178,10 @@ def attend_paged(
             head_dim**-0.5 if scaling is None else scaling,
             sliding_window,
             softcap,
-            out[:num_decode],
+            out,
         )
-    elif num_decode:
+        return out
+    if num_decode:
         ctx = meta.max_decode_ctx
         # One query token per sequence: fold the query heads of a group into the query-length axis.
         q = query[:num_decode].reshape(num_decode, num_kv_heads, -1, head_dim)  # (D, Hk, G, hd)

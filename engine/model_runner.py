@@ -33,7 +33,8 @@ class ModelRunner:
     ) -> None:
         """Takes the model over: its attention becomes the paged one and, if `optimize`, its linears fused.
 
-        `native_attention`: decode attention in the C kernel where it supports the device and dtype.
+        `native_attention`: attention (decode and prefill) in the C kernel where it supports the device
+        and dtype.
         `fast_forward`: the architectures `engine/fast_forward.py` knows (fused) run through it.
         `native_linear`: CPU bf16 products in the C kernel where the CPU has AVX512-BF16.
         `native_norm`: the fast forward's bf16 CPU norms in the C kernel that gives torch's bits."""
@@ -65,25 +66,60 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """Flat input ids (1, T), positions (1, T), attention metadata, and indices of sampling tokens."""
         input_ids, positions, slots, sample_index = [], [], [], []
-        prefills: list[PrefillSpan] = []
-        for i, (seq, n) in enumerate(batch.items):
+        for seq, n in batch.items:
             start = seq.num_computed
             input_ids += seq.token_ids(start, start + n)
             positions += range(start, start + n)
             slots += self._slots(seq.block_table, start, start + n)
             if start + n == seq.num_tokens:
                 sample_index.append(len(input_ids) - 1)
+        if self.decode_kernel is not None:
+            meta = self._kernel_metadata(batch, positions, slots)
+        else:
+            meta = self._torch_metadata(batch, slots)
+        ids = torch.tensor([input_ids], device=self.device)
+        pos = torch.tensor([positions], device=self.device)
+        return ids, pos, meta, sample_index
+
+    def _kernel_metadata(
+        self, batch: ScheduledBatch, positions: list[int], slots: list[int]
+    ) -> AttentionMetadata:
+        """Every new token, decode or prefill, attends in the C kernel as a one-token query over its own
+        sequence's cached positions up to its own: a (T, width) block table and a context length per row."""
+        width = max(len(seq.block_table) for seq, _ in batch.items)
+        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s, _ in batch.items])
+        counts = torch.tensor([n for _, n in batch.items])
+        return AttentionMetadata(
+            kv_cache=self.kv_cache,
+            slot_mapping=torch.tensor(slots, device=self.device),
+            num_decode=batch.num_decode,
+            decode_gather=None,
+            decode_lens=torch.tensor(positions) + 1,
+            max_decode_ctx=0,
+            prefills=[],
+            decode_kernel=self.decode_kernel,
+            decode_block_tables=tables.repeat_interleave(counts, dim=0),
+            kernel_rows=len(positions),
+        )
+
+    def _torch_metadata(self, batch: ScheduledBatch, slots: list[int]) -> AttentionMetadata:
+        """torch's attention: decode rows against gathered k/v, prefill spans one by one or packed."""
+        prefills: list[PrefillSpan] = []
+        row = 0
+        for i, (seq, n) in enumerate(batch.items):
             if i >= batch.num_decode:
+                start = seq.num_computed
                 table = torch.tensor([seq.block_table])
                 prefills.append(
                     PrefillSpan(
-                        start=len(input_ids) - n,
+                        start=row,
                         num_tokens=n,
                         gather=self._gather(table, start + n)[0].to(self.device),
                         positions=torch.arange(start, start + n, device=self.device),
                     )
                 )
-        decode_gather = decode_lens = tables = None
+            row += n
+        decode_gather = decode_lens = None
         max_ctx = 0
         if batch.num_decode:
             decode = [seq for seq, _ in batch.items[: batch.num_decode]]
@@ -91,10 +127,9 @@ class ModelRunner:
             max_ctx = max(lens)
             width = max(len(seq.block_table) for seq in decode)
             tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in decode])
-            if self.decode_kernel is None:
-                decode_gather = self._gather(tables, max_ctx).flatten().to(self.device)
+            decode_gather = self._gather(tables, max_ctx).flatten().to(self.device)
             decode_lens = torch.tensor(lens, device=self.device)
-        meta = AttentionMetadata(
+        return AttentionMetadata(
             kv_cache=self.kv_cache,
             slot_mapping=torch.tensor(slots, device=self.device),
             num_decode=batch.num_decode,
@@ -103,12 +138,7 @@ class ModelRunner:
             max_decode_ctx=max_ctx,
             prefills=prefills,
             packed=pack_prefills(prefills),
-            decode_kernel=self.decode_kernel if batch.num_decode else None,
-            decode_block_tables=tables,
         )
-        ids = torch.tensor([input_ids], device=self.device)
-        pos = torch.tensor([positions], device=self.device)
-        return ids, pos, meta, sample_index
 
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """Run one step; returns float32 logits (S, V) for the sequences whose last token was fed."""

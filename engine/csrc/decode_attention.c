@@ -45,6 +45,128 @@ static inline float exp_approx(float x) {
     return p * scale;
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define HAVE_FAST_BF16 1
+
+/* The 16 sums of 16 vectors: r[j] = sum of v[j]'s lanes, in one fixed order (a transposing tree). */
+static inline __m512 sum16(const __m512 v[16]) {
+    __m512 w[8], z[4];
+    for (int i = 0; i < 8; i++)
+        w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++)
+        z[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    /* z[i], 128-bit quarter L, position p: vector 4i+p's lanes of quarter L, summed */
+    const __m512 u01 = _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                     _mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 u23 = _mm512_add_ps(_mm512_shuffle_f32x4(z[2], z[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                     _mm512_shuffle_f32x4(z[2], z[3], _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(u01, u23, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(u01, u23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+static inline __m512 widen_bf16(const uint16_t *src) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src)), 16));
+}
+
+/* One kv head of one sequence, bfloat16, 16-token pages: q.k with the bf16 dot-product instruction,
+   sixteen tokens (one page) at a time and summed by `sum16`; softmax as the generic path; p.v in
+   float32 with up to NH heads' accumulators in registers. Every (sequence, kv head) is computed the
+   same way whatever the batch. */
+#define FAST_KV(HD, NH)                                                                                 \
+    static inline __attribute__((always_inline)) void fast_kv_##HD##_##NH(                              \
+        const uint16_t *const *qrows, uint16_t *const *orows, const uint16_t *k_base, const uint16_t *v_base, \
+        const int64_t *table, int64_t row_stride, int64_t first, int64_t len, float scale, float softcap, \
+        float *restrict scores, int64_t score_stride) {                                                 \
+        const int64_t page0 = first / 16, pages = (len - 1) / 16 - page0 + 1, off = first - page0 * 16; \
+        const int64_t n = len - first;                                                                  \
+        for (int h = 0; h < NH; h++) {                                                                  \
+            __m512bh q[HD / 32];                                                                        \
+            for (int j = 0; j < HD / 32; j++) q[j] = (__m512bh)_mm512_loadu_si512(qrows[h] + 32 * j);   \
+            float *sh = scores + h * score_stride;                                                      \
+            for (int64_t pg = 0; pg < pages; pg++) {                                                    \
+                const uint16_t *k = k_base + table[page0 + pg] * 16 * row_stride;                       \
+                __m512 acc[16];                                                                         \
+                for (int t = 0; t < 16; t++) {                                                          \
+                    __m512 a = _mm512_setzero_ps();                                                     \
+                    for (int j = 0; j < HD / 32; j++)                                                   \
+                        a = _mm512_dpbf16_ps(a, q[j], (__m512bh)_mm512_loadu_si512(k + t * row_stride + 32 * j)); \
+                    acc[t] = a;                                                                         \
+                }                                                                                       \
+                _mm512_storeu_ps(sh + 16 * pg, _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));       \
+            }                                                                                           \
+            sh += off;                                                                                  \
+            if (softcap > 0.0f)                                                                         \
+                for (int64_t t = 0; t < n; t++) sh[t] = tanhf(sh[t] / softcap) * softcap;              \
+            float top = sh[0];                                                                          \
+            for (int64_t t = 1; t < n; t++) top = sh[t] > top ? sh[t] : top;                            \
+            float total = 0.0f;                                                                         \
+            for (int64_t t = 0; t < n; t++) {                                                           \
+                sh[t] = exp_approx(sh[t] - top);                                                        \
+                total += sh[t];                                                                         \
+            }                                                                                           \
+            const float inv = 1.0f / total;                                                             \
+            for (int64_t t = 0; t < n; t++) sh[t] *= inv;                                               \
+        }                                                                                               \
+        __m512 acc[NH][HD / 16];                                                                        \
+        for (int h = 0; h < NH; h++)                                                                    \
+            for (int j = 0; j < HD / 16; j++) acc[h][j] = _mm512_setzero_ps();                          \
+        for (int64_t t = 0; t < n; t++) {                                                               \
+            const int64_t pos = first + t;                                                              \
+            const uint16_t *v = v_base + (table[pos / 16] * 16 + pos % 16) * row_stride;                \
+            __m512 vf[HD / 16];                                                                         \
+            for (int j = 0; j < HD / 16; j++) vf[j] = widen_bf16(v + 16 * j);                           \
+            for (int h = 0; h < NH; h++) {                                                              \
+                const __m512 p = _mm512_set1_ps(scores[h * score_stride + off + t]);                    \
+                for (int j = 0; j < HD / 16; j++) acc[h][j] = _mm512_fmadd_ps(p, vf[j], acc[h][j]);     \
+            }                                                                                           \
+        }                                                                                               \
+        for (int h = 0; h < NH; h++) {                                                                  \
+            float row[HD];                                                                              \
+            for (int j = 0; j < HD / 16; j++) _mm512_storeu_ps(row + 16 * j, acc[h][j]);                \
+            for (int i = 0; i < HD; i++) orows[h][i] = f32_to_bf16(row[i]);                             \
+        }                                                                                               \
+    }
+FAST_KV(64, 1)
+FAST_KV(64, 2)
+FAST_KV(64, 3)
+FAST_KV(64, 4)
+FAST_KV(128, 1)
+FAST_KV(128, 2)
+FAST_KV(256, 1)
+#undef FAST_KV
+
+/* The heads of one kv head in chunks whose accumulators fit in registers. */
+static inline __attribute__((always_inline)) void fast_kv(
+    int64_t head_dim, const uint16_t *query, uint16_t *out, const uint16_t *k_cache, const uint16_t *v_cache,
+    const int64_t *table, int64_t s, int64_t kvh, int64_t num_heads, int64_t num_kv_heads, int64_t first,
+    int64_t len, float scale, float softcap, float *restrict scores, int64_t score_stride) {
+    const int64_t group = num_heads / num_kv_heads, row_stride = num_kv_heads * head_dim;
+    const uint16_t *k_base = k_cache + kvh * head_dim, *v_base = v_cache + kvh * head_dim;
+    const int chunk = head_dim == 64 ? 4 : (head_dim == 128 ? 2 : 1);
+    for (int64_t h0 = 0; h0 < group; h0 += chunk) {
+        const int nh = (int)(group - h0 < chunk ? group - h0 : chunk);
+        const uint16_t *qrows[4];
+        uint16_t *orows[4];
+        for (int h = 0; h < nh; h++) {
+            const int64_t row = s * num_heads + kvh * group + h0 + h;
+            qrows[h] = query + row * head_dim;
+            orows[h] = out + row * head_dim;
+        }
+#define CALL(HD, NH) fast_kv_##HD##_##NH(qrows, orows, k_base, v_base, table, row_stride, first, len, scale, softcap, scores, score_stride)
+        if (head_dim == 64) {
+            if (nh == 4) CALL(64, 4); else if (nh == 3) CALL(64, 3); else if (nh == 2) CALL(64, 2); else CALL(64, 1);
+        } else if (head_dim == 128) {
+            if (nh == 2) CALL(128, 2); else CALL(128, 1);
+        } else {
+            CALL(256, 1);
+        }
+#undef CALL
+    }
+}
+#endif
+
 /* n values starting at element `offset` of base, as float32 */
 static inline void load_span(const void *base, int64_t offset, int64_t n, int dtype, float *restrict dst) {
     if (dtype == 0) {
@@ -75,6 +197,14 @@ static inline __attribute__((always_inline)) void attend(
     const int64_t group = num_heads / num_kv_heads;
     const int64_t num_kv = kv_end - kv_begin, heads = num_kv * group, width = num_kv * head_dim;
     const int64_t first = (window > 0 && len > window) ? len - window : 0;
+#ifdef HAVE_FAST_BF16
+    if (dtype == 1 && block_size == 16 && (head_dim == 64 || head_dim == 128 || head_dim == 256)) {
+        for (int64_t kvh = kv_begin; kvh < kv_end; kvh++)
+            fast_kv(head_dim, query, out, k_cache, v_cache, table, s, kvh, num_heads, num_kv_heads, first, len,
+                    scale, softcap, scores, max_len + 32);
+        return;
+    }
+#endif
     const int64_t n = len - first;
     const int64_t head0 = s * num_heads + kv_begin * group; /* first query row of this item */
     for (int64_t h = 0; h < heads; h++) load_span(query, (head0 + h) * head_dim, head_dim, dtype, q + h * head_dim);
@@ -128,26 +258,27 @@ int decode_attention(int dtype, const void *query, const void *k_cache, const vo
     const int64_t split = num_seqs >= omp_get_max_threads() ? 1 : num_kv_heads;
     const int64_t kv_per_item = num_kv_heads / split;
     /* per thread: scores (heads x max_len), q and acc (heads x head_dim each), one k/v row */
-    const size_t scratch_floats = (size_t)(num_heads * max_len + 2 * num_heads * head_dim + num_kv_heads * head_dim);
+    const size_t scratch_floats = (size_t)(num_heads * (max_len + 32) + 2 * num_heads * head_dim + num_kv_heads * head_dim);
     int failed = 0;
     /* OpenMP from the runtime torch already loaded (same soname): the engine thread's team is reused. */
 #pragma omp parallel reduction(| : failed)
     {
         float *scratch = malloc(sizeof(float) * scratch_floats);
         failed = scratch == NULL;
-        float *scores = scratch, *q = scores + num_heads * max_len, *acc = q + num_heads * head_dim;
+        float *scores = scratch, *q = scores + num_heads * (max_len + 32), *acc = q + num_heads * head_dim;
         float *row = acc + num_heads * head_dim;
 #define ATTEND(DTYPE, HD, BS)                                                                          \
     attend(DTYPE, query, k_cache, v_cache, block_tables + s * table_width, ctx_lens[s], s, kv_begin,    \
            kv_begin + kv_per_item, num_heads, num_kv_heads, HD, BS, scale, window, softcap, out,        \
            max_len, scores, q, acc, row)
-#pragma omp for schedule(static)
+#pragma omp for schedule(static, 1) /* round robin: a prefill's rows grow in length */
         for (int64_t item = 0; item < num_seqs * split; item++) {
             if (failed) continue;
             const int64_t s = item / split, kv_begin = (item % split) * kv_per_item;
             /* constant copies for the common shapes; anything else takes the generic loop */
             if (dtype == 1 && head_dim == 64 && block_size == 16) ATTEND(1, 64, 16);
             else if (dtype == 1 && head_dim == 128 && block_size == 16) ATTEND(1, 128, 16);
+            else if (dtype == 1 && head_dim == 256 && block_size == 16) ATTEND(1, 256, 16);
             else if (dtype == 0 && head_dim == 64 && block_size == 16) ATTEND(0, 64, 16);
             else if (dtype == 0 && head_dim == 128 && block_size == 16) ATTEND(0, 128, 16);
             else ATTEND(dtype, head_dim, block_size);

@@ -34,12 +34,20 @@ def reference(query, k_cache, v_cache, tables, lens, block_size, scale, window, 
 
 def make_case(dtype, num_heads, num_kv_heads, head_dim, block_size, lens, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    num_blocks = 64
+    width = max(math.ceil(n / block_size) for n in lens)
+    num_blocks = len(lens) * width + 8
     k_cache = torch.randn(num_blocks * block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
     v_cache = torch.randn(num_blocks * block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
-    width = max(math.ceil(n / block_size) for n in lens)
     blocks = torch.randperm(num_blocks, generator=gen)[: len(lens) * width]
     tables = blocks.view(len(lens), width).contiguous()
+    # Every slot that no sequence owns holds NaN: a kernel that reads whole pages must not let the rest
+    # of a sequence's last page (or another sequence's) into its result.
+    owned = torch.zeros(num_blocks * block_size, dtype=torch.bool)
+    for s, n in enumerate(lens):
+        pos = torch.arange(n)
+        owned[tables[s, pos // block_size] * block_size + pos % block_size] = True
+    k_cache[~owned] = float("nan")
+    v_cache[~owned] = float("nan")
     query = torch.randn(len(lens), num_heads, head_dim, generator=gen).to(dtype)
     return query, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int64)
 
@@ -54,10 +62,13 @@ def make_case(dtype, num_heads, num_kv_heads, head_dim, block_size, lens, seed=0
         (torch.float32, 4, 2, 64, 16, None, 30.0),  # logit soft-capping
         (torch.bfloat16, 9, 3, 64, 16, None, None),
         (torch.bfloat16, 4, 2, 128, 16, 7, None),
+        (torch.bfloat16, 4, 1, 256, 16, 20, None),  # Gemma 3 270M's shape, a window across pages
+        (torch.bfloat16, 8, 2, 64, 16, None, 30.0),  # four query heads a kv head, soft-capping
+        (torch.bfloat16, 6, 1, 128, 16, None, None),  # six: the bf16 path's heads in chunks
     ],
 )
 def test_kernel_matches_reference(dtype, heads, kv_heads, head_dim, block_size, window, softcap):
-    lens = [1, 5, 16, 17, 40, 33]
+    lens = [1, 5, 16, 17, 40, 33, 200]
     query, k_cache, v_cache, tables, ctx = make_case(dtype, heads, kv_heads, head_dim, block_size, lens)
     scale = head_dim**-0.5
     out = torch.full_like(query, float("nan"))
@@ -65,6 +76,29 @@ def test_kernel_matches_reference(dtype, heads, kv_heads, head_dim, block_size, 
     expected = reference(query, k_cache, v_cache, tables, ctx, block_size, scale, window, softcap)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding
     torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=tolerance)
+
+
+@needs_kernel
+@pytest.mark.parametrize("window", [None, 9])
+def test_prefill_rows_attend_causally_over_their_own_sequence(window):
+    """A prefill of n tokens is n rows of one sequence's block table with context lengths 1..n: row i
+    is causal attention of token i over tokens 0..i (within the window), as the model runner sends it."""
+    _, k_cache, v_cache, tables, _ = make_case(torch.bfloat16, 9, 3, 64, 16, [45], seed=3)
+    rows = torch.randn(45, 9, 64, generator=torch.Generator().manual_seed(4)).bfloat16()
+    row_tables = tables.expand(45, -1).contiguous()
+    lens = torch.arange(1, 46)
+    out = torch.empty_like(rows)
+    kernel(rows, k_cache, v_cache, row_tables, lens, 16, 0.125, window, None, out)
+    k = k_cache[tables[0, torch.arange(45) // 16] * 16 + torch.arange(45) % 16].double()  # (45, 3, 64)
+    v = v_cache[tables[0, torch.arange(45) // 16] * 16 + torch.arange(45) % 16].double()
+    pos = torch.arange(45)
+    mask = pos[None, :] <= pos[:, None]
+    if window:
+        mask &= pos[None, :] > pos[:, None] - window
+    for h in range(9):
+        scores = (rows[:, h].double() @ k[:, h // 3].T * 0.125).masked_fill(~mask, float("-inf"))
+        expected = scores.softmax(-1) @ v[:, h // 3]
+        torch.testing.assert_close(out[:, h].double(), expected, atol=1e-2, rtol=1e-2)
 
 
 @needs_kernel

@@ -1,5 +1,7 @@
-"""Prefill spans attend as one padded batch when their sizes are close: same tokens as one by one."""
+"""torch's attention path (no C kernel: GPUs, CPUs without a compiler): prefill spans attend as one
+padded batch when their sizes are close, with the same tokens as one by one."""
 
+import pytest
 import torch
 
 import engine.attention as attention
@@ -15,7 +17,7 @@ PROMPTS = [
 
 
 def generate(tiny, prompts, **config):
-    core = make_core(tiny, **config)
+    core = make_core(tiny, **({"native_attention": False} | config))
     _, tokenizer = tiny
     for prompt in prompts:
         core.add_request(request(tokenizer, prompt, max_new_tokens=10, ignore_eos=True))
@@ -39,13 +41,15 @@ def test_packed_prefill_gives_the_tokens_of_prefilling_one_by_one(tiny, monkeypa
     assert together == alone
 
 
-def test_chunked_prefill_with_cached_context_packs_too(tiny):
-    """Prompts longer than the step's token budget continue over later steps with cached keys."""
+@pytest.mark.parametrize("native_attention", [False, True])
+def test_chunked_prefill_with_cached_context_packs_too(tiny, native_attention):
+    """Prompts longer than the step's token budget continue over later steps with cached keys (torch's
+    packed spans, or the C kernel's rows)."""
     long = ["word " * 60 + str(i) for i in range(3)]
-    chunked = generate(tiny, long, max_num_batched_tokens=64)
+    chunked = generate(tiny, long, max_num_batched_tokens=64, native_attention=native_attention)
     whole = {}
     for prompt in long:
-        whole.update(generate(tiny, [prompt]))
+        whole.update(generate(tiny, [prompt], native_attention=native_attention))
     assert chunked == whole
 
 
