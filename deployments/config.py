@@ -57,7 +57,7 @@ class EngineSettings(BaseModel):
     )
     native_attention: bool = Field(
         _ENGINE_DEFAULTS.native_attention,
-        description="CPU decode attention in the engine's C kernel; false = torch's attention.",
+        description="CPU attention (decode and prefill) in the engine's C kernel; false = torch's attention.",
     )
     native_linear: bool = Field(
         _ENGINE_DEFAULTS.native_linear,

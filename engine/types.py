@@ -105,7 +105,7 @@ class EngineConfig:
     max_waiting: int = 256  # requests queued in the engine before new ones are refused (429)
     guided_compile_timeout_s: float = 10.0  # a grammar that takes longer to compile is refused (400)
     optimize_model: bool = True  # fuse q/k/v and gate/up products, prepack CPU weights for oneDNN
-    native_attention: bool = True  # CPU decode attention in the C kernel (engine/native_attention.py)
+    native_attention: bool = True  # CPU attention, decode and prefill, in C (engine/native_attention.py)
     native_linear: bool = True  # CPU bf16 products in the C kernel (engine/native_linear.py), else oneDNN
     native_norm: bool = True  # the fast forward's bf16 CPU RMSNorms in C, same bits (engine/native_norm.py)
     fast_forward: bool = True  # Llama/Mistral/Gemma 3 skip transformers' module tree (engine/fast_forward.py)

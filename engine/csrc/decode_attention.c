@@ -1,8 +1,12 @@
-/* Decode attention straight from the paged KV cache, for the CPU.
+/* Attention straight from the paged KV cache, for the CPU: decode and prefill rows alike.
 
-   One query token per sequence attends to its cached keys/values, read in place through the
-   sequence's block table (no gather copy). Every sequence (or sequence and kv head) is computed on its own, in a
-   fixed order, in float32: a sequence's result never depends on the rest of the batch.
+   Each row is one query token that attends to the first ctx_lens[row] cached positions of its
+   sequence (its own k/v already written), read in place through the row's block table (no gather
+   copy). A prefill of n tokens comes as n rows of one block table with lengths start+1 .. start+n,
+   which is causal attention with nothing computed for the masked half. Every row (or row and kv head)
+   is computed on its own, in a fixed order, in float32: a row's result never depends on the rest of
+   the batch. bf16 with 16-token pages and head_dim 64/128/256 takes the AVX512-BF16 path where the
+   compiler targets it; everything else the generic loop.
 
    Layouts (contiguous, row-major): query and out (num_seqs, num_heads, head_dim); k_cache and v_cache
    (num_slots, num_kv_heads, head_dim); block_tables (num_seqs, table_width) int64; ctx_lens (num_seqs)
