@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from engine.kv_cache import KVCache
-from engine.native_attention import DecodeAttentionKernel
+from engine.native_attention import AttentionKernel
 
 ATTN_IMPLEMENTATION = "llmserve_paged"
 
@@ -38,13 +38,12 @@ class AttentionMetadata:
     decode_lens: torch.Tensor | None  # (D,) context length of each decode sequence
     max_decode_ctx: int
     prefills: list[PrefillSpan]
-    # With the CPU kernel, the first `kernel_rows` rows (every row of the step: decode and prefill
-    # tokens alike) read the cache in place through their sequence's block table (no gather); row r
-    # attends to its sequence's positions [0, decode_lens[r]) (its own included). Then `decode_lens`
-    # and `decode_block_tables` have one row per kernel row.
-    decode_kernel: DecodeAttentionKernel | None = None
-    decode_block_tables: torch.Tensor | None = None  # (rows, width) int64 block ids, padded with 0
-    kernel_rows: int = 0
+    # With the CPU kernel, every row of the step (decode and prefill tokens alike) reads the cache in
+    # place through its sequence's block table (no gather): row r attends to its sequence's positions
+    # [0, row_lens[r]), its own included. The fields above are then unused.
+    kernel: AttentionKernel | None = None
+    row_block_tables: torch.Tensor | None = None  # (T, width) int64 block ids, padded with 0
+    row_lens: torch.Tensor | None = None  # (T,) int64
     # Several prefill spans of similar size attend as one padded batch (one gather and one attention
     # call per layer instead of one per span): built once per step by `pack_prefills`.
     packed: PackedPrefill | None = None
@@ -167,13 +166,13 @@ def attend_paged(
     num_kv_heads = key.shape[1]
     out = query.new_empty(num_tokens, num_heads, head_dim)
     num_decode = meta.num_decode
-    if meta.kernel_rows:
-        meta.decode_kernel(
+    if meta.kernel is not None:
+        meta.kernel(
             query,
             k_cache,
             v_cache,
-            meta.decode_block_tables,
-            meta.decode_lens,
+            meta.row_block_tables,
+            meta.row_lens,
             meta.kv_cache.block_size,
             head_dim**-0.5 if scaling is None else scaling,
             sliding_window,

@@ -46,7 +46,7 @@ class ModelRunner:
         path = "the engine's fast forward" if self.fast_forward is not None else "transformers' modules"
         logger.info("%s steps through %s", type(model).__name__, path)
         use_kernel = native_attention and native_attention_kernel.supports(device, kv_cache.dtype)
-        self.decode_kernel = native_attention_kernel.load() if use_kernel else None
+        self.attention_kernel = native_attention_kernel.load() if use_kernel else None
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
@@ -73,7 +73,7 @@ class ModelRunner:
             slots += self._slots(seq.block_table, start, start + n)
             if start + n == seq.num_tokens:
                 sample_index.append(len(input_ids) - 1)
-        if self.decode_kernel is not None:
+        if self.attention_kernel is not None:
             meta = self._kernel_metadata(batch, positions, slots)
         else:
             meta = self._torch_metadata(batch, slots)
@@ -94,12 +94,12 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, device=self.device),
             num_decode=batch.num_decode,
             decode_gather=None,
-            decode_lens=torch.tensor(positions) + 1,
+            decode_lens=None,
             max_decode_ctx=0,
             prefills=[],
-            decode_kernel=self.decode_kernel,
-            decode_block_tables=tables.repeat_interleave(counts, dim=0),
-            kernel_rows=len(positions),
+            kernel=self.attention_kernel,
+            row_block_tables=tables.repeat_interleave(counts, dim=0),
+            row_lens=torch.tensor(positions) + 1,
         )
 
     def _torch_metadata(self, batch: ScheduledBatch, slots: list[int]) -> AttentionMetadata:

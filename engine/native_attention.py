@@ -53,13 +53,13 @@ def supports(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 @functools.cache
-def load() -> DecodeAttentionKernel | None:
+def load() -> AttentionKernel | None:
     """The compiled kernel, or None (logged once) when it cannot be built here."""
     library = native_build.build("decode_attention", _FLAGS)
-    return DecodeAttentionKernel(library) if library is not None else None
+    return AttentionKernel(library) if library is not None else None
 
 
-class DecodeAttentionKernel:
+class AttentionKernel:
     """Callable wrapper over the C function; checks what the C code cannot."""
 
     def __init__(self, library: ctypes.CDLL) -> None:

@@ -146,7 +146,7 @@ def test_torch_path_and_kernel_give_the_same_greedy_text(tiny):
             core.add_request(request(tokenizer, prompt, f"r{i}", max_new_tokens=24, ignore_eos=True))
         out = run_to_completion(core)
         texts.append([text_of(out[f"r{i}"]) for i in range(3)])
-        assert (core.runner.decode_kernel is not None) == (native and kernel is not None)
+        assert (core.runner.attention_kernel is not None) == (native and kernel is not None)
     assert texts[0] == texts[1]
 
 
