@@ -40,7 +40,7 @@ class AttentionMetadata:
     prefills: list[PrefillSpan]
     # With the CPU kernel, every row of the step (decode and prefill tokens alike) reads the cache in
     # place through its sequence's block table (no gather): row r attends to its sequence's positions
-    # [0, row_lens[r]), its own included. The fields above are then unused.
+    # [0, row_lens[r]), its own included; decode_gather, decode_lens, prefills and packed are unused.
     kernel: AttentionKernel | None = None
     row_block_tables: torch.Tensor | None = None  # (T, width) int64 block ids, padded with 0
     row_lens: torch.Tensor | None = None  # (T,) int64
