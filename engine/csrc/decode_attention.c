@@ -49,6 +49,21 @@ static inline float exp_approx(float x) {
     return p * scale;
 }
 
+/* n scores -> probabilities in place: soft-capping if asked, then softmax with the maximum subtracted. */
+static inline void softmax_in_place(float *restrict sh, int64_t n, float softcap) {
+    if (softcap > 0.0f)
+        for (int64_t t = 0; t < n; t++) sh[t] = tanhf(sh[t] / softcap) * softcap;
+    float top = sh[0];
+    for (int64_t t = 1; t < n; t++) top = sh[t] > top ? sh[t] : top;
+    float total = 0.0f;
+    for (int64_t t = 0; t < n; t++) {
+        sh[t] = exp_approx(sh[t] - top);
+        total += sh[t];
+    }
+    const float inv = 1.0f / total;
+    for (int64_t t = 0; t < n; t++) sh[t] *= inv;
+}
+
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #define HAVE_FAST_BF16 1
@@ -75,7 +90,7 @@ static inline __m512 widen_bf16(const uint16_t *src) {
 }
 
 /* One kv head of one sequence, bfloat16, 16-token pages: q.k with the bf16 dot-product instruction,
-   sixteen tokens (one page) at a time and summed by `sum16`; softmax as the generic path; p.v in
+   sixteen tokens (one page) at a time and summed by `sum16`; softmax as the generic path (`softmax_in_place`); p.v in
    float32 with up to NH heads' accumulators in registers. Every (sequence, kv head) is computed the
    same way whatever the batch. */
 #define FAST_KV(HD, NH)                                                                                 \
@@ -100,18 +115,7 @@ static inline __m512 widen_bf16(const uint16_t *src) {
                 }                                                                                       \
                 _mm512_storeu_ps(sh + 16 * pg, _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));       \
             }                                                                                           \
-            sh += off;                                                                                  \
-            if (softcap > 0.0f)                                                                         \
-                for (int64_t t = 0; t < n; t++) sh[t] = tanhf(sh[t] / softcap) * softcap;              \
-            float top = sh[0];                                                                          \
-            for (int64_t t = 1; t < n; t++) top = sh[t] > top ? sh[t] : top;                            \
-            float total = 0.0f;                                                                         \
-            for (int64_t t = 0; t < n; t++) {                                                           \
-                sh[t] = exp_approx(sh[t] - top);                                                        \
-                total += sh[t];                                                                         \
-            }                                                                                           \
-            const float inv = 1.0f / total;                                                             \
-            for (int64_t t = 0; t < n; t++) sh[t] *= inv;                                               \
+            softmax_in_place(sh + off, n, softcap);                                                     \
         }                                                                                               \
         __m512 acc[NH][HD / 16];                                                                        \
         for (int h = 0; h < NH; h++)                                                                    \
@@ -196,7 +200,7 @@ static inline __attribute__((always_inline)) void attend(
     const int dtype, const void *query, const void *k_cache, const void *v_cache, const int64_t *table,
     int64_t len, int64_t s, int64_t kv_begin, int64_t kv_end, int64_t num_heads, int64_t num_kv_heads,
     const int64_t head_dim, const int64_t block_size, float scale, int64_t window, float softcap,
-    void *out, int64_t max_len, float *restrict scores, float *restrict q, float *restrict acc,
+    void *out, int64_t score_stride, float *restrict scores, float *restrict q, float *restrict acc,
     float *restrict row) {
     const int64_t group = num_heads / num_kv_heads;
     const int64_t num_kv = kv_end - kv_begin, heads = num_kv * group, width = num_kv * head_dim;
@@ -205,7 +209,7 @@ static inline __attribute__((always_inline)) void attend(
     if (dtype == 1 && block_size == 16 && (head_dim == 64 || head_dim == 128 || head_dim == 256)) {
         for (int64_t kvh = kv_begin; kvh < kv_end; kvh++)
             fast_kv(head_dim, query, out, k_cache, v_cache, table, s, kvh, num_heads, num_kv_heads, first, len,
-                    scale, softcap, scores, max_len + 32);
+                    scale, softcap, scores, score_stride);
         return;
     }
 #endif
@@ -220,30 +224,17 @@ static inline __attribute__((always_inline)) void attend(
             const float *qh = q + h * head_dim, *kh = row + (h / group) * head_dim;
             float dot = 0.0f;
             for (int64_t i = 0; i < head_dim; i++) dot += qh[i] * kh[i];
-            scores[h * max_len + t] = dot * scale;
+            scores[h * score_stride + t] = dot * scale;
         }
     }
-    for (int64_t h = 0; h < heads; h++) { /* softmax */
-        float *sh = scores + h * max_len;
-        if (softcap > 0.0f)
-            for (int64_t t = 0; t < n; t++) sh[t] = tanhf(sh[t] / softcap) * softcap;
-        float top = sh[0];
-        for (int64_t t = 1; t < n; t++) top = sh[t] > top ? sh[t] : top;
-        float total = 0.0f;
-        for (int64_t t = 0; t < n; t++) {
-            sh[t] = exp_approx(sh[t] - top);
-            total += sh[t];
-        }
-        const float inv = 1.0f / total;
-        for (int64_t t = 0; t < n; t++) sh[t] *= inv;
-    }
+    for (int64_t h = 0; h < heads; h++) softmax_in_place(scores + h * score_stride, n, softcap);
     memset(acc, 0, sizeof(float) * (size_t)(heads * head_dim));
     for (int64_t t = 0; t < n; t++) { /* acc += p * v */
         const int64_t pos = first + t;
         const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
         load_span(v_cache, (slot * num_kv_heads + kv_begin) * head_dim, width, dtype, row);
         for (int64_t h = 0; h < heads; h++) {
-            const float p = scores[h * max_len + t];
+            const float p = scores[h * score_stride + t];
             const float *vh = row + (h / group) * head_dim;
             float *ah = acc + h * head_dim;
             for (int64_t i = 0; i < head_dim; i++) ah[i] += p * vh[i];
@@ -261,20 +252,22 @@ int decode_attention(int dtype, const void *query, const void *k_cache, const vo
     /* Work items: whole sequences when there are enough for every thread, else (sequence, kv head). */
     const int64_t split = num_seqs >= omp_get_max_threads() ? 1 : num_kv_heads;
     const int64_t kv_per_item = num_kv_heads / split;
-    /* per thread: scores (heads x max_len), q and acc (heads x head_dim each), one k/v row */
-    const size_t scratch_floats = (size_t)(num_heads * (max_len + 32) + 2 * num_heads * head_dim + num_kv_heads * head_dim);
+    /* A row of scores: the bf16 path writes whole 16-token pages, from the page of the first position. */
+    const int64_t score_stride = max_len + 32;
+    /* per thread: scores (heads x score_stride), q and acc (heads x head_dim each), one k/v row */
+    const size_t scratch_floats = (size_t)(num_heads * score_stride + 2 * num_heads * head_dim + num_kv_heads * head_dim);
     int failed = 0;
     /* OpenMP from the runtime torch already loaded (same soname): the engine thread's team is reused. */
 #pragma omp parallel reduction(| : failed)
     {
         float *scratch = malloc(sizeof(float) * scratch_floats);
         failed = scratch == NULL;
-        float *scores = scratch, *q = scores + num_heads * (max_len + 32), *acc = q + num_heads * head_dim;
+        float *scores = scratch, *q = scores + num_heads * score_stride, *acc = q + num_heads * head_dim;
         float *row = acc + num_heads * head_dim;
 #define ATTEND(DTYPE, HD, BS)                                                                          \
     attend(DTYPE, query, k_cache, v_cache, block_tables + s * table_width, ctx_lens[s], s, kv_begin,    \
            kv_begin + kv_per_item, num_heads, num_kv_heads, HD, BS, scale, window, softcap, out,        \
-           max_len, scores, q, acc, row)
+           score_stride, scores, q, acc, row)
 #pragma omp for schedule(static, 1) /* round robin: a prefill's rows grow in length */
         for (int64_t item = 0; item < num_seqs * split; item++) {
             if (failed) continue;
