@@ -12,7 +12,7 @@ from engine.attention import AttentionMetadata, PrefillSpan, pack_prefills
 from engine.fast_forward import FastForward
 from engine.fusion import optimize_model
 from engine.kv_cache import KVCache
-from engine.scheduler import ScheduledBatch
+from engine.scheduler import ScheduledBatch, Sequence
 
 logger = logging.getLogger("engine")
 
@@ -56,6 +56,12 @@ class ModelRunner:
         bs = self.block_size
         return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
 
+    @staticmethod
+    def _block_tables(seqs: list[Sequence]) -> torch.Tensor:
+        """(S, max blocks) int64 block ids of each sequence, padded with block 0."""
+        width = max(len(seq.block_table) for seq in seqs)
+        return torch.tensor([seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs])
+
     def _gather(self, block_tables: torch.Tensor, num_positions: int) -> torch.Tensor:
         """(S, max_blocks) block ids -> (S, num_positions) cache slot of each position."""
         pos = torch.arange(num_positions)
@@ -86,8 +92,7 @@ class ModelRunner:
     ) -> AttentionMetadata:
         """Every new token, decode or prefill, attends in the C kernel as a one-token query over its own
         sequence's cached positions up to its own: a (T, width) block table and a context length per row."""
-        width = max(len(seq.block_table) for seq, _ in batch.items)
-        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s, _ in batch.items])
+        tables = self._block_tables([seq for seq, _ in batch.items])
         counts = torch.tensor([n for _, n in batch.items])
         return AttentionMetadata(
             kv_cache=self.kv_cache,
@@ -125,9 +130,7 @@ class ModelRunner:
             decode = [seq for seq, _ in batch.items[: batch.num_decode]]
             lens = [seq.num_computed + 1 for seq in decode]
             max_ctx = max(lens)
-            width = max(len(seq.block_table) for seq in decode)
-            tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in decode])
-            decode_gather = self._gather(tables, max_ctx).flatten().to(self.device)
+            decode_gather = self._gather(self._block_tables(decode), max_ctx).flatten().to(self.device)
             decode_lens = torch.tensor(lens, device=self.device)
         return AttentionMetadata(
             kv_cache=self.kv_cache,
