@@ -61,8 +61,8 @@ class EngineSettings(BaseModel):
     )
     native_linear: bool = Field(
         _ENGINE_DEFAULTS.native_linear,
-        description="CPU bf16 matrix products in the engine's C kernel (CPUs with AVX512-BF16); "
-        "false = oneDNN's.",
+        description="CPU bf16 matrix products in the engine's C kernel (CPUs with AVX512-BF16 or "
+        "AVX2 + FMA); false = oneDNN's (torch's where oneDNN has no bf16 path).",
     )
     native_norm: bool = Field(
         _ENGINE_DEFAULTS.native_norm,

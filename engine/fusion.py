@@ -3,8 +3,10 @@
 - Projections that read the same input (q/k/v, gate/up) run as one matrix product: the first
   module called computes all outputs and its siblings return their slice when handed the very same
   input tensor (else they compute their own, so an unexpected call order stays correct).
-- On CPU every linear layer uses a weight packed once at load: for bf16 on CPUs with AVX512-BF16 the
-  engine's own kernel (engine/native_linear.py: 1.2-1.8x oneDNN at decode batch sizes here), else
+- On CPU every linear layer uses a weight packed once at load: for bf16 on CPUs with AVX512-BF16 or
+  AVX2 + FMA the engine's own kernel (engine/native_linear.py: 1.2-1.8x oneDNN at decode batch sizes
+  on AVX512-BF16; ~4x torch on AVX2 alone, where oneDNN has no bf16 path and the tied lm_head, o_proj
+  and down_proj would otherwise stay unpacked), else
   oneDNN's packed layout instead of repacking the weight inside each call (small-batch products
   about 1.3-2x (bf16) and 1.5-3.5x (float32) faster than torch's default path here).
 """
@@ -30,6 +32,11 @@ def _can_pack(weight: torch.Tensor) -> bool:
     if weight.dtype == torch.bfloat16:
         return torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return weight.dtype == torch.float32
+
+
+def _runs_native(weight: torch.Tensor, native: bool) -> bool:
+    """The engine's kernel takes this weight (on CPUs where oneDNN has no bf16 path, the only fast one)."""
+    return native and native_linear_kernel.supports(weight) and native_linear_kernel.load() is not None
 
 
 # oneDNN computes a single row (M = 1) on a matrix-vector path that sums in another order than its
@@ -140,7 +147,9 @@ def optimize_model(model: nn.Module, native_linear: bool = True) -> int:
                     setattr(parent, name, _Member(group, index))
                 replaced += len(names)
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and _can_pack(child.weight):
+            if type(child) is not nn.Linear:
+                continue
+            if _can_pack(child.weight) or _runs_native(child.weight, native_linear):
                 setattr(parent, name, PackedLinear(child.weight.detach(), child.bias, native_linear))
                 replaced += 1
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]

@@ -36,7 +36,7 @@ class ModelRunner:
         `native_attention`: attention (decode and prefill) in the C kernel where it supports the device
         and dtype.
         `fast_forward`: the architectures `engine/fast_forward.py` knows (fused) run through it.
-        `native_linear`: CPU bf16 products in the C kernel where the CPU has AVX512-BF16.
+        `native_linear`: CPU bf16 products in the C kernel where the CPU has AVX512-BF16 or AVX2 + FMA.
         `native_norm`: the fast forward's bf16 CPU norms in the C kernel that gives torch's bits."""
         model.set_attn_implementation(attention.register())
         if optimize:

@@ -4,8 +4,10 @@ Why: the products are most of a decode step, and oneDNN's packed bf16 kernels ar
 counts decoding has (1-32 rows): on this 2-core EPYC, SmolLM2's products take 10.5 ms a step for one
 row and 16.5 ms for 16 in oneDNN, 6.0 and 13.8 ms here (and no worse at prefill sizes). Every output
 is one float32 sum over k in a fixed order, so a row's bits are the same whatever else is in the
-batch, without padding rows. Needs AVX512-BF16 (`linear_bf16_supported()` in the built library);
-elsewhere, and for other dtypes, `engine/fusion.py` keeps oneDNN.
+batch, without padding rows. Needs AVX512-BF16, or AVX2 + FMA, where the bf16 pairs are widened to
+float32 in registers (`linear_bf16_supported()` in the built library). On an AVX2-only EPYC, where
+torch has no fast bf16 product at all, it makes a whole decode step 2-6x faster (docs/performance.md).
+Elsewhere, and for other dtypes, `engine/fusion.py` keeps oneDNN.
 """
 
 from __future__ import annotations
@@ -31,12 +33,12 @@ def supports(weight: torch.Tensor) -> bool:
 
 @functools.cache
 def load() -> LinearKernel | None:
-    """The compiled kernel, or None (logged once) when it cannot be built or this CPU lacks bf16 dots."""
+    """The compiled kernel, or None (logged once) when it cannot be built or cannot run on this CPU."""
     library = native_build.build("linear_bf16")
     if library is None:
         return None
     if not library.linear_bf16_supported():
-        logger.info("this CPU has no AVX512-BF16: bf16 products stay on oneDNN")
+        logger.info("this CPU has neither AVX512-BF16 nor AVX2 + FMA: bf16 products stay on torch")
         return None
     return LinearKernel(library)
 

@@ -1,4 +1,5 @@
-/* y = x W^T (+ bias) in bfloat16 on CPUs with AVX512-BF16, for every row count.
+/* y = x W^T (+ bias) in bfloat16 on x86 CPUs, for every row count: with AVX512-BF16 (below), or with
+   AVX2 + FMA (the second half of this file).
 
    Why: oneDNN's packed bf16 product loses most at the row counts a decode step has (1-32 rows: it
    runs at ~25 % of this CPU's bf16 peak for one row and ~65 % at 16), and its sums run in an order
@@ -17,6 +18,8 @@
 
 #include <stdint.h>
 #include <string.h>
+
+#include "bf16.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
@@ -103,7 +106,130 @@ int linear_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint
     return 0;
 }
 
-#else /* no AVX512-BF16 here: engine/native_linear.py keeps oneDNN */
+#elif defined(__AVX2__) && defined(__FMA__)
+/* AVX2 + FMA, no bf16 dot product (e.g. AMD Zen 2/3, Intel before Cooper Lake): the same packed
+   weight, read as bf16 (half the bytes of float32) and widened in registers: each 32-bit lane of a
+   packed pair holds k (low half) and k+1 (high half), so a shift and a mask give both as float32.
+   The rows are widened to float32 once per call. Every output is one float32 sum over k in ascending
+   order (two FMAs per pair), whatever the row count: a row's bits never depend on the batch. Here,
+   without it, torch's bf16 product on such a CPU runs ~4x slower than this (docs/performance.md). */
+#include <immintrin.h>
+#include <stdlib.h>
+
+#define BLOCK 16 /* output columns per packed block: two float32 vectors of 8 */
+#define UNIT 6   /* column blocks per unit of work */
+#define ROWS 4   /* rows per tile */
+#define MAX_VECS 6
+
+/* y[r][n0 .. n0 + 8) from a float32 vector: bias, round to nearest even as torch does, NaN kept NaN */
+static inline void store_bf16x8(__m256 v, const float *bias, uint16_t *y, int64_t n, int64_t N) {
+    const int64_t left = N - n;
+    if (left <= 0) return;
+    float b[8] = {0};
+    if (bias) {
+        for (int i = 0; i < 8 && i < left; i++) b[i] = bias[n + i];
+        v = _mm256_add_ps(v, _mm256_loadu_ps(b));
+    }
+    __m256i u = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+    const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    rounded = _mm256_blendv_epi8(rounded, quiet, is_nan);
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+    if (left >= 8) {
+        _mm_storeu_si128((__m128i *)(y + n), packed);
+    } else {
+        uint16_t out[8];
+        _mm_storeu_si128((__m128i *)out, packed);
+        memcpy(y + n, out, (size_t)left * sizeof *out);
+    }
+}
+
+/* R rows x V vectors of 8 columns (V/2 blocks) from float32 rows xf (row stride K) */
+static inline __attribute__((always_inline)) void tile(const int R, const int V, const float *xf,
+                                                       int64_t K, const uint16_t *w, int64_t K2,
+                                                       const float *bias, uint16_t *y, int64_t ldy,
+                                                       int64_t n0, int64_t N) {
+    __m256 acc[ROWS][MAX_VECS];
+    const int64_t block_stride = K2 * 2 * BLOCK;
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 6
+        for (int c = 0; c < V; c++) acc[r][c] = _mm256_setzero_ps();
+    for (int64_t k2 = 0; k2 < K2; k2++) {
+        /* the V vectors' weights widened once (2V registers), then each row's pair broadcast once:
+           2V + 2R loads and converts for 2RV products, R x V sums in flight */
+        __m256 even[MAX_VECS], odd[MAX_VECS];
+#pragma GCC unroll 6
+        for (int c = 0; c < V; c++) {
+            const __m256i v = _mm256_loadu_si256(
+                (const __m256i *)(w + (c / 2) * block_stride + k2 * 2 * BLOCK + (c % 2) * BLOCK));
+            even[c] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+            odd[c] = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            const __m256 xe = _mm256_broadcast_ss(xf + r * K + 2 * k2);
+            const __m256 xo = _mm256_broadcast_ss(xf + r * K + 2 * k2 + 1);
+#pragma GCC unroll 6
+            for (int c = 0; c < V; c++) {
+                acc[r][c] = _mm256_fmadd_ps(xe, even[c], acc[r][c]);
+                acc[r][c] = _mm256_fmadd_ps(xo, odd[c], acc[r][c]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 6
+        for (int c = 0; c < V; c++) store_bf16x8(acc[r][c], bias, y + r * ldy, n0 + c * 8, N);
+}
+
+/* Blocks [b0, b1) for R rows: B blocks (2B vectors) a tile */
+#define TILES(R, B)                                                                                \
+    do {                                                                                           \
+        int64_t b = b0;                                                                            \
+        for (; b + (B) <= b1; b += (B))                                                            \
+            tile(R, 2 * (B), xf, K, w + b * K2 * 2 * BLOCK, K2, bias, y, ldy, b * BLOCK, N);     \
+        for (; b < b1; b++) tile(R, 2, xf, K, w + b * K2 * 2 * BLOCK, K2, bias, y, ldy, b * BLOCK, N); \
+    } while (0)
+
+static void unit_rows(int R, const float *xf, int64_t K, const uint16_t *w, int64_t K2,
+                      const float *bias, uint16_t *y, int64_t ldy, int64_t b0, int64_t b1, int64_t N) {
+    switch (R) {
+    case 1: TILES(1, 2); break;
+    case 2: TILES(2, 1); break;
+    case 3: TILES(3, 1); break;
+    default: TILES(4, 1); break;
+    }
+}
+
+int linear_bf16_supported(void) { return 1; }
+
+int linear_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *w, int64_t N,
+                const float *bias, uint16_t *y, int64_t ldy) {
+    if (K % 2 != 0 || M < 0 || N < 0) return -1;
+    if (M == 0 || N == 0) return 0;
+    const int64_t K2 = K / 2, num_blocks = (N + BLOCK - 1) / BLOCK;
+    const int64_t num_units = (num_blocks + UNIT - 1) / UNIT;
+    float *xf = malloc((size_t)(M * K) * sizeof *xf);
+    if (!xf) return -2;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k++) xf[m * K + k] = bf16_to_f32(x[m * ldx + k]);
+#pragma omp parallel for schedule(dynamic, 1) if (num_units > 1 && M * N * K > 65536)
+    for (int64_t unit = 0; unit < num_units; unit++) {
+        const int64_t b0 = unit * UNIT, b1 = b0 + UNIT < num_blocks ? b0 + UNIT : num_blocks;
+        for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
+            const int R = M - m0 < ROWS ? (int)(M - m0) : ROWS;
+            unit_rows(R, xf + m0 * K, K, w, K2, bias, y + m0 * ldy, ldy, b0, b1, N);
+        }
+    }
+    free(xf);
+    return 0;
+}
+
+#else /* neither AVX512-BF16 nor AVX2 + FMA here: engine/native_linear.py keeps oneDNN */
 
 int linear_bf16_supported(void) { return 0; }
 

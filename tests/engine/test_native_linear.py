@@ -7,11 +7,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine import native_linear
+from engine import fusion
 from engine.fusion import PackedLinear, _can_pack
 from tests.engine.conftest import make_core, request, run_to_completion, text_of
 
 kernel = native_linear.load()
-needs_kernel = pytest.mark.skipif(kernel is None, reason="no C compiler or no AVX512-BF16 on this CPU")
+needs_kernel = pytest.mark.skipif(
+    kernel is None, reason="no C compiler, or neither AVX512-BF16 nor AVX2 + FMA on this CPU"
+)
 
 # SmolLM2's fused q/k/v and down shapes, a tiny one, and sizes that leave a partial 16-column block
 SHAPES = [(960, 576), (576, 1536), (64, 48), (100, 64), (17, 2), (1, 30)]
@@ -105,3 +108,18 @@ def test_a_bf16_engine_on_the_kernel_gives_the_same_greedy_text_alone_and_batche
         core.add_request(request(tokenizer, prompt, f"b{i}", max_new_tokens=20, ignore_eos=True))
     out = run_to_completion(core)
     assert [text_of(out[f"b{i}"]) for i in range(len(prompts))] == alone
+
+
+@needs_kernel
+def test_every_bf16_linear_takes_the_kernel_where_onednn_has_no_bf16_path(monkeypatch, tiny_model_dir: Path):
+    """On an AVX2-only CPU oneDNN packs no bf16 weight: the projections that are not fused (o_proj,
+    down_proj, a tied lm_head) must still leave torch's slow bf16 product for the kernel."""
+    monkeypatch.setattr(fusion, "_can_pack", lambda weight: weight.dtype == torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    fusion.optimize_model(model)
+    plain = [name for name, m in model.named_modules() if type(m) is torch.nn.Linear]
+    assert plain == []
+    products = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert products and all(m.is_native for m in products)
+    unfused = PackedLinear(torch.zeros(8, 4, dtype=torch.bfloat16), None, native=False)
+    assert not unfused.is_native and not unfused.is_packed  # native off: torch's own product there
