@@ -6,8 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine import native_linear
-from engine import fusion
+from engine import fusion, native_linear
 from engine.fusion import PackedLinear, _can_pack
 from tests.engine.conftest import make_core, request, run_to_completion, text_of
 
