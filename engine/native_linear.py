@@ -1,12 +1,13 @@
 """bf16 matrix products on the CPU in a small C kernel (csrc/linear_bf16.c), built here on first use.
 
 Why: the products are most of a decode step, and oneDNN's packed bf16 kernels are slowest at the row
-counts decoding has (1-32 rows): on this 2-core EPYC, SmolLM2's products take 10.5 ms a step for one
+counts decoding has (1-32 rows): on a 2-core EPYC Zen 4, SmolLM2's products take 10.5 ms a step for one
 row and 16.5 ms for 16 in oneDNN, 6.0 and 13.8 ms here (and no worse at prefill sizes). Every output
 is one float32 sum over k in a fixed order, so a row's bits are the same whatever else is in the
 batch, without padding rows. Needs AVX512-BF16, or AVX2 + FMA, where the bf16 pairs are widened to
 float32 in registers (`linear_bf16_supported()` in the built library). On an AVX2-only EPYC, where
-torch has no fast bf16 product at all, it makes a whole decode step 2-6x faster (docs/performance.md).
+torch has no fast bf16 product at all, a batch-16 decode step runs 2.7-4x faster with it and the
+engine alone 5x (docs/performance.md).
 Elsewhere, and for other dtypes, `engine/fusion.py` keeps oneDNN.
 """
 
@@ -81,6 +82,8 @@ class LinearKernel:
             out.data_ptr(),
             out_features,
         )
+        if status == -2:
+            raise MemoryError(f"linear_bf16: no memory to widen {num_rows} rows of {in_features} to float32")
         if status != 0:
             raise ValueError(f"linear_bf16 refused shapes x {tuple(x.shape)}, N {out_features}")
         return out
