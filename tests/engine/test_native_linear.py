@@ -122,3 +122,23 @@ def test_every_bf16_linear_takes_the_kernel_where_onednn_has_no_bf16_path(monkey
     assert products and all(m.is_native for m in products)
     unfused = PackedLinear(torch.zeros(8, 4, dtype=torch.bfloat16), None, native=False)
     assert not unfused.is_native and not unfused.is_packed  # native off: torch's own product there
+
+
+@needs_kernel
+@pytest.mark.parametrize("bias", [False, True])
+def test_outputs_round_to_bf16_as_torch_does(bias):
+    """With one nonzero term per output the float32 sum is exact (a product of two bf16 fits in float32),
+    so every output must be torch's own rounding of it: nearest, ties to even; inf and NaN kept."""
+    gen = torch.Generator().manual_seed(3)
+    rows, cols = 64, 96
+    x = torch.zeros(rows, 2, dtype=torch.bfloat16)
+    w = torch.zeros(cols, 2, dtype=torch.bfloat16)
+    x[:, 0] = torch.randn(rows, generator=gen).bfloat16()
+    w[:, 0] = torch.randn(cols, generator=gen).bfloat16()
+    x[0, 0], x[1, 0] = float("inf"), float("nan")
+    b = torch.randn(cols, generator=gen) if bias else None
+    got = kernel(x, kernel.pack(w), cols, b)
+    exact = x[:, :1].float() * w[:, 0].float() + (b if bias else 0)  # float32, as the kernel sums
+    want = exact.bfloat16()
+    assert torch.equal(got[2:], want[2:])
+    assert torch.equal(got[0].isinf(), want[0].isinf()) and torch.isnan(got[1]).all()
