@@ -34,9 +34,10 @@ def _can_pack(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.float32
 
 
-def _runs_native(weight: torch.Tensor, native: bool) -> bool:
-    """The engine's kernel takes this weight (on CPUs where oneDNN has no bf16 path, the only fast one)."""
-    return native and native_linear_kernel.supports(weight) and native_linear_kernel.load() is not None
+def _native_kernel(weight: torch.Tensor, native: bool) -> native_linear_kernel.LinearKernel | None:
+    """The engine's kernel where it takes this weight and runs on this CPU (where oneDNN has no bf16
+    path, the only fast product), else None."""
+    return native_linear_kernel.load() if native and native_linear_kernel.supports(weight) else None
 
 
 # oneDNN computes a single row (M = 1) on a matrix-vector path that sums in another order than its
@@ -68,7 +69,7 @@ class PackedLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, native: bool = True) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        kernel = native_linear_kernel.load() if native and native_linear_kernel.supports(weight) else None
+        kernel = _native_kernel(weight, native)
         self._kernel = kernel
         self.is_packed = kernel is None and _can_pack(weight)
         if kernel is not None:
@@ -149,7 +150,7 @@ def optimize_model(model: nn.Module, native_linear: bool = True) -> int:
         for name, child in list(parent.named_children()):
             if type(child) is not nn.Linear:
                 continue
-            if _can_pack(child.weight) or _runs_native(child.weight, native_linear):
+            if _can_pack(child.weight) or _native_kernel(child.weight, native_linear) is not None:
                 setattr(parent, name, PackedLinear(child.weight.detach(), child.bias, native_linear))
                 replaced += 1
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]

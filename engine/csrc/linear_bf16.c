@@ -21,12 +21,12 @@
 
 #include "bf16.h"
 
-#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
-
-#define BLOCK 16 /* output columns per packed block: one float32 vector */
+#define BLOCK 16 /* output columns per packed block (see engine/native_linear.py: pack) */
 #define UNIT 6   /* column blocks per unit of work */
 #define ROWS 4   /* rows per tile */
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
 
 static inline __attribute__((always_inline)) void tile(const int R, const int C, const uint16_t *x,
                                                        int64_t ldx, const uint16_t *w, int64_t K2,
@@ -85,7 +85,7 @@ static const row_t *tile_rows(const uint16_t *x, int64_t M, int64_t K, int64_t l
     return x;
 }
 
-static void release_rows(const row_t *rows, const uint16_t *x) { (void)rows; (void)x; }
+static void release_rows(const row_t *rows) { (void)rows; }
 
 #define HAVE_LINEAR_BF16 1
 
@@ -99,9 +99,6 @@ static void release_rows(const row_t *rows, const uint16_t *x) { (void)rows; (vo
 #include <immintrin.h>
 #include <stdlib.h>
 
-#define BLOCK 16 /* output columns per packed block: two float32 vectors of 8 */
-#define UNIT 6   /* column blocks per unit of work */
-#define ROWS 4   /* rows per tile */
 #define MAX_VECS 6
 
 /* y[r][n0 .. n0 + 8) from a float32 vector: bias, round to nearest even as torch does, NaN kept NaN */
@@ -188,10 +185,7 @@ static const row_t *tile_rows(const uint16_t *x, int64_t M, int64_t K, int64_t l
     return xf;
 }
 
-static void release_rows(const row_t *rows, const uint16_t *x) {
-    (void)x;
-    free((void *)rows);
-}
+static void release_rows(const row_t *rows) { free((void *)rows); }
 
 #define HAVE_LINEAR_BF16 1
 
@@ -240,7 +234,7 @@ int linear_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint
             unit_rows(R, rows + m0 * ld, ld, w, K2, bias, y + m0 * ldy, ldy, b0, b1, N);
         }
     }
-    release_rows(rows, x);
+    release_rows(rows);
     return 0;
 }
 
