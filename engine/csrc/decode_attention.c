@@ -6,7 +6,9 @@
    which is causal attention with nothing computed for the masked half. Every row (or row and kv head)
    is computed on its own, in a fixed order, in float32: a row's result never depends on the rest of
    the batch. bf16 with 16-token pages and head_dim 64/128/256 takes the AVX512-BF16 path where the
-   compiler targets it; everything else the generic loop.
+   compiler targets it. Without it, on AVX2 + FMA, the q.k of bf16 16-token pages (head_dim a multiple
+   of 8, up to 256) is computed eight positions at a time (`qk_avx2`), the rest by the generic loop;
+   everything else is the generic loop.
 
    Layouts (contiguous, row-major): query and out (num_seqs, num_heads, head_dim); k_cache and v_cache
    (num_slots, num_kv_heads, head_dim); block_tables (num_seqs, table_width) int64; ctx_lens (num_seqs)
@@ -175,6 +177,55 @@ static inline __attribute__((always_inline)) void fast_kv(
 }
 #endif
 
+#if !defined(HAVE_FAST_BF16) && defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define HAVE_AVX2_QK 1
+
+/* The 8 sums of 8 vectors: r[j] = sum of v[j]'s lanes, in one fixed order. */
+static inline __m256 sum8(const __m256 v[8]) {
+    const __m256 h01 = _mm256_hadd_ps(v[0], v[1]), h23 = _mm256_hadd_ps(v[2], v[3]);
+    const __m256 h45 = _mm256_hadd_ps(v[4], v[5]), h67 = _mm256_hadd_ps(v[6], v[7]);
+    /* a: v0..v3's sums of lanes 0-3, then of lanes 4-7; b: the same for v4..v7 */
+    const __m256 a = _mm256_hadd_ps(h01, h23), b = _mm256_hadd_ps(h45, h67);
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+/* q . k * scale for the `heads` query heads of one kv head (q in float32, head_dim floats each), bf16
+   keys in 16-token pages, eight positions at a time from the 8-aligned one at or before `first`: the
+   eight keys are widened to float32 once for every head, and each head's eight dot products are summed
+   by `sum8` (no horizontal sum per product). scores[h * score_stride + i] is position base + i, with
+   base = first rounded down to 8. An aligned block of 8 never leaves its page, so the positions
+   computed before `first` and after len - 1 are slots of pages the sequence owns (their scores are
+   not used). */
+static inline __attribute__((always_inline)) void qk_avx2(
+    const float *restrict q, int64_t heads, int64_t head_dim, const uint16_t *k_base, int64_t row_stride,
+    const int64_t *table, int64_t first, int64_t len, float scale, float *restrict scores,
+    int64_t score_stride) {
+    float kf[8 * 256] __attribute__((aligned(32)));
+    const int64_t base = first / 8 * 8;
+    for (int64_t b = base; b < len; b += 8) {
+        const uint16_t *k = k_base + (table[b / 16] * 16 + b % 16) * row_stride;
+        for (int t = 0; t < 8; t++)
+            for (int64_t j = 0; j < head_dim; j += 8) {
+                const __m128i raw = _mm_loadu_si128((const __m128i *)(k + t * row_stride + j));
+                _mm256_store_ps(kf + t * head_dim + j,
+                                _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16)));
+            }
+        for (int64_t h = 0; h < heads; h++) {
+            __m256 acc[8];
+            for (int t = 0; t < 8; t++) acc[t] = _mm256_setzero_ps();
+            for (int64_t j = 0; j < head_dim; j += 8) {
+                const __m256 qv = _mm256_loadu_ps(q + h * head_dim + j);
+                for (int t = 0; t < 8; t++)
+                    acc[t] = _mm256_fmadd_ps(qv, _mm256_load_ps(kf + t * head_dim + j), acc[t]);
+            }
+            const __m256 dots = _mm256_mul_ps(sum8(acc), _mm256_set1_ps(scale));
+            _mm256_storeu_ps(scores + h * score_stride + (b - base), dots);
+        }
+    }
+}
+#endif
+
 /* n values starting at element `offset` of base, as float32 */
 static inline void load_span(const void *base, int64_t offset, int64_t n, int dtype, float *restrict dst) {
     if (dtype == 0) {
@@ -216,6 +267,19 @@ static inline __attribute__((always_inline)) void attend(
     const int64_t n = len - first;
     const int64_t head0 = s * num_heads + kv_begin * group; /* first query row of this item */
     for (int64_t h = 0; h < heads; h++) load_span(query, (head0 + h) * head_dim, head_dim, dtype, q + h * head_dim);
+#ifdef HAVE_AVX2_QK
+    if (dtype == 1 && block_size == 16 && head_dim % 8 == 0 && head_dim <= 256) {
+        /* scores by kv head, then shifted so that scores[h * score_stride + t] is position first + t */
+        const int64_t off = first - first / 8 * 8;
+        for (int64_t kvh = 0; kvh < num_kv; kvh++)
+            qk_avx2(q + kvh * group * head_dim, group, head_dim,
+                    (const uint16_t *)k_cache + (kv_begin + kvh) * head_dim, num_kv_heads * head_dim, table,
+                    first, len, scale, scores + kvh * group * score_stride, score_stride);
+        if (off > 0)
+            for (int64_t h = 0; h < heads; h++)
+                memmove(scores + h * score_stride, scores + h * score_stride + off, sizeof(float) * (size_t)n);
+    } else
+#endif
     for (int64_t t = 0; t < n; t++) { /* scores = q . k * scale */
         const int64_t pos = first + t;
         const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
