@@ -267,17 +267,14 @@ static inline __attribute__((always_inline)) void attend(
     const int64_t n = len - first;
     const int64_t head0 = s * num_heads + kv_begin * group; /* first query row of this item */
     for (int64_t h = 0; h < heads; h++) load_span(query, (head0 + h) * head_dim, head_dim, dtype, q + h * head_dim);
+    int64_t off = 0; /* scores[h * score_stride + off + t] is position first + t */
 #ifdef HAVE_AVX2_QK
     if (dtype == 1 && block_size == 16 && head_dim % 8 == 0 && head_dim <= 256) {
-        /* scores by kv head, then shifted so that scores[h * score_stride + t] is position first + t */
-        const int64_t off = first - first / 8 * 8;
+        off = first - first / 8 * 8; /* qk_avx2 starts at the 8-aligned position, as fast_kv at the page */
         for (int64_t kvh = 0; kvh < num_kv; kvh++)
             qk_avx2(q + kvh * group * head_dim, group, head_dim,
                     (const uint16_t *)k_cache + (kv_begin + kvh) * head_dim, num_kv_heads * head_dim, table,
                     first, len, scale, scores + kvh * group * score_stride, score_stride);
-        if (off > 0)
-            for (int64_t h = 0; h < heads; h++)
-                memmove(scores + h * score_stride, scores + h * score_stride + off, sizeof(float) * (size_t)n);
     } else
 #endif
     for (int64_t t = 0; t < n; t++) { /* scores = q . k * scale */
@@ -291,14 +288,14 @@ static inline __attribute__((always_inline)) void attend(
             scores[h * score_stride + t] = dot * scale;
         }
     }
-    for (int64_t h = 0; h < heads; h++) softmax_in_place(scores + h * score_stride, n, softcap);
+    for (int64_t h = 0; h < heads; h++) softmax_in_place(scores + h * score_stride + off, n, softcap);
     memset(acc, 0, sizeof(float) * (size_t)(heads * head_dim));
     for (int64_t t = 0; t < n; t++) { /* acc += p * v */
         const int64_t pos = first + t;
         const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
         load_span(v_cache, (slot * num_kv_heads + kv_begin) * head_dim, width, dtype, row);
         for (int64_t h = 0; h < heads; h++) {
-            const float p = scores[h * score_stride + t];
+            const float p = scores[h * score_stride + off + t];
             const float *vh = row + (h / group) * head_dim;
             float *ah = acc + h * head_dim;
             for (int64_t i = 0; i < head_dim; i++) ah[i] += p * vh[i];
