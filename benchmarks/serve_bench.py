@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import cpu_accounting  # benchmarks/ is on sys.path as a script
-import httpx
 from prompts import prompt_texts, unique_prompt_texts
 
 
@@ -91,23 +91,26 @@ class Api:
         return bool(output), output.get("num_completion_tokens")  # one event per engine token
 
 
-async def send(client: httpx.AsyncClient, api: Api, prompt: str) -> RequestResult:
+async def send(session: aiohttp.ClientSession, api: Api, prompt: str) -> RequestResult:
+    """One streamed request. aiohttp, not httpx: this client shares the cores it measures, and aiohttp
+    takes under a third of httpx's CPU per streamed event (93-100 against 331-357 us against a bare SSE
+    server, 16 streams; docs/performance.md)."""
     path, params, body = api.request(prompt)
     start = time.perf_counter()
     arrivals: list[float] = []
     num_tokens: int | None = None
     try:
-        async with client.stream("POST", api.url + path, params=params, json=body) as response:
-            if response.status_code != 200:
-                return RequestResult(False, error=f"HTTP {response.status_code}: {await response.aread()!r}")
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+        async with session.post(api.url + path, params=params, json=body) as response:
+            if response.status != 200:
+                return RequestResult(False, error=f"HTTP {response.status}: {await response.read()!r}")
+            async for line in response.content:  # one line at a time
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                     continue
-                has_token, total = api.read_event(json.loads(line.removeprefix("data: ")))
+                has_token, total = api.read_event(json.loads(line[6:]))
                 if has_token:
                     arrivals.append(time.perf_counter())
                 num_tokens = total if total is not None else num_tokens
-    except (httpx.HTTPError, RuntimeError) as exc:
+    except (aiohttp.ClientError, TimeoutError, RuntimeError) as exc:
         return RequestResult(False, error=f"{type(exc).__name__}: {exc}")
     if not arrivals:
         return RequestResult(False, error="no token streamed")
@@ -214,7 +217,8 @@ async def run_all(args: argparse.Namespace, alone: EngineAlone | None) -> dict[s
     apis = {
         url: Api(url, args.model, args.max_tokens, args.api if url == urls[0] else "openai") for url in urls
     }
-    limits = httpx.Limits(max_connections=max(args.concurrency) * 2 + 8)
+    connector = aiohttp.TCPConnector(limit=max(args.concurrency) * 2 + 8)
+    timeout = aiohttp.ClientTimeout(total=args.timeout_s)
     run_id = f"{random.randrange(16**6):06x}"
     batches = itertools.count()
 
@@ -222,7 +226,7 @@ async def run_all(args: argparse.Namespace, alone: EngineAlone | None) -> dict[s
         return unique_prompt_texts(n, f"{run_id}.{next(batches)}", args.prompt_words)
 
     levels: dict[str, list[LevelResult]] = {url: [] for url in urls}
-    async with httpx.AsyncClient(timeout=args.timeout_s, limits=limits) as client:
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
         for url, api in apis.items():
             warm = await asyncio.gather(*(send(client, api, p) for p in prompts(2)))
             if not all(r.is_ok for r in warm):
