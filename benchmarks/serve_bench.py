@@ -110,7 +110,7 @@ async def send(session: aiohttp.ClientSession, api: Api, prompt: str) -> Request
                 if has_token:
                     arrivals.append(time.perf_counter())
                 num_tokens = total if total is not None else num_tokens
-    except (aiohttp.ClientError, TimeoutError, RuntimeError) as exc:
+    except (aiohttp.ClientError, TimeoutError, ValueError, RuntimeError) as exc:  # ValueError: a bad event
         return RequestResult(False, error=f"{type(exc).__name__}: {exc}")
     if not arrivals:
         return RequestResult(False, error="no token streamed")
@@ -218,7 +218,8 @@ async def run_all(args: argparse.Namespace, alone: EngineAlone | None) -> dict[s
         url: Api(url, args.model, args.max_tokens, args.api if url == urls[0] else "openai") for url in urls
     }
     connector = aiohttp.TCPConnector(limit=max(args.concurrency) * 2 + 8)
-    timeout = aiohttp.ClientTimeout(total=args.timeout_s)
+    # as httpx's timeout was: the longest wait to connect or for the next bytes, not for the whole stream
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=args.timeout_s, sock_read=args.timeout_s)
     run_id = f"{random.randrange(16**6):06x}"
     batches = itertools.count()
 
@@ -419,7 +420,9 @@ def main() -> None:
     )
     parser.add_argument("--request-rate", type=float, default=None, help="also run a Poisson arrival rate")
     parser.add_argument("--max-tokens", type=int, default=64, help="forced with ignore_eos on --api openai")
-    parser.add_argument("--timeout-s", type=float, default=300)
+    parser.add_argument(
+        "--timeout-s", type=float, default=300, help="longest wait to connect or for a stream's next bytes"
+    )
     parser.add_argument("--png", default=None, help="write the plot here (needs matplotlib)")
     parser.add_argument("--compare-engine", action="store_true", help="then run the engine alone here")
     parser.add_argument("--model-config", default="configs/smollm2-135m-instruct.yaml")
