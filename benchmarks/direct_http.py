@@ -31,10 +31,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from deployments.config import load_model_config
+from deployments.ingress import openai_sse_chunk
 from deployments.model_server import EngineFactory, ModelServer
 from deployments.protocol.openai import CompletionRequest
 from deployments.protocol.openai_responses import CompletionChunks
-from deployments.sse import SSE_DONE, SSE_HEADERS, SSE_MEDIA_TYPE, sse_event
+from deployments.sse import SSE_DONE, SSE_HEADERS, SSE_MEDIA_TYPE
 from deployments.wire import ModelRequest
 
 
@@ -62,14 +63,8 @@ class DirectServer(ModelServer):
     ) -> AsyncIterator[bytes]:
         """The ingress's framing: one HTTP write per chunk of deltas, usage last, then `[DONE]`."""
         async for chunk in self.generate_stream(request):
-            events = []
-            for delta in chunk:
-                if delta.text or delta.token is not None or delta.is_finished:
-                    events.append(sse_event(chunks.content(delta)))
-                if delta.is_finished and is_usage_sent:
-                    events.append(sse_event(chunks.usage(delta)))
-            if events:
-                yield b"".join(events)
+            if events := openai_sse_chunk(chunk, chunks, is_usage_sent):
+                yield events
         yield SSE_DONE
 
 

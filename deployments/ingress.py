@@ -113,6 +113,18 @@ class ChunkBuilder(Protocol):
     def usage(self, delta: TokenDelta) -> BaseModel: ...
 
 
+def openai_sse_chunk(chunk: list[TokenDelta], chunks: ChunkBuilder, is_usage_sent: bool) -> bytes:
+    """One chunk of deltas as OpenAI events, for one HTTP write (b"" when all its text is held back):
+    a content event per delta that carries something, then the usage event after the last if asked."""
+    events = []
+    for delta in chunk:
+        if delta.text or delta.token is not None or delta.is_finished:  # skip held-back text
+            events.append(sse_event(chunks.content(delta)))
+        if delta.is_finished and is_usage_sent:
+            events.append(sse_event(chunks.usage(delta)))
+    return b"".join(events)
+
+
 async def _openai_sse_events(
     first: list[TokenDelta] | None,
     stream: DeploymentResponseGenerator,
