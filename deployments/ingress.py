@@ -136,17 +136,10 @@ async def _openai_sse_events(
     chunk, is_finished = first, False
     try:
         while chunk:
-            events = []
-            for delta in chunk:
-                if delta.text or delta.token is not None or delta.is_finished:  # skip held-back text
-                    events.append(sse_event(chunks.content(delta)))
-                if delta.is_finished:
-                    is_finished = True
-                    if is_usage_sent:
-                        events.append(sse_event(chunks.usage(delta)))
-            if events:
-                yield b"".join(events)
-            if is_finished:
+            if events := openai_sse_chunk(chunk, chunks, is_usage_sent):
+                yield events
+            if any(delta.is_finished for delta in chunk):
+                is_finished = True
                 break
             chunk = await anext(stream, None)
     except _CANCELLED:
