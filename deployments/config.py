@@ -162,8 +162,9 @@ class ModelConfig(BaseModel):
         description=(
             "Stream messages (replica to ingress to client) carry the tokens of up to this many "
             "milliseconds when the batch is full, scaled down with the batch: a lone stream gets every "
-            "token at once, a full batch sends about one message per request per interval. 0 = one "
-            "message per token. The first token is never held. See docs/performance.md."
+            "token at once, a full batch sends about one message per request per interval (at the "
+            "first engine step after it). 0 = one message per token. The first token is never held. "
+            "See docs/performance.md."
         ),
     )
     replica_wait_timeout_s: float = Field(

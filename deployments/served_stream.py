@@ -5,8 +5,10 @@ A chunk is one message on the replica-to-ingress stream (one Ray stream item, on
 load each message costs CPU that the engine's threads need on a small machine (docs/performance.md),
 so `ModelConfig.stream_coalesce_ms` spaces one request's messages at least that far apart (scaled by
 how full the batch is): a token that arrives later than that goes out at once, earlier ones wait and
-share a message. The first chunk never waits (time to first token is unchanged), and a lone stream
-(one token per step, steps longer than its interval) never waits at all.
+share a message, which leaves with the first engine step after the spacing (at a step boundary, with
+the other streams of that step, not on a timer in the middle of the next step). The first chunk never
+waits (time to first token is unchanged), and a lone stream (one token per step, steps longer than
+its interval) never waits at all.
 """
 
 from __future__ import annotations

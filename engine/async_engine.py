@@ -69,10 +69,14 @@ class RequestStream:
     async def next_chunk(self, linger_s: float = 0.0) -> list[TokenDelta]:
         """Every delta that is ready, at least one; `[]` once the stream has ended.
 
-        With `linger_s`, collect until `linger_s` after this call (or the last delta) before returning,
-        so that a consumer that forwards each chunk as one message sends fewer, fatter ones; a delta
-        that arrives after that time is returned at once. An error ends the chunk: the deltas before
-        it come first, the next call raises it.
+        With `linger_s`, collect, so that a consumer that forwards each chunk as one message sends
+        fewer, fatter ones: the chunk goes out with the first step's deltas that arrive `linger_s` or
+        more after this call. So chunks leave at step boundaries, every lingering stream of a step in
+        the same wake-up of the event loop, never on a timer in the middle of the next step (where
+        the serving work would take a core from the engine's threads). A delta that arrives after
+        that time is returned at once; if no step brings this request anything for `linger_s` more
+        (it waits for KV blocks, say), what it has goes out then. An error ends the chunk: the deltas
+        before it come first, the next call raises it.
         """
         if self._is_finished or self._is_closed:
             return []
@@ -83,8 +87,9 @@ class RequestStream:
         is_end = _has_end(self._pending)
         if loop.time() < until and not is_end:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(until):
-                    while not is_end:  # look at the new items only: a long sync stream stays linear
+                async with asyncio.timeout_at(until + linger_s):
+                    # look at the new items only: a long sync stream stays linear
+                    while not is_end and loop.time() < until:
                         items = await self._out.get()
                         self._pending.extend(items)
                         is_end = _has_end(items)

@@ -4,8 +4,9 @@ import asyncio
 
 import pytest
 
+from engine.async_engine import RequestStream
 from engine.errors import ContextLengthError, OverloadedError, RequestFailedError
-from engine.types import FinishReason
+from engine.types import FinishReason, TokenDelta
 from tests.engine.conftest import make_async_engine, request, text_of
 
 
@@ -108,6 +109,67 @@ async def test_chunks_carry_the_same_deltas_as_single_iteration(engine, tiny):
     assert len(chunks) < len(deltas)  # lingering 50 ms put several steps' tokens in one chunk
     assert await stream.next_chunk() == []
     assert not engine._streams
+
+
+class _Steps:
+    """Stands in for the engine behind one RequestStream: the test delivers each 'step' by hand."""
+
+    def __init__(self) -> None:
+        self.out: asyncio.Queue = asyncio.Queue()
+        self.aborted: list[str] = []
+
+    def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        pass
+
+    def step(self, n: int, *, last: bool = False) -> None:
+        self.out.put_nowait(
+            [TokenDelta("r", str(n), 3, n, finish_reason=FinishReason.LENGTH if last else None)]
+        )
+
+
+async def test_a_lingering_chunk_leaves_with_the_first_step_after_its_linger_not_on_a_timer():
+    steps = _Steps()
+    stream = RequestStream(steps, "r", steps.out)  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+
+    async def deliver(at_s: list[float]) -> None:
+        start = loop.time()
+        for n, at in enumerate(at_s, 1):
+            await asyncio.sleep(max(0.0, start + at - loop.time()))
+            steps.step(n, last=n == len(at_s))
+
+    feeder = asyncio.create_task(deliver([0.0, 0.1, 0.2, 0.45, 0.5]))
+    start = loop.time()
+    chunk = await stream.next_chunk(linger_s=0.15)
+    # the step at 0.1 s came before the linger ran out, the one at 0.2 s after: it ends the chunk
+    assert [d.num_completion_tokens for d in chunk] == [1, 2, 3]
+    assert loop.time() - start >= 0.19
+    # nothing ready: it waits for the next step (at 0.45 s), which is past the linger, so it goes at once
+    assert [d.num_completion_tokens for d in await stream.next_chunk(linger_s=0.1)] == [4]
+    assert [d.num_completion_tokens for d in await stream.next_chunk(linger_s=0.1)] == [5]  # the last
+    assert await stream.next_chunk() == []
+    await feeder
+    assert not steps.aborted
+
+
+async def test_a_lingering_chunk_goes_out_after_twice_its_linger_when_no_step_comes():
+    steps = _Steps()
+    stream = RequestStream(steps, "r", steps.out)  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    steps.step(1)
+    start = loop.time()
+    chunk = await stream.next_chunk(linger_s=0.1)  # step 1 is ready; nothing else comes
+    assert [d.num_completion_tokens for d in chunk] == [1]
+    assert 0.19 <= loop.time() - start < 0.5
+    steps.step(2, last=True)  # the last delta ends a linger at once
+    start = loop.time()
+    assert [d.num_completion_tokens for d in await stream.next_chunk(linger_s=5.0)] == [2]
+    assert loop.time() - start < 0.1
+    assert await stream.next_chunk() == []
+    assert not steps.aborted
 
 
 async def test_a_chunk_without_linger_is_what_is_ready_and_never_waits_for_more(engine, tiny):
