@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from typing import Any
 
 from ray import serve
@@ -28,6 +29,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         auth=config.auth,
         batch=config.batch,
         endpoints=config.endpoints,
+        state_root=config.state_root,
     )
 
 
@@ -39,8 +41,11 @@ def build_app_from_configs(
     auth: AuthSettings | None = None,
     batch: BatchSettings | None = None,
     endpoints: EndpointSettings | None = None,
+    state_root: str | None = None,
 ) -> serve.Application:
-    """The application for already-validated model configs; tests pass a fake `engine_factory`."""
+    """The application for already-validated model configs; tests pass a fake `engine_factory` (which
+    runtime endpoints get too). Without `state_root`, records go to a new temporary folder: they last
+    as long as it does (serve_config.yaml's `state_root` has a lasting default)."""
     model_server = serve.deployment(ModelServer)
     handles = {
         m.name: model_server.options(name=f"ModelServer:{m.name}", **m.deployment.to_options()).bind(
@@ -65,6 +70,8 @@ def build_app_from_configs(
             wait_timeouts_s,
             batch=batch_context,
             endpoints=endpoints or EndpointSettings(),
+            state_root=state_root or tempfile.mkdtemp(prefix="llmserve-state-"),
+            engine_factory=engine_factory,
         )
     )
 
