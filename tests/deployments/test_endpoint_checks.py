@@ -18,7 +18,7 @@ TINY_CONTEXT = 512  # tests/tiny_model.py: max_position_embeddings
 
 @pytest.fixture
 def roots(tiny_model_dir: Path, tmp_path: Path) -> dict:
-    """The tiny model and a T5 (encoder-decoder) folder under one allowed root; a copy of the model outside it."""
+    """The tiny model and a T5 (encoder-decoder) folder under one allowed root; a copy outside it."""
     allowed = tmp_path / "models"
     shutil.copytree(tiny_model_dir, allowed / "tiny")
     (allowed / "t5").mkdir()
