@@ -66,11 +66,11 @@ class ControllerClient:
         app = self._attachment.ingress_app
         return await self._call(lambda h: h.delete.remote(app, name), is_retried=False)
 
-    async def view(self, name: str) -> ModelEndpoint | None:
+    async def view(self, name: str) -> tuple[ModelEndpoint | None, Snapshot]:
         app = self._attachment.ingress_app
         return await self._call(lambda h: h.view.remote(app, name), is_retried=True)
 
-    async def views(self) -> list[ModelEndpoint]:
+    async def views(self) -> tuple[list[ModelEndpoint], Snapshot]:
         app = self._attachment.ingress_app
         return await self._call(lambda h: h.views.remote(app), is_retried=True)
 

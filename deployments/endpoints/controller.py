@@ -173,19 +173,23 @@ class EndpointController(VersionedOwner):
             await self._remove(app, record)
         return app.snapshot()
 
-    async def view(self, ingress_app: str, name: str) -> ModelEndpoint | None:
-        """What `Model.get` shows; None for an unknown name. Reads only."""
-        record = self._app(ingress_app).records.get(name)
+    async def view(self, ingress_app: str, name: str) -> tuple[ModelEndpoint | None, Snapshot]:
+        """What `Model.get` shows (None for an unknown name), with the routes it was read with (so that
+        an endpoint the caller sees READY routes on its replica at once). Reads only."""
+        app = self._app(ingress_app)
+        snapshot, record = app.snapshot(), app.records.get(name)
         if record is None or record.status == DELETING:
-            return None
+            return None, snapshot
         states = await asyncio.to_thread(deployer.states, {record.app_name})
-        return record_view(record, states.get(record.app_name))
+        return record_view(record, states.get(record.app_name)), snapshot
 
-    async def views(self, ingress_app: str) -> list[ModelEndpoint]:
-        """What `Model.list` shows of the runtime endpoints. Reads only."""
-        records = [r for r in self._app(ingress_app).records.values() if r.status != DELETING]
+    async def views(self, ingress_app: str) -> tuple[list[ModelEndpoint], Snapshot]:
+        """What `Model.list` shows of the runtime endpoints, with the routes it was read with. Reads only."""
+        app = self._app(ingress_app)
+        snapshot = app.snapshot()
+        records = [r for r in app.records.values() if r.status != DELETING]
         states = await asyncio.to_thread(deployer.states, {r.app_name for r in records}) if records else {}
-        return [record_view(r, states.get(r.app_name)) for r in records]
+        return [record_view(r, states.get(r.app_name)) for r in records], snapshot
 
     # ---- records and Serve ----
 

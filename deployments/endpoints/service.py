@@ -33,8 +33,8 @@ class Controller(Protocol):
     async def create(self, request: CreateLLMEndpointRequest) -> tuple[str, Snapshot]: ...
     async def update(self, name: str, request: UpdateLLMEndpointRequest) -> tuple[str, Snapshot]: ...
     async def delete(self, name: str) -> Snapshot: ...
-    async def view(self, name: str) -> ModelEndpoint | None: ...
-    async def views(self) -> list[ModelEndpoint]: ...
+    async def view(self, name: str) -> tuple[ModelEndpoint | None, Snapshot]: ...
+    async def views(self) -> tuple[list[ModelEndpoint], Snapshot]: ...
 
 
 class EndpointService:
@@ -46,8 +46,10 @@ class EndpointService:
         self._routes = RouteTable(self._configured)
 
     def attach_blocking(self) -> None:
-        """Find the controller and take its routes (the ingress's constructor: it blocks)."""
+        """Find the controller and take its routes (the ingress's constructor: it blocks); then follow
+        its changes from the serving loop, if this runs on it (Serve's constructors do)."""
         self._routes.apply(self._controller.attach_blocking())
+        self._routes.start_sync(self._controller)
 
     async def attach(self) -> None:
         self._routes.apply(await self._controller.attach())
@@ -93,7 +95,8 @@ class EndpointService:
     async def get(self, name: str) -> ModelEndpoint:
         if name in self._configured:
             return configured_view(name, self._configured[name])
-        view = await self._controller.view(name)
+        view, snapshot = await self._controller.view(name)
+        self._routes.apply(snapshot)  # what the caller sees READY routes here from now on
         if view is None:
             raise ModelNotFoundError(
                 f"Model Endpoint {name} was not found; served: {', '.join(self._routes.served_names())}"
@@ -102,7 +105,9 @@ class EndpointService:
 
     async def list(self) -> ListModelEndpointsResponse:
         views = [configured_view(n, m) for n, m in self._configured.items()]
-        views += await self._controller.views()
+        runtime, snapshot = await self._controller.views()
+        self._routes.apply(snapshot)
+        views += runtime
         return ListModelEndpointsResponse(model_endpoints=sorted(views, key=lambda v: v.name))
 
     def _check_runtime(self, name: str, verb: str) -> None:
