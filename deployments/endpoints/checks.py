@@ -19,7 +19,6 @@ from deployments.config import ModelConfig
 from engine.errors import InvalidRequestError
 from model_zoo import resolve
 from model_zoo.errors import ModelZooError
-from model_zoo.gguf_cache import converted_dir, find_gguf, find_package_dir
 from model_zoo.spec import ModelSource, ModelSpec
 
 # Bytes per KV element by engine dtype; "auto" is counted at its smallest (bf16/fp16) so that only a
@@ -98,6 +97,8 @@ def _config_path(spec: ModelSpec) -> Path | None:
             cached = try_to_load_from_cache(spec.location, "config.json")
             return Path(cached) if isinstance(cached, str) else None
         if spec.source == ModelSource.packaged_gguf:
+            from model_zoo.gguf_cache import converted_dir, find_gguf, find_package_dir  # imports torch
+
             gguf = find_gguf(find_package_dir(spec.location), spec.gguf_file)
             return converted_dir(spec.name, gguf) / "config.json"
     except (ModelZooError, OSError, ValueError):
