@@ -107,7 +107,8 @@ class EndpointController(VersionedOwner):
     # ---- ingress replicas ----
 
     async def attach(self, attachment: Attachment) -> Snapshot:
-        """Register an ingress app (again after a restart of this actor); its records are restored."""
+        """Register an ingress app (again after a restart of this actor) and bring Serve in line with its
+        records: an ingress replica attaches when it starts, e.g. after a restart of the cluster."""
         self._attaching = self._attaching or asyncio.Lock()
         async with self._attaching:
             app = self._apps.get(attachment.ingress_app)
@@ -115,6 +116,7 @@ class EndpointController(VersionedOwner):
                 app = await self._open(attachment)
                 self._apps[attachment.ingress_app] = app
             app.attachment = attachment  # its settings may have changed with a redeploy
+            await self._reconcile(app)
         self._ensure_watcher()
         return app.snapshot()
 
@@ -200,39 +202,54 @@ class EndpointController(VersionedOwner):
         return app
 
     async def _open(self, attachment: Attachment) -> _App:
-        """Read an app's records and bring Serve in line with them (after a restart of the cluster)."""
+        """An app's records, read from its store (and moved there from Ray's KV, once)."""
         name = attachment.ingress_app
         store = await asyncio.to_thread(open_store, attachment.state_root, name)
         if moved := await asyncio.to_thread(migrate_from_ray_kv, store, name):
             logger.info("endpoints of %s: moved %s from Ray's KV store to %s", name, moved, store.folder)
         app = _App(attachment, store, self._started_ns)
         app.records = {r.name: r for r in await asyncio.to_thread(store.all)}
-        states = await asyncio.to_thread(deployer.states)
-        for record in list(app.records.values()):
-            await self._restore(app, record, states.get(record.app_name))
-        for app_name, state in states.items():
-            orphan = app_name.removeprefix(f"{name}.")
-            is_endpoint_app = app_name != orphan and state.deployment_names == (f"ModelServer:{orphan}",)
-            if is_endpoint_app and orphan not in app.records:
-                logger.warning("endpoints of %s: deleting %s, which has no record", name, app_name)
-                await asyncio.to_thread(deployer.delete, app_name)
         return app
 
+    async def _reconcile(self, app: _App) -> None:
+        """Every endpoint that should run is deployed (again), a delete cut short is finished, and an
+        application of this app's endpoints without a record (left by a crash) is deleted."""
+        states = await asyncio.to_thread(deployer.states)
+        for name in list(app.records):
+            async with app.locks[name]:
+                record = app.records.get(name)
+                if record is not None:
+                    await self._restore(app, record, states.get(record.app_name))
+        prefix = f"{app.attachment.ingress_app}."
+        for app_name, state in states.items():
+            name = app_name.removeprefix(prefix)
+            if app_name == name or state.deployment_names != (f"ModelServer:{name}",):
+                continue  # not an endpoint's application
+            async with app.locks[name]:
+                if name not in app.records:
+                    logger.warning("endpoints: deleting %s, which has no record", app_name)
+                    await asyncio.to_thread(deployer.delete, app_name)
+
     async def _restore(self, app: _App, record: EndpointRecord, state: AppState | None) -> None:
+        """Under the name's lock; `state` was read before it was taken."""
         if record.status == DELETING:  # a delete cut short: finish it
             await self._remove(app, record)
-        elif (record.is_serving or record.status == PENDING) and state is None:
-            logger.info("endpoint %s: deploying it again (its application is gone: a restart)", record.name)
-            again = record.model_copy(
-                update={
-                    "status": PENDING,
-                    "status_reason": "deployed again after a restart",
-                    "task_id": f"restore-{time.time_ns()}",
-                    "pending_since_s": self._clock(),
-                }
-            )
-            await self._put(app, again)
-            await self._deploy(app, again)
+            return
+        if not (record.is_serving or record.status == PENDING) or state is not None:
+            return
+        if record.app_name in await asyncio.to_thread(deployer.states, {record.app_name}):
+            return  # deployed since `state` was read
+        logger.info("endpoint %s: deploying it again (its application is gone: a restart)", record.name)
+        again = record.model_copy(
+            update={
+                "status": PENDING,
+                "status_reason": "deployed again after a restart",
+                "task_id": f"restore-{time.time_ns()}",
+                "pending_since_s": self._clock(),
+            }
+        )
+        await self._put(app, again)
+        await self._deploy(app, again)
 
     async def _put(self, app: _App, record: EndpointRecord) -> None:
         await asyncio.to_thread(app.store.put, record.name, record)
@@ -314,6 +331,8 @@ class EndpointController(VersionedOwner):
             return
         states = await asyncio.to_thread(deployer.states)
         for (app_name, name), task_id in tasks.items():
+            if app_name not in states:  # its ingress app is down (serve shutdown): frozen until it attaches
+                continue
             app = self._apps[app_name]
             async with app.locks[name]:
                 record = app.records.get(name)

@@ -24,6 +24,7 @@ class FakeServe:
 
     def __init__(self) -> None:
         self.apps: dict[str, AppState] = {}
+        self.start_ingress()
         self.deployed: list[tuple[str, dict]] = []
         self.deleted: list[str] = []
         self.unplaceable_reason: str | None = None
@@ -49,6 +50,16 @@ class FakeServe:
 
     def handle(self, app_name, deployment_name):
         return FakeHandle(app_name)
+
+    def start_ingress(self) -> None:
+        self.apps[INGRESS_APP] = AppState("RUNNING", "", 1, 0, ("Ingress",))
+
+    def stop_all(self) -> None:
+        """serve shutdown, or a stopped cluster: no application at all."""
+        self.apps.clear()
+
+    def endpoint_apps(self) -> set[str]:
+        return set(self.apps) - {INGRESS_APP}
 
     def run(self, name: str) -> None:
         """Serve reports the endpoint's application RUNNING with one replica."""

@@ -34,7 +34,7 @@ async def _refused(serve_fake: FakeServe, tmp_path: Path, match: str, settings: 
     endpoints, _ = await make_service(tmp_path / "state", **settings)
     with pytest.raises(InvalidRequestError, match=match):
         await endpoints.create(request(**changes))
-    assert serve_fake.deployed == [] and serve_fake.apps == {}
+    assert serve_fake.deployed == [] and serve_fake.endpoint_apps() == set()
     assert list((tmp_path / "state" / "endpoints" / INGRESS_APP).iterdir()) == []
 
 

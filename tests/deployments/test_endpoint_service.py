@@ -54,7 +54,7 @@ async def test_get_and_list_never_change_a_record_or_serve(serve_fake: FakeServe
     await settled(controller, clock)
     files = {p.name: p.read_bytes() for p in (tmp_path / "endpoints" / INGRESS_APP).iterdir()}
     calls = (list(serve_fake.deployed), list(serve_fake.deleted))
-    serve_fake.apps.clear()  # a READY app gone and a pending one past its start timeout: the watcher's
+    serve_fake.apps.pop("app.a")  # a READY app gone and a pending one past its start timeout: the watcher's
     serve_fake.apps["app.b"] = AppState("DEPLOY_FAILED", "boom", 0, 0)
     clock.now_s += 100
     for name in ("a", "b"):
@@ -187,7 +187,7 @@ async def test_a_ready_endpoint_whose_app_is_gone_is_reported_by_the_watcher(ser
     await endpoints.create(request())
     serve_fake.run("ep")
     await settled(controller, clock)
-    serve_fake.apps.clear()  # serve delete outside this API
+    serve_fake.apps.pop("app.ep")  # serve delete outside this API
     await settled(controller, clock)
     gone = await endpoints.get("ep")
     assert gone.status == "UPDATE_FAILED" and "is gone" in gone.spec["metadata"]["status_reason"]

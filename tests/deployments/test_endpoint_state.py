@@ -80,8 +80,9 @@ async def test_a_restart_of_the_cluster_deploys_every_serving_endpoint_again(ser
     serve_fake.apps["app.broken"] = AppState("DEPLOY_FAILED", "no weights", 0, 0)
     clock.now_s += 3
     await controller.watch_once()
-    serve_fake.apps.clear()  # the cluster stopped: no application, no controller; the records stay
+    serve_fake.stop_all()  # the cluster stopped: no application, no controller; the records stay
     num_deployed = len(serve_fake.deployed)
+    serve_fake.start_ingress()  # `serve run` again: a new cluster, a new controller
 
     again, new_controller = await make_service(tmp_path, make_controller(clock))
     assert [d[0] for d in serve_fake.deployed[num_deployed:]] == ["app.up"]  # the failed one stays down
@@ -92,6 +93,25 @@ async def test_a_restart_of_the_cluster_deploys_every_serving_endpoint_again(ser
     await again.attach()
     assert (await again.get("up")).status == "READY" and again.route("up") is not None
     assert (await again.get("broken")).status == "UPDATE_FAILED"
+
+
+async def test_serve_shutdown_freezes_the_records_and_the_ingress_brings_them_back(
+    serve_fake: FakeServe, tmp_path
+):
+    clock = Clock()
+    endpoints, controller = await make_service(tmp_path, make_controller(clock))
+    await endpoints.create(request())
+    serve_fake.run("ep")
+    clock.now_s += 3
+    await controller.watch_once()
+    serve_fake.stop_all()  # `serve shutdown` on a cluster that stays up: the controller (not Serve's) stays
+    clock.now_s += 100
+    await controller.watch_once()
+    assert (await endpoints.get("ep")).status == "READY"  # not "gone": its ingress is gone with it
+    serve_fake.start_ingress()
+    again, _ = await make_service(tmp_path, controller)  # the app deployed again attaches
+    assert serve_fake.deployed[-1][0] == "app.ep"
+    assert (await again.get("ep")).status == "UPDATE_PENDING"
 
 
 async def test_restore_finishes_a_delete_and_removes_applications_without_a_record(
@@ -107,7 +127,7 @@ async def test_restore_finishes_a_delete_and_removes_applications_without_a_reco
 
     await make_service(tmp_path)  # a new controller (after a crash) attaches
     assert store.keys() == []
-    assert set(serve_fake.apps) == {"app.other"}
+    assert serve_fake.endpoint_apps() == {"app.other"}
 
 
 async def test_records_of_a_later_release_and_of_rays_kv_are_read(
