@@ -9,6 +9,7 @@ import threading
 
 import pytest
 
+from deployments.config import EndpointSettings
 from deployments.endpoints import registry
 from deployments.endpoints.deployer import AppState
 from deployments.endpoints.registry import EndpointRecord, open_store
@@ -180,3 +181,54 @@ def test_unknown_names_and_the_model_list_never_call_the_controller_or_the_store
     for i in range(300):
         assert service.route(f"unknown-{i}") is None
         assert service.served_names() == ["base"]
+
+
+class _Method:
+    def __init__(self, outcomes: list) -> None:
+        self.outcomes, self.num_calls = outcomes, 0
+
+    def remote(self, *args):
+        outcome = self.outcomes[min(self.num_calls, len(self.outcomes) - 1)]
+        self.num_calls += 1
+
+        async def call():
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return outcome
+
+        return call()
+
+
+class _Handle:
+    """An actor handle whose methods answer (or raise) the given outcomes in turn."""
+
+    def __init__(self, **methods: list) -> None:
+        self.attach = _Method([Snapshot((1, 0), {})])
+        for name, outcomes in methods.items():
+            setattr(self, name, _Method(outcomes))
+
+
+async def test_the_client_attaches_again_after_a_controller_restart_and_never_repeats_a_change(monkeypatch):
+    from ray.exceptions import RayActorError
+
+    from deployments.endpoints import client as client_module
+    from deployments.endpoints.client import ControllerClient
+    from deployments.endpoints.snapshot import AppNotAttachedError, Attachment
+    from engine.errors import ModelUnavailableError
+
+    handle = _Handle(
+        view=[AppNotAttachedError("app"), (None, Snapshot((1, 0), {}))],
+        views=[RayActorError(), ([], Snapshot((1, 0), {}))],
+        create=[RayActorError()],
+    )
+
+    async def owner_async(*args, **kwargs):
+        return handle
+
+    monkeypatch.setattr(client_module, "owner_async", owner_async)
+    client = ControllerClient(Attachment(INGRESS_APP, "/unused", EndpointSettings()))
+    assert (await client.view("x"))[0] is None  # the controller forgot the app: attached again, asked again
+    assert (await client.views())[0] == []  # it died: found again, asked again (a read)
+    with pytest.raises(ModelUnavailableError, match="restarted during the call"):
+        await client.create(request())  # a change is never sent twice
+    assert (handle.create.num_calls, handle.attach.num_calls) == (1, 3)
