@@ -319,8 +319,8 @@ class EndpointController(VersionedOwner):
         while True:
             try:
                 await self.watch_once()
-            except Exception:  # keep watching: the next round reads Serve again
-                logger.exception("endpoint controller: watching Serve failed")
+            except Exception as exc:  # keep watching: the next round reads Serve again (gone at shutdown)
+                logger.warning("endpoint controller: reading Serve's state failed: %s", str(exc)[:300])
             is_pending = any(r.status == PENDING for a in self._apps.values() for r in a.records.values())
             await asyncio.sleep(self._poll_s if is_pending else self._idle_poll_s)
 
