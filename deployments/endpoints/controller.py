@@ -18,10 +18,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import defaultdict
 from collections.abc import Callable
 
 from deployments.endpoints import deployer
+from deployments.endpoints.app_endpoints import AppEndpoints
 from deployments.endpoints.changes import plan_create, plan_update
 from deployments.endpoints.deployer import AppState
 from deployments.endpoints.lifecycle import settle
@@ -35,13 +35,12 @@ from deployments.endpoints.registry import (
     open_store,
 )
 from deployments.endpoints.resources import resources_of
-from deployments.endpoints.snapshot import AppNotAttachedError, Attachment, RouteEntry, Snapshot
+from deployments.endpoints.snapshot import AppNotAttachedError, Attachment, Snapshot
 from deployments.endpoints.views import record_view
 from deployments.endpoints.wire import CreateLLMEndpointRequest, UpdateLLMEndpointRequest
 from deployments.protocol.llm_engine import ModelEndpoint
 from deployments.state.owner import VersionedOwner
-from deployments.state.store import RecordStore
-from engine.errors import InvalidRequestError, ModelNotFoundError
+from engine.errors import InvalidRequestError
 
 logger = logging.getLogger("ray")
 
@@ -50,55 +49,13 @@ IDLE_POLL_S = 10.0  # otherwise: a READY endpoint whose application vanished is 
 CHANGES_TIMEOUT_S = 30.0  # a long poll answers at least this often
 
 
-class _App:
-    """The endpoints of one ingress app: its records (the store's, in memory) and who waits on them."""
-
-    def __init__(self, attachment: Attachment, store: RecordStore[EndpointRecord], started_ns: int) -> None:
-        self.attachment = attachment
-        self.store = store
-        self.records: dict[str, EndpointRecord] = {}
-        self.locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self.changed = asyncio.Condition()
-        self._started_ns, self._counter = started_ns, 0
-
-    @property
-    def version(self) -> tuple[int, int]:
-        return self._started_ns, self._counter
-
-    async def bump(self) -> None:
-        async with self.changed:
-            self._counter += 1
-            self.changed.notify_all()
-
-    def snapshot(self) -> Snapshot:
-        routes = {
-            name: RouteEntry(
-                r.app_name,
-                r.deployment_name,
-                r.is_serving,
-                r.status,
-                r.status_reason,
-                r.config.replica_wait_timeout_s,
-            )
-            for name, r in self.records.items()
-            if r.status != DELETING
-        }
-        return Snapshot(self.version, routes)
-
-    def live(self, name: str) -> EndpointRecord:
-        record = self.records.get(name)
-        if record is None or record.status == DELETING:
-            raise ModelNotFoundError(f"The requested model endpoint {name!r} could not be found.")
-        return record
-
-
 class EndpointController(VersionedOwner):
     """Async actor (one event loop): the per-name locks and the records need no other guard."""
 
     def __init__(
         self, poll_s: float = POLL_S, idle_poll_s: float = IDLE_POLL_S, clock: Callable[[], float] = time.time
     ) -> None:
-        self._apps: dict[str, _App] = {}
+        self._apps: dict[str, AppEndpoints] = {}
         self._attaching: asyncio.Lock | None = None
         self._watcher: asyncio.Task | None = None
         self._poll_s, self._idle_poll_s, self._clock = poll_s, idle_poll_s, clock
@@ -195,23 +152,23 @@ class EndpointController(VersionedOwner):
 
     # ---- records and Serve ----
 
-    def _app(self, ingress_app: str) -> _App:
+    def _app(self, ingress_app: str) -> AppEndpoints:
         app = self._apps.get(ingress_app)
         if app is None:  # this actor restarted since the ingress attached: it attaches again
             raise AppNotAttachedError(ingress_app)
         return app
 
-    async def _open(self, attachment: Attachment) -> _App:
+    async def _open(self, attachment: Attachment) -> AppEndpoints:
         """An app's records, read from its store (and moved there from Ray's KV, once)."""
         name = attachment.ingress_app
         store = await asyncio.to_thread(open_store, attachment.state_root, name)
         if moved := await asyncio.to_thread(migrate_from_ray_kv, store, name):
             logger.info("endpoints of %s: moved %s from Ray's KV store to %s", name, moved, store.folder)
-        app = _App(attachment, store, self._started_ns)
+        app = AppEndpoints(attachment, store, self._started_ns)
         app.records = {r.name: r for r in await asyncio.to_thread(store.all)}
         return app
 
-    async def _reconcile(self, app: _App) -> None:
+    async def _reconcile(self, app: AppEndpoints) -> None:
         """Every endpoint that should run is deployed (again), a delete cut short is finished, and an
         application of this app's endpoints without a record (left by a crash) is deleted."""
         states = await asyncio.to_thread(deployer.states)
@@ -230,7 +187,7 @@ class EndpointController(VersionedOwner):
                     logger.warning("endpoints: deleting %s, which has no record", app_name)
                     await asyncio.to_thread(deployer.delete, app_name)
 
-    async def _restore(self, app: _App, record: EndpointRecord, state: AppState | None) -> None:
+    async def _restore(self, app: AppEndpoints, record: EndpointRecord, state: AppState | None) -> None:
         """Under the name's lock; `state` was read before it was taken."""
         if record.status == DELETING:  # a delete cut short: finish it
             await self._remove(app, record)
@@ -251,23 +208,23 @@ class EndpointController(VersionedOwner):
         await self._put(app, again)
         await self._deploy(app, again)
 
-    async def _put(self, app: _App, record: EndpointRecord) -> None:
+    async def _put(self, app: AppEndpoints, record: EndpointRecord) -> None:
         await asyncio.to_thread(app.store.put, record.name, record)
         app.records[record.name] = record
         await app.bump()
 
-    async def _remove(self, app: _App, record: EndpointRecord) -> None:
+    async def _remove(self, app: AppEndpoints, record: EndpointRecord) -> None:
         await asyncio.to_thread(deployer.delete, record.app_name)  # in-flight requests drain
         await asyncio.to_thread(app.store.delete, record.name)
         app.records.pop(record.name, None)
         await app.bump()
 
-    async def _unplaceable(self, app: _App, record: EndpointRecord) -> str | None:
+    async def _unplaceable(self, app: AppEndpoints, record: EndpointRecord) -> str | None:
         if not app.attachment.settings.check_node_resources:
             return None
         return await asyncio.to_thread(deployer.unplaceable, resources_of(record.config))
 
-    async def _apply(self, app: _App, record: EndpointRecord) -> None:
+    async def _apply(self, app: AppEndpoints, record: EndpointRecord) -> None:
         """Give Serve the record's config as its application's target (a worker thread: it blocks)."""
         attachment = app.attachment
         await asyncio.to_thread(
@@ -279,14 +236,14 @@ class EndpointController(VersionedOwner):
             attachment.engine_factory,
         )
 
-    async def _deploy(self, app: _App, record: EndpointRecord) -> None:
+    async def _deploy(self, app: AppEndpoints, record: EndpointRecord) -> None:
         try:
             await self._apply(app, record)
         except Exception as exc:  # Serve refused the target: nothing runs, say why
             logger.exception("model endpoint %s: deploy failed", record.name)
             await self._fail(app, record, f"Serve refused the deployment: {type(exc).__name__}: {exc}")
 
-    async def _fail(self, app: _App, record: EndpointRecord, reason: str) -> None:
+    async def _fail(self, app: AppEndpoints, record: EndpointRecord, reason: str) -> None:
         """UPDATE_FAILED: a failed create leaves no application behind; a failed update is rolled back."""
         logger.warning("model endpoint %s: UPDATE_FAILED: %s", record.name, reason)
         if record.previous_config is not None and record.is_serving:
