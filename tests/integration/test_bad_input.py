@@ -270,10 +270,6 @@ def pid_before(client: httpx.Client) -> int:
     return replica_pid("tiny", TINY_MODEL)
 
 
-def test_the_matrix_is_big_enough():
-    assert len(CASES) >= 40
-
-
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_bad_input_is_a_clear_4xx(client: httpx.Client, pid_before: int, case: Case):
     try:
