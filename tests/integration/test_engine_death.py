@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 
 import httpx
-from ray import serve
 
 from benchmarks.soak import replica_processes
 from tests.integration.faults import BreakableFactory
 from tests.integration.tiny_app import TINY_MODEL, build_tiny_app
-from tests.serve_fixtures import run_app
+from tests.serve_fixtures import delete_app, run_app
 
 APP = "enginedeath"
 SYNC, STREAM = "v1/llm/completions-sync", "v1/llm/completions-stream"
@@ -80,4 +79,4 @@ def test_a_dead_engine_fails_its_streams_answers_503_and_serve_replaces_it(
         assert response.status_code == 200, response.text
         assert replica.pid not in {p.pid for p in replica_processes(APP)}  # Serve replaced it
     finally:
-        serve.delete(APP)
+        delete_app(APP)

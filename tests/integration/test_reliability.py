@@ -21,7 +21,7 @@ from deployments.config import DeploymentSettings, IngressSettings, ModelConfig
 from engine.types import EngineStats
 from tests.deployments.fake_engine import fake_factory
 from tests.integration.tiny_app import TINY_MODEL, build_tiny_app
-from tests.serve_fixtures import run_app
+from tests.serve_fixtures import delete_app, run_app
 
 SYNC, STREAM = "v1/llm/completions-sync", "v1/llm/completions-stream"
 APP = "reliability"
@@ -77,7 +77,7 @@ def app_url(serve_port: int) -> Iterator[str]:
     ingress = IngressSettings(ray_actor_options={"num_cpus": 0.1})
     app = build_app_from_configs(models, engine_factory=fake_factory, ingress=ingress)
     yield run_app(app, name=APP, route_prefix=f"/{APP}", port=serve_port)
-    serve.delete(APP)
+    delete_app(APP)
 
 
 async def test_past_the_queue_bound_requests_get_an_immediate_429(app_url: str):
@@ -156,7 +156,7 @@ def test_a_killed_replica_ends_its_requests_and_comes_back(serve_port: int, tiny
         response = httpx.post(url + SYNC, params=params(TINY_MODEL), json=body(), timeout=60)
         assert response.status_code == 200, response.text
     finally:
-        serve.delete(FAILOVER_APP)
+        delete_app(FAILOVER_APP)
 
 
 async def _kill_during_load(url: str) -> None:
