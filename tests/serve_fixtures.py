@@ -129,3 +129,10 @@ def run_app(app: serve.Application, *, name: str, route_prefix: str, port: int) 
 def delete_app(name: str) -> None:
     """Delete a test app without waiting for its replicas to drain (~3 s each, with nobody left to serve)."""
     serve.delete(name, _blocking=False)
+
+
+def replica_pid(app_name: str, model: str) -> int:
+    """The process id of the (one) replica of `model` in `app_name`, asked of the replica through its
+    handle: exact even when other Ray clusters on this machine run apps of the same name."""
+    handle = serve.get_deployment_handle(f"ModelServer:{model}", app_name=app_name)
+    return handle.pid.remote().result(timeout_s=60)

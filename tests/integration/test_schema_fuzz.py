@@ -29,8 +29,8 @@ from deployments.app import build_app_from_configs
 from deployments.config import DeploymentSettings, EngineSettings, ModelConfig
 from tests.integration import schema_fuzz_hooks
 from tests.integration.tiny_app import TINY_MODEL
-from tests.suite_profile import sized
 from tests.serve_fixtures import delete_app, run_app
+from tests.suite_profile import sized
 
 APP = "fuzz"
 FUZZ_MAX_MODEL_LEN = 48
