@@ -8,6 +8,7 @@ route prefixes, so a test session starts each app once.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import sysconfig
@@ -78,6 +79,7 @@ def use_readme_serve_env() -> None:
             os.environ[name] = launcher_path() if value == LAUNCHER_COMMAND else value
     if os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1":
         _use_haproxy(tempfile.mkdtemp(prefix="haproxy-serve-"))
+        _use_own_ingress_ports()
     # The one departure from the README's Serve: an ingress replica that stops (every deleted test app)
     # holds on for Serve's minimum drain of 30 s, kept so that an outside load balancer can stop sending
     # to it. The tests delete apps with no traffic left, so 1 s (a whole suite ran ~6 min longer at 30).
@@ -109,6 +111,38 @@ def _use_haproxy(state_dir: str) -> None:
         os.environ[f"RAY_SERVE_HAPROXY_{name}"] = os.path.join(state_dir, file).rstrip("/")
     for name in ("STATS_PORT", "METRICS_PORT"):
         os.environ[f"RAY_SERVE_HAPROXY_{name}"] = str(free_port())
+    # HAProxy mode keeps Serve's Python proxy as a fallback on 8500 (gRPC 9500): ports of its own too
+    for name in ("HTTP", "GRPC"):
+        os.environ[f"RAY_SERVE_FALLBACK_PROXY_{name}_PORT"] = str(free_port())
+
+
+def _use_own_ingress_ports() -> None:
+    """In HAProxy mode each ingress replica serves on a port Serve picks from 30000-31000 (gRPC from
+    40000-41000), counting from the start of the range: a second Serve on the machine (a pytest-xdist
+    worker, another checkout's tests) would take the same ports. Each test session takes free ranges."""
+    for kind, width in (("HTTP", 100), ("GRPC", 100)):
+        base = _free_range(width)
+        os.environ[f"RAY_SERVE_DIRECT_INGRESS_MIN_{kind}_PORT"] = str(base)
+        os.environ[f"RAY_SERVE_DIRECT_INGRESS_MAX_{kind}_PORT"] = str(base + width)
+
+
+def _free_range(width: int) -> int:
+    """The start of `width` consecutive ports that are free now, at a random place in 20000-29999."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 30000 - width, width)
+        if all(_is_free(port) for port in range(base, base + width)):
+            return base
+    raise RuntimeError(f"no {width} free consecutive ports in 20000-29999")
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def run_app(app: serve.Application, *, name: str, route_prefix: str, port: int) -> str:
