@@ -47,11 +47,11 @@ def find_launcher() -> str:
     return found
 
 
-def serve_settings(environ: Mapping[str, str], find: Callable[[], str] = find_launcher) -> dict[str, str]:
+def serve_settings(environ: Mapping[str, str], find: Callable[[], str] | None = None) -> dict[str, str]:
     """Serve's settings for Ray's processes: ours, except where `environ` already sets one."""
     settings = {name: environ.get(name, value) for name, value in THROUGHPUT_ENV.items()}
     if settings["RAY_SERVE_ENABLE_HA_PROXY"] == "1":
-        settings[BINARY_ENV] = environ.get(BINARY_ENV) or find()
+        settings[BINARY_ENV] = environ.get(BINARY_ENV) or (find or find_launcher)()
     return settings
 
 
