@@ -7,11 +7,14 @@ file, a process's exit), never on the clock for its verdict.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +25,7 @@ from deployments.serve_process import stop_recorded_haproxy
 # (Python's KeyboardInterrupt), it catches SIGINT only if SIGINT was not ignored when it started.
 FAKE_SERVE_RUN = textwrap.dedent(
     """
-    import signal, sys, time
+    import os, signal, sys, time
     log, exit_on = open(sys.argv[1], "a", buffering=1), sys.argv[2]
     def record(signum, frame):
         name = signal.Signals(signum).name
@@ -32,7 +35,7 @@ FAKE_SERVE_RUN = textwrap.dedent(
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, record)
     signal.signal(signal.SIGTERM, record)
-    log.write("ready\\n")
+    log.write(f"ready {os.getpid()}\\n")
     while True:
         time.sleep(0.05)
     """
@@ -69,7 +72,19 @@ def fake_haproxy(*, ignore_sigterm: bool = False) -> subprocess.Popen:
     return process
 
 
-def supervise(tmp_path: Path, exit_on: str, *, ignore_sigint: bool = False) -> tuple[subprocess.Popen, Path]:
+@pytest.fixture
+def started() -> Iterator[list[int]]:
+    """Pids whose process groups are killed after the test, should a broken relay leave them running."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def supervise(
+    tmp_path: Path, started: list[int], exit_on: str, *, ignore_sigint: bool = False
+) -> tuple[subprocess.Popen, Path]:
     script, log, pids = tmp_path / "serve_run.py", tmp_path / "signals.log", tmp_path / "pids"
     script.write_text(FAKE_SERVE_RUN)
     pids.mkdir()
@@ -77,32 +92,34 @@ def supervise(tmp_path: Path, exit_on: str, *, ignore_sigint: bool = False) -> t
         [sys.executable, "-c", SUPERVISOR, str(pids), sys.executable, str(script), str(log), exit_on],
         # as a shell's background job starts it: SIGINT ignored, which a child would inherit
         preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None,
+        process_group=0,
     )
-    wait_for_lines(log, 1)
+    started.append(supervisor.pid)
+    started.append(int(wait_for_lines(log, 1)[0].split()[1]))  # the stand-in serve run's own group
     return supervisor, log
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
-def test_one_stop_signal_reaches_serve_run_once_as_sigint(tmp_path, stop):
-    supervisor, log = supervise(tmp_path, exit_on="SIGINT", ignore_sigint=True)
+def test_one_stop_signal_reaches_serve_run_once_as_sigint(tmp_path, started, stop):
+    supervisor, log = supervise(tmp_path, started, exit_on="SIGINT", ignore_sigint=True)
     supervisor.send_signal(stop)
     assert supervisor.wait(timeout=WAIT_S) == 3  # serve run's exit status
-    assert log.read_text().splitlines() == ["ready", "SIGINT"]
+    assert log.read_text().splitlines()[1:] == ["SIGINT"]
 
 
-def test_a_second_signal_becomes_sigterm(tmp_path):
-    supervisor, log = supervise(tmp_path, exit_on="SIGTERM")
+def test_a_second_signal_becomes_sigterm(tmp_path, started):
+    supervisor, log = supervise(tmp_path, started, exit_on="SIGTERM")
     supervisor.send_signal(signal.SIGTERM)
     wait_for_lines(log, 2)
     supervisor.send_signal(signal.SIGTERM)
     assert supervisor.wait(timeout=WAIT_S) == 3
-    assert log.read_text().splitlines() == ["ready", "SIGINT", "SIGTERM"]
+    assert log.read_text().splitlines()[1:] == ["SIGINT", "SIGTERM"]
 
 
-def test_a_recorded_haproxy_left_running_is_stopped_when_serve_run_ends(tmp_path):
+def test_a_recorded_haproxy_left_running_is_stopped_when_serve_run_ends(tmp_path, started):
     haproxy, stranger = fake_haproxy(), subprocess.Popen(["sleep", "600"])
     try:
-        supervisor, _ = supervise(tmp_path, exit_on="SIGINT")
+        supervisor, _ = supervise(tmp_path, started, exit_on="SIGINT")
         for process in (haproxy, stranger):  # a reused pid of another program is left alone
             (tmp_path / "pids" / str(process.pid)).touch()
         supervisor.send_signal(signal.SIGTERM)
