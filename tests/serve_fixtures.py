@@ -82,6 +82,10 @@ def use_readme_serve_env() -> None:
     # holds on for Serve's minimum drain of 30 s, kept so that an outside load balancer can stop sending
     # to it. The tests delete apps with no traffic left, so 1 s (a whole suite ran ~6 min longer at 30).
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+    # Serve's handles and replicas push autoscaling metrics every 10 s; once a second here, so that the
+    # autoscaling tests see each step in ~1-2 s (they wait on serve.status(), never on a fixed time).
+    for name in ("HANDLE", "REPLICA"):
+        os.environ.setdefault(f"RAY_SERVE_{name}_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
 
 
 def launcher_path() -> str:
@@ -120,3 +124,15 @@ def run_app(app: serve.Application, *, name: str, route_prefix: str, port: int) 
             pass
         time.sleep(0.2)
     raise TimeoutError(f"app {name!r} did not answer on {base_url}healthz within 60 s")
+
+
+def delete_app(name: str) -> None:
+    """Delete a test app without waiting for its replicas to drain (~3 s each, with nobody left to serve)."""
+    serve.delete(name, _blocking=False)
+
+
+def replica_pid(app_name: str, model: str) -> int:
+    """The process id of the (one) replica of `model` in `app_name`, asked of the replica through its
+    handle: exact even when other Ray clusters on this machine run apps of the same name."""
+    handle = serve.get_deployment_handle(f"ModelServer:{model}", app_name=app_name)
+    return handle.pid.remote().result(timeout_s=60)
