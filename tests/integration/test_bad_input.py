@@ -14,14 +14,13 @@ from typing import Any
 
 import httpx
 import pytest
-from ray import serve
 
 from deployments.app import build_app_from_configs
 from deployments.config import DeploymentSettings, EngineSettings, ModelConfig
 from deployments.limits import LimitSettings
 from deployments.protocol.bounds import MAX_NEW_TOKENS_MAX, MAX_STOP_SEQUENCES, SEED_MAX, SEED_MIN, TOP_K_MAX
 from tests.integration.tiny_app import TINY_MODEL
-from tests.serve_fixtures import delete_app, run_app
+from tests.serve_fixtures import delete_app, replica_pid, run_app
 
 LIMITS = LimitSettings()  # the tiny app runs with the default limits
 SYNC, STREAM = "v1/llm/completions-sync", "v1/llm/completions-stream"
@@ -257,11 +256,6 @@ def message_of(response: httpx.Response, route: str) -> str:
 def client(tiny_app_url: str):
     with httpx.Client(base_url=tiny_app_url, timeout=60) as client:
         yield client
-
-
-def replica_pid(app_name: str, model: str) -> int:
-    """The pid of the model's replica (one replica here), through a Serve handle: never over HTTP."""
-    return serve.get_deployment_handle(f"ModelServer:{model}", app_name=app_name).pid.remote().result()
 
 
 @pytest.fixture(scope="module")
