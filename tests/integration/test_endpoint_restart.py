@@ -85,7 +85,7 @@ def test_runtime_endpoints_come_back_after_serve_run_stops_and_starts_again(tmp_
     port = free_port()
     config = tmp_path / "serve.yaml"
     app = {"name": "llm", "route_prefix": "/", "import_path": "tests.integration.restart_app:build"}
-    app["args"] = {"state_root": str(tmp_path / "state")}
+    app["args"] = {"state_root": str(tmp_path / "state"), "data_root": str(tmp_path / "batch")}
     config.write_text(
         yaml.safe_dump({"http_options": {"host": "127.0.0.1", "port": port}, "applications": [app]})
     )
