@@ -1,11 +1,13 @@
-"""A real `serve run` stopped and started again: every runtime endpoint comes back with its status.
+"""The README's server stopped and started again: every runtime endpoint comes back with its status.
 
-The two runs are two Ray clusters (`serve run` starts its own and stops it on Ctrl-C); only the state
-root, a folder, is shared. The fake engine keeps it cheap.
+`llmserve serve CONFIG` (its `serve run`, Serve's throughput mode; Serve's Python proxy instead of
+HAProxy, whose ports other Serves on this machine use) twice: two Ray clusters, each started by `serve
+run` and stopped on Ctrl-C; only the state root, a folder, is shared. The fake engine keeps it cheap.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -27,31 +29,26 @@ START_TIMEOUT_S = 180.0
 
 
 @contextmanager
-def serve_run(config: Path, log: Path) -> Iterator[None]:
-    """`serve run config` in its own process group until the block ends, then Ctrl-C (as a user would)."""
+def llmserve_serve(config: Path, log: Path) -> Iterator[None]:
+    """`llmserve serve config` until the block ends, then Ctrl-C (as a user would; twice more, which it
+    turns into SIGTERM and SIGKILL of `serve run`, if it does not stop)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own cluster, never the tests'
     env |= {"RAY_SERVE_ENABLE_HA_PROXY": "0", "PYTHONPATH": str(REPO_ROOT)}
-    serve_cli = Path(sys.executable).with_name("serve")
+    command = [sys.executable, "-m", "deployments.cli", "serve", str(config)]
     with open(log, "ab") as out:
         process = subprocess.Popen(
-            [str(serve_cli), "run", str(config)],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=out,
-            stderr=out,
-            start_new_session=True,
+            command, cwd=REPO_ROOT, env=env, stdout=out, stderr=out, start_new_session=True
         )
     try:
         yield
     finally:
         stop_s = time.monotonic()
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-            print(f"serve run stopped in {time.monotonic() - stop_s:.1f} s")
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        for _ in range(3):
+            process.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=60)
+                break
+        print(f"llmserve serve stopped in {time.monotonic() - stop_s:.1f} s")
 
 
 def wait_for(call, what: str, timeout_s: float = START_TIMEOUT_S):
@@ -81,7 +78,7 @@ def completes(client: httpx.Client, name: str) -> bool:
 
 
 @pytest.mark.timeout(600)
-def test_runtime_endpoints_come_back_after_serve_run_stops_and_starts_again(tmp_path: Path):
+def test_runtime_endpoints_come_back_after_the_server_stops_and_starts_again(tmp_path: Path):
     port = free_port()
     config = tmp_path / "serve.yaml"
     app = {"name": "llm", "route_prefix": "/", "import_path": "tests.integration.restart_app:build"}
@@ -93,7 +90,7 @@ def test_runtime_endpoints_come_back_after_serve_run_stops_and_starts_again(tmp_
     kept = {"name": "kept", "model_name": "smollm2-135m-instruct", "min_workers": 1, "max_workers": 1}
     failed = {"name": "failed", "model_name": "smollm2-135m-instruct", "gpus": 1}  # no node has a GPU
 
-    with serve_run(config, tmp_path / "serve-1.log"):
+    with llmserve_serve(config, tmp_path / "serve-1.log"):
         wait_for(lambda: client.get("healthz").status_code == 200, "the first run answering")
         for body in (kept, failed):
             assert client.post(ENDPOINTS, json=body).status_code == 200
@@ -101,7 +98,7 @@ def test_runtime_endpoints_come_back_after_serve_run_stops_and_starts_again(tmp_
         assert status_of(client, "failed") == "UPDATE_FAILED"
         assert completes(client, "kept")
 
-    with serve_run(config, tmp_path / "serve-2.log"):
+    with llmserve_serve(config, tmp_path / "serve-2.log"):
         wait_for(lambda: client.get("healthz").status_code == 200, "the second run answering")
         wait_for(lambda: completes(client, "kept"), "kept serving again")  # deployed again, nobody asked
         wait_for(lambda: status_of(client, "kept") == "READY", "kept READY again")
