@@ -12,6 +12,8 @@ from ray import serve
 from deployments.batch.config import BatchSettings
 from deployments.batch.service import BatchContext
 from deployments.config import AppConfig, EndpointSettings, IngressSettings, ModelConfig, parse_app_config
+from deployments.engines import require_engine, vllm_python
+from deployments.engines.placement import vllm_deployment_options
 from deployments.ingress import Ingress
 from deployments.limits import AuthSettings, LimitSettings
 from deployments.model_server import EngineFactory, ModelServer
@@ -43,10 +45,9 @@ def build_app_from_configs(
     """The application for already-validated model configs; tests pass a fake `engine_factory`."""
     model_server = serve.deployment(ModelServer)
     handles = {
-        m.name: model_server.options(name=f"ModelServer:{m.name}", **m.deployment.to_options()).bind(
-            m, engine_factory
-        )
+        m.name: model_server.options(name=f"ModelServer:{m.name}", **options).bind(m, factory)
         for m in models
+        for options, factory in [deployment_for(m, engine_factory)]
     }
     model_names = {m.name: _base_model_name(m) for m in models}
     wait_timeouts_s = {m.name: m.replica_wait_timeout_s for m in models}
@@ -67,6 +68,21 @@ def build_app_from_configs(
             endpoints=endpoints or EndpointSettings(),
         )
     )
+
+
+def deployment_for(
+    config: ModelConfig, engine_factory: EngineFactory | None = None
+) -> tuple[dict[str, Any], EngineFactory | None]:
+    """The Serve options and engine factory of one model's deployment, by its engine (docs/engines.md);
+    EngineUnavailableError (naming the install command) for vLLM without its venv. A given
+    `engine_factory` (tests) wins over the engine's own."""
+    if require_engine(config) == "vllm":
+        from deployments.engines.vllm_engine import load_vllm_model
+
+        python = vllm_python()
+        assert python is not None  # require_engine checked it
+        return vllm_deployment_options(config, python), engine_factory or load_vllm_model
+    return config.deployment.to_options(), engine_factory
 
 
 def _base_model_name(config: ModelConfig) -> str:
