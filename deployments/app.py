@@ -12,8 +12,7 @@ from ray import serve
 from deployments.batch.config import BatchSettings
 from deployments.batch.service import BatchContext
 from deployments.config import AppConfig, EndpointSettings, IngressSettings, ModelConfig, parse_app_config
-from deployments.engines import require_engine, vllm_python
-from deployments.engines.placement import vllm_deployment_options
+from deployments.engines.placement import deployment_for
 from deployments.ingress import Ingress
 from deployments.limits import AuthSettings, LimitSettings
 from deployments.model_server import EngineFactory, ModelServer
@@ -68,21 +67,6 @@ def build_app_from_configs(
             endpoints=endpoints or EndpointSettings(),
         )
     )
-
-
-def deployment_for(
-    config: ModelConfig, engine_factory: EngineFactory | None = None
-) -> tuple[dict[str, Any], EngineFactory | None]:
-    """The Serve options and engine factory of one model's deployment, by its engine (docs/engines.md);
-    EngineUnavailableError (naming the install command) for vLLM without its venv. A given
-    `engine_factory` (tests) wins over the engine's own."""
-    if require_engine(config) == "vllm":
-        from deployments.engines.vllm_engine import load_vllm_model
-
-        python = vllm_python()
-        assert python is not None  # require_engine checked it
-        return vllm_deployment_options(config, python), engine_factory or load_vllm_model
-    return config.deployment.to_options(), engine_factory
 
 
 def _base_model_name(config: ModelConfig) -> str:

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deployments.config import ModelConfig
-from deployments.engines import has_gpu
+from deployments.engines import has_gpu, require_engine, vllm_python
+
+if TYPE_CHECKING:
+    from deployments.model_server import EngineFactory
 
 PLACEMENT_STRATEGY = "PACK"
 
@@ -57,3 +60,18 @@ def vllm_deployment_options(config: ModelConfig, python: Path) -> dict[str, Any]
         options["placement_group_strategy"] = PLACEMENT_STRATEGY
     options["ray_actor_options"] = actor
     return options
+
+
+def deployment_for(
+    config: ModelConfig, engine_factory: EngineFactory | None = None
+) -> tuple[dict[str, Any], EngineFactory | None]:
+    """The Serve options and engine factory of one model's deployment, by its engine (docs/engines.md);
+    EngineUnavailableError (naming the install command) for vLLM without its venv. A given
+    `engine_factory` (tests) wins over the engine's own."""
+    if require_engine(config) == "vllm":
+        from deployments.engines.vllm_engine import load_vllm_model
+
+        python = vllm_python()
+        assert python is not None  # require_engine checked it
+        return vllm_deployment_options(config, python), engine_factory or load_vllm_model
+    return config.deployment.to_options(), engine_factory

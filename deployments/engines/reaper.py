@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -39,6 +40,15 @@ def kill_children(children: list[tuple[int, float]]) -> None:
             process = psutil.Process(pid)
             if abs(process.create_time() - create_time) < 1e-3:
                 process.send_signal(signal.SIGKILL)
+
+
+def start_reaper() -> subprocess.Popen:
+    """Watch this process: if it dies, its child processes of now (vLLM's) are killed."""
+    import psutil
+
+    children = [(p.pid, p.create_time()) for p in psutil.Process().children(recursive=True)]
+    argv = [sys.executable, "-m", "deployments.engines.reaper", str(os.getpid()), json.dumps(children)]
+    return subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL)
 
 
 def main(argv: list[str]) -> None:

@@ -10,17 +10,16 @@ in the project's own venv too (its conversions are unit-tested there).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from typing import Any
 
 from deployments.config import ModelConfig
 from deployments.engines.placement import num_devices
+from deployments.engines.reaper import start_reaper
 from deployments.engines.vllm_convert import VLLMStream, to_vllm_params
 from deployments.model_server import ServingModel
 from deployments.replica_logging import LOADING_LOGGER
@@ -184,16 +183,6 @@ def cpu_environment(config: ModelConfig, environ: dict[str, str]) -> dict[str, s
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, g)) for g in groups)
         env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     return env
-
-
-def start_reaper() -> subprocess.Popen:
-    """A watcher that kills this replica's vLLM processes if the replica dies without shutting them
-    down (SIGKILL, OOM): vLLM's EngineCore does not notice its parent's death (docs/engines.md)."""
-    import psutil
-
-    children = [(p.pid, p.create_time()) for p in psutil.Process().children(recursive=True)]
-    argv = [sys.executable, "-m", "deployments.engines.reaper", str(os.getpid()), json.dumps(children)]
-    return subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL)
 
 
 def load_vllm_model(config: ModelConfig) -> ServingModel:

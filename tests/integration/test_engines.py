@@ -21,7 +21,7 @@ import pytest
 from ray import serve
 
 from deployments.app import build_app_from_configs
-from deployments.config import DeploymentSettings, EngineSettings, ModelConfig
+from deployments.config import DeploymentSettings, EndpointSettings, EngineSettings, ModelConfig
 from deployments.engines import INSTALL_COMMAND, vllm_python
 from tests.serve_fixtures import run_app
 
@@ -29,28 +29,61 @@ ENGINES = ("llmserve", "vllm")
 APP = "engines"
 MAX_MODEL_LEN = 256
 PROMPT = "The capital of France is"
+KNOBS = {"dtype": "float32", "max_model_len": MAX_MODEL_LEN, "max_num_seqs": 4, "max_waiting": 4}
+CREATE_TIMEOUT_S = 240  # a vLLM replica starts in 25-75 s here
 
 
-def engine_config(kind: str, model_dir: Path) -> ModelConfig:
-    knobs = {"dtype": "float32", "max_model_len": MAX_MODEL_LEN, "max_num_seqs": 4, "max_waiting": 4}
-    if kind == "vllm":
-        engine = EngineSettings(kind="vllm", **knobs, vllm_args={"enforce_eager": True})
-    else:
-        engine = EngineSettings(kind="llmserve", **knobs, kv_cache_bytes=4 * 2**20, num_threads=1)
-    # max_ongoing_requests above the engine's own limit (max_num_seqs + max_waiting): the engine refuses (429)
-    deployment = DeploymentSettings(
-        ray_actor_options={"num_cpus": 1 if kind == "vllm" else 0.1}, max_ongoing_requests=16
+def llmserve_config(model_dir: Path) -> ModelConfig:
+    engine = EngineSettings(kind="llmserve", **KNOBS, kv_cache_bytes=4 * 2**20, num_threads=1)
+    deployment = DeploymentSettings(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=16)
+    return ModelConfig(name="tiny-llmserve", model=str(model_dir), engine=engine, deployment=deployment)
+
+
+def create_vllm_endpoint(model_dir: Path):
+    """`Model.create` with the official client, vLLM asked for by its image tag; the endpoint once READY."""
+    from llmengine import Model
+
+    Model.create(
+        name="tiny-vllm",
+        model="tiny-llama",
+        inference_framework_image_tag="vllm",
+        checkpoint_path=str(model_dir),
+        cpus=1,
+        min_workers=1,
+        max_workers=1,
+        per_worker=4,
     )
-    return ModelConfig(name=f"tiny-{kind}", model=str(model_dir), engine=engine, deployment=deployment)
+    deadline = time.monotonic() + CREATE_TIMEOUT_S
+    while (endpoint := Model.get("tiny-vllm")).status == "UPDATE_PENDING":
+        assert time.monotonic() < deadline, "the vLLM endpoint did not settle"
+        time.sleep(1)
+    return endpoint
 
 
 @pytest.fixture(scope="module")
 def engines_url(serve_port: int, tiny_model_dir_hd32: Path) -> Iterator[str]:
-    """One app, one model per engine (the vLLM one only where its venv exists)."""
-    kinds = [k for k in ENGINES if k != "vllm" or vllm_python() is not None]
-    models = [engine_config(kind, tiny_model_dir_hd32) for kind in kinds]
-    yield run_app(build_app_from_configs(models), name=APP, route_prefix=f"/{APP}", port=serve_port)
-    serve.delete(APP)
+    """One app: this project's engine from the app's config, vLLM (the one vLLM instance) created at
+    runtime with `Model.create` (where its venv exists). Both serve the same tiny Llama."""
+    # vLLM's endpoint knobs: the app's endpoint defaults (a runtime endpoint takes its engine from them)
+    endpoints = EndpointSettings(engine=EngineSettings(**KNOBS, vllm_args={"enforce_eager": True}))
+    app = build_app_from_configs([llmserve_config(tiny_model_dir_hd32)], endpoints=endpoints)
+    url = run_app(app, name=APP, route_prefix=f"/{APP}", port=serve_port)
+    previous = os.environ.get("LLM_ENGINE_BASE_PATH")
+    os.environ["LLM_ENGINE_BASE_PATH"] = url  # the llmengine client reads it at every call
+    try:
+        if vllm_python() is not None:
+            endpoint = create_vllm_endpoint(tiny_model_dir_hd32)
+            assert endpoint.status == "READY", endpoint.spec.metadata
+        yield url
+    finally:
+        from llmengine import Model
+
+        if vllm_python() is not None:
+            Model.delete("tiny-vllm")
+        os.environ.pop("LLM_ENGINE_BASE_PATH")
+        if previous is not None:
+            os.environ["LLM_ENGINE_BASE_PATH"] = previous
+        serve.delete(APP)
 
 
 @pytest.fixture(params=ENGINES)
@@ -197,12 +230,18 @@ def test_errors_are_the_same_4xx(client, model, changes: dict, status: int, deta
         assert detail in response.json()["detail"].lower() or detail in response.json()["detail"]
 
 
+def model_handle(model: str):
+    """The model's deployment: in the app (configured) or in its own app (created at runtime)."""
+    app = APP if model == "tiny-llmserve" else f"{APP}.{model}"
+    return serve.get_deployment_handle(f"ModelServer:{model}", app_name=app)
+
+
 def replica_pid(model: str) -> int:
-    return serve.get_deployment_handle(f"ModelServer:{model}", app_name=APP).pid.remote().result()
+    return model_handle(model).pid.remote().result()
 
 
 def model_stats(model: str):
-    return serve.get_deployment_handle(f"ModelServer:{model}", app_name=APP).stats.remote().result()
+    return model_handle(model).stats.remote().result()
 
 
 def wait_until(condition, timeout_s: float = 60.0) -> None:
@@ -226,11 +265,10 @@ def test_a_disconnected_stream_is_aborted(engines_url, model):
     wait_until(lambda: model_stats(model).num_running == 0)
 
 
-def test_the_official_clients_answer(engines_url, model, monkeypatch):
+def test_the_official_clients_answer(engines_url, model):
     from llmengine import Completion
     from openai import OpenAI
 
-    monkeypatch.setenv("LLM_ENGINE_BASE_PATH", engines_url)  # the client reads it at every call
     response = Completion.create(model=model, prompt=PROMPT, max_new_tokens=5, temperature=0.0)
     assert response.output.num_completion_tokens <= 5
     client = OpenAI(base_url=engines_url + "v1", api_key="x")
@@ -238,6 +276,19 @@ def test_the_official_clients_answer(engines_url, model, monkeypatch):
         model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
     )
     assert chat.usage.completion_tokens <= 4
+
+
+def test_model_get_reports_the_engine(model):
+    from llmengine import Model
+
+    endpoint = Model.get(model)
+    assert endpoint.inference_framework == "vllm"  # the client's closed list names both engines so
+    engine = model.removeprefix("tiny-")
+    if engine == "vllm":
+        assert re.match(r"vllm(-cpu)? [0-9.]+ ", endpoint.inference_framework_tag), endpoint
+        assert endpoint.status == "READY" and endpoint.num_shards == 1
+    else:
+        assert endpoint.inference_framework_tag.startswith("llmserve-")
 
 
 def test_a_killed_replica_leaves_no_engine_process(model):
