@@ -1,0 +1,1 @@
+"""Durable state that users create (runtime endpoints, batch jobs): one owner per kind, one store."""
