@@ -2,7 +2,6 @@
 the config snippets, inline fragments and keys that the README and the docs show parse too."""
 
 import re
-
 import sys
 from pathlib import Path
 

@@ -1,0 +1,76 @@
+"""The vLLM adapter's own logic, on stand-ins for vLLM's objects (no vLLM needed): RequestOutputs as
+TokenDeltas, log probs, the stat logger's figures as EngineStats."""
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from deployments.engines.vllm_convert import VLLMStream, token_log_prob
+from deployments.engines.vllm_engine import StepStats
+from engine.errors import RequestFailedError
+from engine.types import FinishReason, GenerationRequest, SamplingParams
+
+
+def logprob(value: float, rank: int, text: str) -> SimpleNamespace:
+    return SimpleNamespace(logprob=value, rank=rank, decoded_token=text)
+
+
+def output(token_ids, text, *, finished=False, reason=None, logprobs=None, queued=1.0, scheduled=1.25):
+    completion = SimpleNamespace(token_ids=token_ids, text=text, finish_reason=reason, logprobs=logprobs)
+    metrics = SimpleNamespace(queued_ts=queued, scheduled_ts=scheduled)
+    return SimpleNamespace(outputs=[completion], finished=finished, metrics=metrics)
+
+
+def stream(**params) -> VLLMStream:
+    request = GenerationRequest("r", (1, 2, 3), SamplingParams(**params))
+    loop = asyncio.new_event_loop()
+    try:
+        return VLLMStream(request, loop.create_future(), forget=lambda _: None)
+    finally:
+        loop.close()
+
+
+def test_outputs_become_deltas_with_running_counts_and_the_finish():
+    s = stream()
+    (first,) = s.to_deltas(output([7, 8], "ab"))
+    assert (first.text, first.num_prompt_tokens, first.num_completion_tokens) == ("ab", 3, 2)
+    assert first.queue_time_s == pytest.approx(0.25) and first.finish_reason is None
+    (last,) = s.to_deltas(output([9], "c", finished=True, reason="length"))
+    assert (last.num_completion_tokens, last.finish_reason, last.queue_time_s) == (
+        3,
+        FinishReason.LENGTH,
+        None,
+    )
+    assert s.to_deltas(output([], "")) == []  # nothing new: no delta (the stream waits for more)
+    (error,) = stream().to_deltas(output([], "", finished=True, reason="error"))
+    assert isinstance(error, RequestFailedError)
+
+
+def test_with_log_probs_each_token_is_a_delta_with_its_top_alternatives():
+    s = stream(return_log_probs=True, num_top_logprobs=2)
+    positions = [
+        {7: logprob(-0.5, 1, "a"), 4: logprob(-1.5, 2, "x")},
+        {8: logprob(-2.0, 3, "b"), 5: logprob(-0.1, 1, "y"), 6: logprob(-1.0, 2, "z")},
+    ]
+    deltas = s.to_deltas(output([7, 8], "ab", finished=True, reason="stop", logprobs=positions))
+    assert [(d.text, d.num_completion_tokens, d.finish_reason) for d in deltas] == [
+        ("", 1, None),
+        ("ab", 2, FinishReason.STOP),
+    ]
+    second = deltas[1].token
+    assert (second.token_id, second.text, second.log_prob) == (8, "b", -2.0)
+    assert [t.token_id for t in second.top] == [5, 6]  # by rank; the sampled token is not among them
+    assert token_log_prob(7, positions[0], 0).top == ()
+
+
+def test_the_stat_logger_totals_and_gauges():
+    stats = StepStats()
+    prefix = SimpleNamespace(queries=10, hits=4)
+    scheduler = SimpleNamespace(
+        num_running_reqs=2, num_waiting_reqs=1, kv_cache_usage=0.5, prefix_cache_stats=prefix
+    )
+    stats.record(scheduler, SimpleNamespace(num_preempted_reqs=1))
+    stats.record(scheduler, None)
+    assert (stats.num_running, stats.num_waiting, stats.kv_cache_usage) == (2, 1, 0.5)
+    assert (stats.prefix_cache_queries, stats.prefix_cache_hits, stats.num_preemptions) == (20, 8, 1)
