@@ -216,12 +216,12 @@ def default_num_requests(concurrency: int) -> int:
 async def run_all(args: argparse.Namespace, alone: EngineAlone | None) -> dict[str, list[LevelResult]]:
     """Every level on this server, then (with --peer) on the peer, then (with --compare-engine) on the
     engine alone, level by level: {url: levels}."""
-    peers = [parse_peer(p, args.model) for p in args.peer]
-    urls = [args.url.rstrip("/")] + [url for url, _ in peers]
-    models = [args.model] + [model for _, model in peers]
+    # one key per server and model ("URL@MODEL"): two models of one app are two sides
+    sides = [(args.url.rstrip("/"), args.model)] + [parse_peer(p, args.model) for p in args.peer]
+    urls = [f"{url}@{model}" for url, model in sides]
     apis = {
-        url: Api(url, model, args.max_tokens, args.api if url == urls[0] else "openai")
-        for url, model in zip(urls, models, strict=True)
+        key: Api(url, model, args.max_tokens, args.api if key == urls[0] else "openai")
+        for key, (url, model) in zip(urls, sides, strict=True)
     }
     connector = aiohttp.TCPConnector(limit=max(args.concurrency) * 2 + 8)
     # as httpx's timeout was: the longest wait to connect or for the next bytes, not for the whole stream
@@ -483,11 +483,11 @@ def main() -> None:
     finally:
         if alone is not None:
             alone.engine.shutdown()
-    levels = by_url[args.url.rstrip("/")]
+    levels = by_url[f"{args.url.rstrip('/')}@{args.model}"]
     for i, spec in enumerate(args.peer, 1):
-        url = parse_peer(spec, args.model)[0]
-        print(f"\nthis ({args.url}) / peer {i} ({spec}):")
-        print_ratios(levels, by_url[url])
+        url, model = parse_peer(spec, args.model)
+        print(f"\nthis ({args.url}@{args.model}) / peer {i} ({url}@{model}):")
+        print_ratios(levels, by_url[f"{url}@{model}"])
     for level in (lv for lvs in by_url.values() for lv in lvs):
         for error in {r.error for r in level.results if not r.is_ok}:
             print(f"{level.label}: {error}")
