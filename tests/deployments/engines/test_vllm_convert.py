@@ -74,3 +74,25 @@ def test_the_stat_logger_totals_and_gauges():
     stats.record(scheduler, None)
     assert (stats.num_running, stats.num_waiting, stats.kv_cache_usage) == (2, 1, 0.5)
     assert (stats.prefix_cache_queries, stats.prefix_cache_hits, stats.num_preemptions) == (20, 8, 1)
+
+
+def test_vllm_cpu_binds_as_many_cores_as_the_replica_reserved(monkeypatch):
+    from deployments.config import ModelConfig
+    from deployments.engines.vllm_engine import cpu_environment
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: {0, 1, 2, 3})
+
+    def env(num_cpus=1.0, **engine):
+        deployment = {"ray_actor_options": {"num_cpus": num_cpus}}
+        config = ModelConfig(name="m", model="m", engine={"kind": "vllm", **engine}, deployment=deployment)
+        return cpu_environment(config, {})
+
+    assert env()["VLLM_CPU_OMP_THREADS_BIND"] == "3"  # one core, not vLLM's default core 0
+    assert env(num_cpus=2.5)["VLLM_CPU_OMP_THREADS_BIND"] == "2,3"
+    assert env(num_threads=3)["VLLM_CPU_OMP_THREADS_BIND"] == "1,2,3"
+    assert env(num_cpus=4, tensor_parallel_size=2)["VLLM_CPU_OMP_THREADS_BIND"] == "0,1|2,3"  # per worker
+    assert env()["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    assert env(kv_cache_bytes=3 * 2**30 + 1)["VLLM_CPU_KVCACHE_SPACE"] == "4"  # whole GiB, rounded up
+    assert env()["VLLM_CPU_KVCACHE_SPACE"] == "1"  # the default 512 MiB: at least 1
+    config = ModelConfig(name="m", model="m", engine="vllm")
+    assert cpu_environment(config, {"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_KVCACHE_SPACE": "2"}) == {}
