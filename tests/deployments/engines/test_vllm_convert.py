@@ -96,3 +96,34 @@ def test_vllm_cpu_binds_as_many_cores_as_the_replica_reserved(monkeypatch):
     assert env()["VLLM_CPU_KVCACHE_SPACE"] == "1"  # the default 512 MiB: at least 1
     config = ModelConfig(name="m", model="m", engine="vllm")
     assert cpu_environment(config, {"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_KVCACHE_SPACE": "2"}) == {}
+
+
+async def test_the_in_flight_limit_is_a_429_and_a_dead_engine_a_503(monkeypatch):
+    from deployments.config import ModelConfig
+    from deployments.engines import vllm_engine
+    from engine.errors import EngineDeadError, OverloadedError
+
+    async def add_request(request_id, prompt, params):
+        return SimpleNamespace(get=None, get_nowait=lambda: None)
+
+    monkeypatch.setattr(vllm_engine, "to_vllm_params", lambda params: params)  # no vLLM here
+    model_config = SimpleNamespace(max_model_len=64, get_vocab_size=lambda: 100)
+    llm = SimpleNamespace(errored=False, dead_error=None, model_config=model_config, add_request=add_request)
+    config = ModelConfig(name="m", model="m", engine={"kind": "vllm", "max_num_seqs": 1, "max_waiting": 1})
+    engine = vllm_engine.VLLMEngine(llm, StepStats(), config, reaper=None)
+
+    def request(request_id: str) -> GenerationRequest:
+        return GenerationRequest(request_id, (1, 2), SamplingParams(max_new_tokens=4))
+
+    first = engine.add_request(request("a"))
+    engine.add_request(request("b"))
+    with pytest.raises(OverloadedError, match="overloaded"):
+        engine.add_request(request("c"))
+    first.close()  # the serving stream's end frees its place
+    engine.add_request(request("c"))
+    llm.errored, llm.dead_error = True, RuntimeError("EngineCore died")
+    with pytest.raises(EngineDeadError, match="engine has stopped"):
+        engine.check_health()
+    with pytest.raises(EngineDeadError):
+        engine.add_request(request("d"))
+    await asyncio.sleep(0)  # let the add tasks run
