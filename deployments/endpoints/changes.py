@@ -15,6 +15,7 @@ from deployments.endpoints.resources import (
     Resources,
     autoscaling,
     check_model,
+    engine_for,
     model_config,
     resources,
     resources_of,
@@ -115,9 +116,9 @@ def _config(
         "ray_actor_options": needs.to_ray_actor_options(),
         "autoscaling_config": autoscaling(*scaling),
     }
-    return model_config(
-        name, model, engine.model_copy(update=knobs), deployment, settings.replica_wait_timeout_s
-    )
+    tag, shards = request.inference_framework_image_tag, request.num_shards
+    engine = engine_for(engine.model_copy(update=knobs), image_tag=tag, num_shards=shards)
+    return model_config(name, model, engine, deployment, settings.replica_wait_timeout_s)
 
 
 def _given(value, current):

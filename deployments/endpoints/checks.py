@@ -1,6 +1,7 @@
 """Whether a runtime endpoint's model can ever start, checked at create (400) rather than after Serve
 tried its replica `max_start_attempts` times: the context length, a KV cache that holds one sequence,
-an architecture that transformers can run as a causal LM.
+an architecture that transformers can run as a causal LM (the last two for this project's engine; a
+vLLM endpoint gets the context check only).
 
 The model's config.json is read where it already is without a download: a local folder, a hub
 model in the local Hugging Face cache, a packaged GGUF once converted (its first load). Where it is
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from deployments.config import ModelConfig
+from deployments.engines import resolve_engine_kind
 from engine.errors import InvalidRequestError
 from model_zoo import resolve
 from model_zoo.errors import ModelZooError
@@ -39,8 +41,8 @@ def check_fits(config: ModelConfig) -> None:
             f"({spec.context_length} tokens)"
         )
     hf_config = _hf_config(spec)
-    if hf_config is None:
-        return
+    if hf_config is None or resolve_engine_kind(config) == "vllm":
+        return  # vLLM sizes its own KV cache and knows its own architectures: it checks them at start
     _check_architecture(hf_config, config.model)
     max_model_len = engine.max_model_len or spec.context_length
     needed = _kv_bytes_per_token(hf_config) * _DTYPE_BYTES[engine.dtype]
