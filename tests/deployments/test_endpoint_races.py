@@ -120,20 +120,23 @@ async def _settled(client: httpx.AsyncClient, timeout_s: float = 90.0) -> dict[s
 @pytest.mark.timeout(240)
 async def test_random_interleavings_keep_applications_and_records_in_agreement(fake_app_url: str):
     """Each round races three changes of one name (two of which conflict); after it, the answers must come
-    from one order of the changes, the record must be what that order leaves, and Serve must agree."""
+    from one order of the changes, the record must be what that order leaves, and Serve must agree.
+    Half-way the controller is killed: Ray restarts it and the running ingress attaches again."""
     rng = random.Random(SEED)
     exists = dict.fromkeys(NAMES, False)
     history = []
     async with httpx.AsyncClient(base_url=fake_app_url, timeout=60) as client:
         try:
-            for _ in range(NUM_ROUNDS):
+            for round_index in range(NUM_ROUNDS):
+                if round_index == NUM_ROUNDS // 2:  # the running ingress must find the controller again
+                    await asyncio.to_thread(_restart_controller)
                 name = rng.choice(NAMES)
                 kinds = [
                     "update" if exists[name] else "create",
                     "delete",
                     rng.choice(("create", "update", "delete")),
                 ]
-                delays = [rng.random() * 0.1 for _ in kinds]
+                delays = [0.0, rng.random() * 0.1, rng.random() * 0.1]  # the delete lands 0-100 ms after
                 outcomes = await asyncio.gather(
                     *(_operation(client, k, name, d) for k, d in zip(kinds, delays, strict=True))
                 )
@@ -182,3 +185,20 @@ def _kill_ingress_replica() -> None:
     details = _get_global_client().get_serve_details()
     for replica in details["applications"][APP]["deployments"]["Ingress"]["replicas"]:
         ray.kill(ray.get_actor(replica["actor_name"], namespace="serve"), no_restart=True)
+
+
+def _restart_controller(timeout_s: float = 60.0) -> None:
+    """Kill the endpoint controller (Ray restarts it; it has forgotten every app) and wait for it."""
+    try:
+        controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+    except ValueError:  # no controller: the code before it kept endpoints in the ingress and Ray's KV
+        return
+    ray.kill(controller, no_restart=False)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get(controller.code_version.remote(), timeout=10)
+            return
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            assert time.monotonic() < deadline, "the controller did not come back"
+            time.sleep(0.2)
