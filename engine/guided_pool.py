@@ -53,7 +53,7 @@ class GuideCompilePool:
             if self._num_abandoned >= self._num_workers:
                 raise ModelUnavailableError(
                     f"guided decoding: all {self._num_workers} compile workers are busy with constraints "
-                    "that ran past guided_compile_timeout_s (their requests were refused); try again shortly"
+                    "that ran past their compile limit (their requests were refused); try again shortly"
                 )
         loop, job = asyncio.get_running_loop(), _Job()
         started = asyncio.Event()
@@ -68,8 +68,8 @@ class GuideCompilePool:
                     job.is_abandoned = True
                     self._num_abandoned += 1
             raise InvalidRequestError(
-                f"guided decoding: compiling the constraint took over {self._timeout_s:g} s "
-                "(guided_compile_timeout_s); simplify the schema, regex or grammar"
+                f"guided decoding: compiling the constraint took over {self._timeout_s:g} s; "
+                "simplify the schema, regex or grammar"
             ) from None
 
     def _run(self, job: _Job, spec: GuidedSpec, on_start: Callable[[], Any]) -> CompiledGuide:
