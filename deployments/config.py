@@ -38,7 +38,7 @@ class EngineSettings(BaseModel):
     kind: EngineKind = Field(
         "auto",
         description="Which engine runs the model: 'llmserve' (this project's), 'vllm' (vLLM's AsyncLLM, in "
-        "the venv scripts/install_vllm.sh builds), or 'auto': vLLM when the replica has a GPU "
+        "the venv `llmserve vllm-env` builds), or 'auto': vLLM when the replica has a GPU "
         "(ray_actor_options.num_gpus > 0) and the vLLM venv exists, this project's engine otherwise.",
     )
     tensor_parallel_size: int = Field(
