@@ -45,6 +45,11 @@ RESTART_REASON = (
 logger = logging.getLogger("ray")
 
 
+def job_store(data_root: str) -> RecordStore[JobRecord]:
+    """The job records of `data_root`: one JSON file per job under `state/jobs/`."""
+    return RecordStore(data_root, f"{STATE_FOLDER}/jobs", JobRecord, SCHEMA_VERSION)
+
+
 def registry_name(data_root: str) -> str:
     """The registry actor's name: one registry (one owner of the records) per data root."""
     return REGISTRY_PREFIX + hashlib.sha256(root_key(data_root).encode()).hexdigest()[:16]
@@ -54,7 +59,7 @@ class JobRegistry(VersionedOwner):
     """Async actor: every method runs on one event loop, so the records need no lock."""
 
     def __init__(self, data_root: str, max_jobs_kept: int = 1000) -> None:
-        self._store = RecordStore(data_root, f"{STATE_FOLDER}/jobs", JobRecord, SCHEMA_VERSION)
+        self._store = job_store(data_root)
         self._jobs: dict[str, JobRecord] = {r.spec.job_id: r for r in self._store.all()}
         self._max_jobs_kept = max_jobs_kept
         self._writes = ThreadPoolExecutor(1, thread_name_prefix="job-records")  # in order of the changes

@@ -83,10 +83,11 @@ class JobRunner:
         with self._lock:
             self._is_closed = True
             result = self._result
-        if result is None and self._is_cancelled:
-            result = (JobStatus.CANCELLED, None)
-        elif result is None:
+        is_late = time.monotonic() >= deadline  # a worker start cut short by the deadline fails for it
+        if (result is None or result[0] == JobStatus.FAILED) and is_late:
             result = (JobStatus.FAILED, f"the job ran past max_runtime_sec ({spec.max_runtime_s:g} s)")
+        elif result is None:
+            result = (JobStatus.CANCELLED, None)
         try:
             output_id, error_id = finalize(spec, len(rows))
         except OSError as exc:

@@ -23,7 +23,7 @@ from deployments.batch.config import BatchSettings
 from deployments.batch.files import FileStore
 from deployments.batch.outputs import check_writable, parts_folder
 from deployments.batch.protocol import BatchCreateBase, V1Content
-from deployments.batch.registry import JobRegistry, registry_name
+from deployments.batch.registry import JobRegistry, job_store, registry_name
 from deployments.batch.storage import JOBS_FOLDER, DataRoot
 from deployments.batch.types import JobKind, JobRecord, JobSpec
 from deployments.batch.uploads import UploadSlots, upload_description
@@ -50,8 +50,8 @@ class BatchContext:
     _uploads: UploadSlots | None = field(default=None, repr=False)
 
     def install(self, app: Any, start_registry: bool = True) -> None:
-        """Put this context on the ingress app's state, give uploads their own body limit and start the
-        registry (so jobs queued before a restart run again without waiting for a request)."""
+        """Put this context on the ingress app's state, give uploads their own body limit and, when jobs
+        were left unfinished, start the registry (so that queued jobs run again without a request)."""
         app.state.batch = self
         guard = getattr(app.state, "guard", None)
         if guard is not None and hasattr(guard, "path_body_limits"):
@@ -83,6 +83,8 @@ class BatchContext:
 
     def _start_registry(self) -> None:
         try:
+            if all(r.status.is_terminal for r in job_store(self.settings.data_root).all()):
+                return  # nothing to resume: the registry starts with the first batch request
             registry = owner(*self._registry_args(), self.settings.max_jobs_kept)
             ray.get(registry.ready.remote())
         except Exception:  # the first request tries again
