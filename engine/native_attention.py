@@ -53,9 +53,9 @@ def supports(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 @functools.cache
-def load() -> AttentionKernel | None:
+def load(variant: native_build.IsaVariant = native_build.NATIVE) -> AttentionKernel | None:
     """The compiled kernel, or None (logged once) when it cannot be built here."""
-    library = native_build.build("decode_attention", _FLAGS)
+    library = native_build.build("decode_attention", _FLAGS, variant)
     return AttentionKernel(library) if library is not None else None
 
 
@@ -63,6 +63,7 @@ class AttentionKernel:
     """Callable wrapper over the C function; checks what the C code cannot."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
+        self.isa = native_build.isa_of(library, "decode_attention")
         self._fn = library.decode_attention
         self._fn.argtypes = _ARGTYPES
         self._fn.restype = _int

@@ -4,7 +4,13 @@ Each kernel is compiled for this CPU (-march=native) into `$LLMSERVE_KERNEL_DIR`
 ~/.cache/llmserve/kernels), keyed by the source, the flags, the compiler's version and the CPU's
 feature flags, and loaded with ctypes (no torch headers: a build takes well under a second). A
 ctypes call releases the GIL for its duration. Without a compiler, or when a build fails, `build()`
-logs why and returns None, and the caller keeps its torch path.
+logs why and returns None, and the caller keeps its torch path; with `LLMSERVE_NATIVE_REQUIRED=1`
+(set by .ci/run) it raises instead, so that CI cannot skip the kernels silently.
+
+A kernel's source holds several instruction-set paths chosen at compile time (`<kernel>_isa()` in the
+library names the one compiled). The server builds the `native` variant; the tests also build each
+other variant this CPU can execute (`runnable_variants()`: on an AVX-512 machine, the AVX2 path
+needs its own build with AVX-512 switched off), so every path that some CPU takes is tested.
 """
 
 from __future__ import annotations
@@ -17,16 +23,51 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger("engine")
 
 KERNEL_DIR_ENV = "LLMSERVE_KERNEL_DIR"
+REQUIRED_ENV = "LLMSERVE_NATIVE_REQUIRED"  # "1": no compiler or a failed build raises NativeBuildError
 SOURCE_DIR = Path(__file__).with_name("csrc")
 # OpenMP links libgomp by its soname, which resolves to the copy torch already loaded, so a kernel
 # runs on the engine thread's existing OpenMP team. Without OpenMP support it builds single-threaded.
 _OPENMP_FLAGS = ["-fopenmp"]
 _BASE_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
+
+
+class NativeBuildError(RuntimeError):
+    """A kernel could not be built while LLMSERVE_NATIVE_REQUIRED=1."""
+
+
+@dataclass(frozen=True, slots=True)
+class IsaVariant:
+    """A build of the kernels for one instruction-set level: extra compiler flags, the CPU flags it needs."""
+
+    name: str
+    flags: tuple[str, ...] = ()
+    cpu_flags: tuple[str, ...] = ()  # as /proc/cpuinfo spells them
+    x86_only: bool = False
+
+
+NATIVE = IsaVariant("native")
+VARIANTS = (
+    NATIVE,  # everything this CPU has (-march=native): what the server runs
+    IsaVariant("avx2", ("-mno-avx512f",), ("avx2", "fma"), x86_only=True),  # AVX2 + FMA, no AVX-512
+    IsaVariant("generic", ("-mno-avx512f", "-mno-avx2", "-mno-fma"), (), x86_only=True),  # plain C paths
+)
+
+
+def runnable_variants() -> list[IsaVariant]:
+    """The variants this CPU can execute (on other architectures than x86-64, `native` only)."""
+    flags = set(_cpu_fingerprint().split())
+    is_x86 = platform.machine() in ("x86_64", "AMD64")
+    return [v for v in VARIANTS if (is_x86 or not v.x86_only) and flags.issuperset(v.cpu_flags)]
+
+
+def is_required() -> bool:
+    return os.environ.get(REQUIRED_ENV, "") == "1"
 
 
 def kernel_dir() -> Path:
@@ -67,13 +108,16 @@ def _compile(compiler: str, source: Path, flags: list[str], target: Path) -> Non
         os.replace(built, target)
 
 
-def build(name: str, flags: list[str] | tuple[str, ...] = ()) -> ctypes.CDLL | None:
-    """csrc/<name>.c compiled (or found built) and loaded, or None (logged) when it cannot be."""
+def build(
+    name: str, flags: list[str] | tuple[str, ...] = (), variant: IsaVariant = NATIVE
+) -> ctypes.CDLL | None:
+    """csrc/<name>.c compiled (or found built) and loaded, or None (logged) when it cannot be; with
+    LLMSERVE_NATIVE_REQUIRED=1, NativeBuildError instead of None."""
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
-        logger.warning("no C compiler found: the %s kernel is off (torch is used instead)", name)
-        return None
+        return _unavailable(f"no C compiler found: the {name} kernel is off (torch is used instead)")
     source = SOURCE_DIR / f"{name}.c"
+    flags = [*flags, *variant.flags]
     all_flags = [*_BASE_FLAGS, *flags, *_OPENMP_FLAGS]
     headers = [h.read_bytes() for h in sorted(SOURCE_DIR.glob("*.h"))]  # included by the sources
     version = _compiler_version(compiler).encode()
@@ -86,5 +130,19 @@ def build(name: str, flags: list[str] | tuple[str, ...] = ()) -> ctypes.CDLL | N
         return ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
-        logger.warning("building the %s kernel failed, torch is used instead: %s", name, detail)
-        return None
+        message = f"building the {name} kernel ({variant.name}) failed, torch is used instead: {detail}"
+        return _unavailable(message)
+
+
+def isa_of(library: ctypes.CDLL, name: str) -> str:
+    """Which instruction-set path of csrc/<name>.c this library compiled ("avx512bf16", "avx2", ...)."""
+    function = getattr(library, f"{name}_isa")
+    function.restype = ctypes.c_char_p
+    return function().decode()
+
+
+def _unavailable(message: str) -> None:
+    if is_required():
+        raise NativeBuildError(f"{message} ({REQUIRED_ENV}=1)")
+    logger.warning("%s", message)
+    return None

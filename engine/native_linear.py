@@ -33,9 +33,9 @@ def supports(weight: torch.Tensor) -> bool:
 
 
 @functools.cache
-def load() -> LinearKernel | None:
+def load(variant: native_build.IsaVariant = native_build.NATIVE) -> LinearKernel | None:
     """The compiled kernel, or None (logged once) when it cannot be built or cannot run on this CPU."""
-    library = native_build.build("linear_bf16")
+    library = native_build.build("linear_bf16", variant=variant)
     if library is None:
         return None
     if not library.linear_bf16_supported():
@@ -48,6 +48,7 @@ class LinearKernel:
     """y = x W^T (+ bias) for a weight packed once by `pack`."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
+        self.isa = native_build.isa_of(library, "linear_bf16")
         self._fn = library.linear_bf16
         self._fn.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64]
         self._fn.restype = ctypes.c_int

@@ -22,10 +22,10 @@ _LLAMA, _GEMMA = 0, 1
 
 
 @functools.cache
-def load() -> NormKernel | None:
+def load(variant: native_build.IsaVariant = native_build.NATIVE) -> NormKernel | None:
     """The compiled kernel, or None (logged once) when it cannot be built here."""
     # no fused multiply-adds: each float32 operation must round as torch's does
-    library = native_build.build("rms_norm", ("-ffp-contract=off",))
+    library = native_build.build("rms_norm", ("-ffp-contract=off",), variant)
     return NormKernel(library) if library is not None else None
 
 
@@ -33,6 +33,7 @@ class NormKernel:
     """Callable wrapper over the C function: `llama` and `gemma` are transformers' two RMSNorms."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
+        self.isa = native_build.isa_of(library, "rms_norm")
         self._fn = library.rms_norm
         self._fn.argtypes = [ctypes.c_int, _ptr, _i64, _i64, _i64, _ptr, ctypes.c_float, _ptr]
         self._fn.restype = ctypes.c_int

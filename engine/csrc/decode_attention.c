@@ -304,6 +304,17 @@ static inline __attribute__((always_inline)) void attend(
     for (int64_t h = 0; h < heads; h++) store_row(out, head0 + h, head_dim, dtype, acc + h * head_dim);
 }
 
+/* Which of the paths above this build compiled (engine/native_build.py names it in test output). */
+const char *decode_attention_isa(void) {
+#if defined(HAVE_FAST_BF16)
+    return "avx512bf16";
+#elif defined(HAVE_AVX2_QK)
+    return "avx2";
+#else
+    return "generic";
+#endif
+}
+
 int decode_attention(int dtype, const void *query, const void *k_cache, const void *v_cache,
                      const int64_t *block_tables, int64_t table_width, const int64_t *ctx_lens,
                      int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,

@@ -216,6 +216,14 @@ static void unit_rows(int R, const row_t *rows, int64_t ld, const uint16_t *w, i
 
 int linear_bf16_supported(void) { return 1; }
 
+const char *linear_bf16_isa(void) {
+#if defined(__AVX512BF16__)
+    return "avx512bf16";
+#else
+    return "avx2";
+#endif
+}
+
 /* Returns 0, -1 for shapes it does not take, -2 when memory for the widened rows ran out. */
 int linear_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *w, int64_t N,
                 const float *bias, uint16_t *y, int64_t ldy) {
@@ -241,6 +249,8 @@ int linear_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint
 #else /* neither AVX512-BF16 nor AVX2 + FMA here: engine/native_linear.py keeps oneDNN */
 
 int linear_bf16_supported(void) { return 0; }
+
+const char *linear_bf16_isa(void) { return "none"; }
 
 int linear_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *w, int64_t N,
                 const float *bias, uint16_t *y, int64_t ldy) {

@@ -69,6 +69,17 @@ static float torch_sum(const float *sq, int64_t n) {
     return total;
 }
 
+/* The vector width the compiler targeted (the code is plain C, vectorized by the compiler). */
+const char *rms_norm_isa(void) {
+#if defined(__AVX512F__)
+    return "avx512";
+#elif defined(__AVX2__)
+    return "avx2";
+#else
+    return "generic";
+#endif
+}
+
 int rms_norm(int kind, const uint16_t *x, int64_t rows, int64_t n, int64_t ldx, const void *weight,
              float eps, uint16_t *out) {
     float *xf = malloc(2 * (size_t)n * sizeof(float));

@@ -26,7 +26,7 @@ from deployments.config import DeploymentSettings, ModelConfig
 from deployments.state import owner as owner_module
 from deployments.state.owner import NAMESPACE, owner
 from tests.deployments.fake_engine import FAKE_MODELS, fake_factory
-from tests.serve_fixtures import run_app
+from tests.serve_fixtures import delete_app, run_app
 
 APP, MODEL = "batchfake", FAKE_MODELS[0]
 WORKER_CPUS = 1.0  # whole CPUs, so that a test can fill the cluster around a job
@@ -53,7 +53,7 @@ def url(serve_port: int, data_root: Path) -> Iterator[str]:
     models = [ModelConfig(name=MODEL, model="fake", deployment=light)]
     app = build_app_from_configs(models, engine_factory=fake_factory, batch=settings)
     yield run_app(app, name=APP, route_prefix=f"/{APP}", port=serve_port)
-    serve.delete(APP)
+    delete_app(APP)
 
 
 @pytest.fixture
@@ -132,15 +132,14 @@ def test_a_row_that_kills_its_worker_fails_alone(url: str, data_root: Path, gate
 def test_a_job_waits_for_room_then_runs(url: str, gate: Path):
     """The cluster's free CPUs are taken (a stand-in for online replicas): the job is queued, saying what
     it waits for, and runs once room frees up. A job no node set could hold is refused at once."""
-    free = ray.available_resources().get("CPU", 0.0)
-    hog = Hog.options(num_cpus=max(free - WORKER_CPUS / 2, 0.01)).remote()
-    ray.get(hog.ready.remote())
+    hogs = fill_the_cluster(leave_cpus=WORKER_CPUS / 2)
     try:
         job_id = create(url, ["a", "b"])["job_id"]
         waiting = wait_for(url, job_id, lambda j: "free room" in (j["queue_reason"] or ""))
         assert waiting["status"] == "queued" and "1 CPU" in waiting["queue_reason"], waiting
     finally:
-        ray.kill(hog)
+        for hog in hogs:
+            ray.kill(hog)
     job = finished(url, job_id)
     assert job["status"] == "completed" and job["queue_reason"] is None, job
     never = create(url, ["a"], status=400, data_parallelism=8)  # 8 workers of 1 CPU; the node has 4
@@ -153,6 +152,20 @@ def test_a_job_waits_for_room_then_runs(url: str, gate: Path):
 class Hog:
     def ready(self) -> bool:
         return True
+
+
+def fill_the_cluster(leave_cpus: float) -> list:
+    """Actors holding all free CPUs but `leave_cpus`, once no app of an earlier test is still being
+    deleted (their replicas' CPUs come back then, not later)."""
+    deadline = time.monotonic() + 120
+    while any(app.status == "DELETING" for app in serve.status().applications.values()):
+        assert time.monotonic() < deadline, "an app is still being deleted"
+        time.sleep(0.2)
+    hogs = []
+    while (free := ray.available_resources().get("CPU", 0.0)) > leave_cpus + 0.01:
+        hogs.append(Hog.options(num_cpus=free - leave_cpus).remote())
+        ray.get(hogs[-1].ready.remote())
+    return hogs
 
 
 def test_cancel_ends_a_running_job_at_once_and_keeps_what_was_written(url: str, gate: Path):

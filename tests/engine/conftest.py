@@ -6,10 +6,25 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from engine import native_build
 from engine.async_engine import AsyncEngine
 from engine.core import EngineCore
 from engine.types import EngineConfig, GenerationRequest, SamplingParams, TokenDelta
+from tests.kernel_report import record_kernel
 from tests.tiny_model import build_tiny_model
+
+# Every instruction-set build of the native kernels this CPU can execute (engine/native_build.py).
+ISA_VARIANTS = [pytest.param(v, id=v.name) for v in native_build.runnable_variants()]
+
+
+def kernel_of(load, name: str, variant: native_build.IsaVariant):
+    """The kernel `name` in its `variant` build, recorded for the run's summary; skips the test when
+    that build has no path for this CPU (a build failure raises under LLMSERVE_NATIVE_REQUIRED=1)."""
+    kernel = load(variant)
+    record_kernel(name, variant.name, kernel.isa if kernel is not None else None)
+    if kernel is None:
+        pytest.skip(f"the {variant.name} build of {name} has no path for this CPU")
+    return kernel
 
 
 @pytest.fixture(scope="session")

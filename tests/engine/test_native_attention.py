@@ -6,10 +6,14 @@ import pytest
 import torch
 
 from engine import native_attention, native_build
-from tests.engine.conftest import make_core, request, run_to_completion, text_of
+from tests.engine.conftest import ISA_VARIANTS, kernel_of, make_core, request, run_to_completion, text_of
 
-kernel = native_attention.load()
-needs_kernel = pytest.mark.skipif(kernel is None, reason="no C compiler: the kernel could not be built")
+native_kernel = native_attention.load()  # the server's build
+
+
+@pytest.fixture(scope="module", params=ISA_VARIANTS)
+def kernel(request):
+    return kernel_of(native_attention.load, "decode_attention", request.param)
 
 
 def reference(query, k_cache, v_cache, tables, lens, block_size, scale, window, softcap):
@@ -52,7 +56,6 @@ def make_case(dtype, num_heads, num_kv_heads, head_dim, block_size, lens, seed=0
     return query, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int64)
 
 
-@needs_kernel
 @pytest.mark.parametrize(
     ("dtype", "heads", "kv_heads", "head_dim", "block_size", "window", "softcap"),
     [
@@ -67,7 +70,7 @@ def make_case(dtype, num_heads, num_kv_heads, head_dim, block_size, lens, seed=0
         (torch.bfloat16, 6, 1, 128, 16, None, None),  # six: the bf16 path's heads in chunks
     ],
 )
-def test_kernel_matches_reference(dtype, heads, kv_heads, head_dim, block_size, window, softcap):
+def test_kernel_matches_reference(kernel, dtype, heads, kv_heads, head_dim, block_size, window, softcap):
     lens = [1, 5, 16, 17, 40, 33, 200]
     query, k_cache, v_cache, tables, ctx = make_case(dtype, heads, kv_heads, head_dim, block_size, lens)
     scale = head_dim**-0.5
@@ -78,9 +81,8 @@ def test_kernel_matches_reference(dtype, heads, kv_heads, head_dim, block_size, 
     torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=tolerance)
 
 
-@needs_kernel
 @pytest.mark.parametrize("window", [None, 9])
-def test_prefill_rows_attend_causally_over_their_own_sequence(window):
+def test_prefill_rows_attend_causally_over_their_own_sequence(kernel, window):
     """A prefill of n tokens is n rows of one sequence's block table with context lengths 1..n: row i
     is causal attention of token i over tokens 0..i (within the window), as the model runner sends it."""
     _, k_cache, v_cache, tables, _ = make_case(torch.bfloat16, 9, 3, 64, 16, [45], seed=3)
@@ -101,8 +103,7 @@ def test_prefill_rows_attend_causally_over_their_own_sequence(window):
         torch.testing.assert_close(out[:, h].double(), expected, atol=1e-2, rtol=1e-2)
 
 
-@needs_kernel
-def test_kernel_softmax_holds_over_a_wide_range_of_scores():
+def test_kernel_softmax_holds_over_a_wide_range_of_scores(kernel):
     """Scores spread over hundreds (a large scale): the kernel's own exp, clamped far below the max."""
     lens = [3, 40, 77, 128]
     query, k_cache, v_cache, tables, ctx = make_case(torch.float32, 9, 3, 64, 16, lens, seed=2)
@@ -113,9 +114,8 @@ def test_kernel_softmax_holds_over_a_wide_range_of_scores():
         torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
-@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_rows_do_not_depend_on_the_batch(dtype):
+def test_kernel_rows_do_not_depend_on_the_batch(kernel, dtype):
     lens = [23, 64, 7, 50, 31]
     query, k_cache, v_cache, tables, ctx = make_case(dtype, 9, 3, 64, 16, lens, seed=1)
     together = torch.empty_like(query)
@@ -127,8 +127,7 @@ def test_kernel_rows_do_not_depend_on_the_batch(dtype):
         assert torch.equal(alone[0], together[s])  # bit for bit
 
 
-@needs_kernel
-def test_kernel_rejects_mismatched_inputs():
+def test_kernel_rejects_mismatched_inputs(kernel):
     query, k_cache, v_cache, tables, ctx = make_case(torch.float32, 4, 2, 64, 16, [3])
     out = torch.empty_like(query)
     with pytest.raises(ValueError, match="int64"):
@@ -146,11 +145,12 @@ def test_torch_path_and_kernel_give_the_same_greedy_text(tiny):
             core.add_request(request(tokenizer, prompt, f"r{i}", max_new_tokens=24, ignore_eos=True))
         out = run_to_completion(core)
         texts.append([text_of(out[f"r{i}"]) for i in range(3)])
-        assert (core.runner.attention_kernel is not None) == (native and kernel is not None)
+        assert (core.runner.attention_kernel is not None) == (native and native_kernel is not None)
     assert texts[0] == texts[1]
 
 
 def test_without_a_compiler_attention_stays_on_torch(monkeypatch, tmp_path):
+    monkeypatch.delenv(native_build.REQUIRED_ENV, raising=False)  # a server's default
     monkeypatch.setattr(native_build.shutil, "which", lambda name: None)
     native_attention.load.cache_clear()
     try:
@@ -160,6 +160,7 @@ def test_without_a_compiler_attention_stays_on_torch(monkeypatch, tmp_path):
 
 
 def test_a_failed_build_falls_back(monkeypatch, tmp_path):
+    monkeypatch.delenv(native_build.REQUIRED_ENV, raising=False)  # a server's default
     monkeypatch.setenv(native_build.KERNEL_DIR_ENV, str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
     monkeypatch.setattr(native_build.shutil, "which", lambda name: "/bin/false")
@@ -169,6 +170,29 @@ def test_a_failed_build_falls_back(monkeypatch, tmp_path):
         assert not list(tmp_path.glob("*.so"))
     finally:
         native_attention.load.cache_clear()
+
+
+@pytest.mark.parametrize("cause", ["no compiler", "failed build"])
+def test_where_kernels_are_required_a_missing_one_fails_loudly(monkeypatch, tmp_path, cause):
+    """.ci/run sets LLMSERVE_NATIVE_REQUIRED=1: CI cannot pass with the kernels silently off."""
+    monkeypatch.setenv(native_build.REQUIRED_ENV, "1")
+    monkeypatch.setenv(native_build.KERNEL_DIR_ENV, str(tmp_path))
+    compiler = None if cause == "no compiler" else "/bin/false"
+    monkeypatch.setattr(native_build.shutil, "which", lambda name: compiler)
+    native_attention.load.cache_clear()
+    try:
+        with pytest.raises(native_build.NativeBuildError):
+            native_attention.load()
+    finally:
+        native_attention.load.cache_clear()
+
+
+def test_the_variants_this_cpu_runs_include_the_servers_build():
+    variants = native_build.runnable_variants()
+    assert variants[0] == native_build.NATIVE
+    has_avx2 = {"avx2", "fma"} <= set(native_build._cpu_fingerprint().split())
+    is_x86 = native_build.platform.machine() == "x86_64"
+    assert any(v.name == "avx2" for v in variants) == (has_avx2 and is_x86)
 
 
 def test_only_cpu_float32_and_bfloat16_are_supported():

@@ -8,12 +8,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine import fusion, native_linear
 from engine.fusion import PackedLinear, _can_pack
-from tests.engine.conftest import make_core, request, run_to_completion, text_of
+from tests.engine.conftest import ISA_VARIANTS, kernel_of, make_core, request, run_to_completion, text_of
 
-kernel = native_linear.load()
-needs_kernel = pytest.mark.skipif(
-    kernel is None, reason="no C compiler, or neither AVX512-BF16 nor AVX2 + FMA on this CPU"
+native_kernel = native_linear.load()  # the server's build
+needs_native_kernel = pytest.mark.skipif(
+    native_kernel is None, reason="no C compiler, or neither AVX512-BF16 nor AVX2 + FMA on this CPU"
 )
+
+
+@pytest.fixture(scope="module", params=ISA_VARIANTS)
+def kernel(request):
+    return kernel_of(native_linear.load, "linear_bf16", request.param)
+
 
 # SmolLM2's fused q/k/v and down shapes, a tiny one, and sizes that leave a partial 16-column block
 SHAPES = [(960, 576), (576, 1536), (64, 48), (100, 64), (17, 2), (1, 30)]
@@ -27,10 +33,9 @@ def case(out_features, in_features, num_rows, seed=0, bias=False):
     return weight, x, b
 
 
-@needs_kernel
 @pytest.mark.parametrize(("out_features", "in_features"), SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
-def test_products_match_a_float64_reference(out_features, in_features, bias):
+def test_products_match_a_float64_reference(kernel, out_features, in_features, bias):
     weight, x, b = case(out_features, in_features, 37, bias=bias)
     packed = kernel.pack(weight)
     expected = x.double() @ weight.double().T + (b.double() if bias else 0)
@@ -43,9 +48,8 @@ def test_products_match_a_float64_reference(out_features, in_features, bias):
         assert ((got.double() - want).abs() <= scale * 2e-6 + want.abs() / 128).all()
 
 
-@needs_kernel
 @pytest.mark.parametrize(("out_features", "in_features"), SHAPES)
-def test_a_rows_bits_do_not_depend_on_the_batch(out_features, in_features):
+def test_a_rows_bits_do_not_depend_on_the_batch(kernel, out_features, in_features):
     """Alone, first, last, amid 300 rows, read through a strided view: always the same bits."""
     weight, x, _ = case(out_features, in_features, 300, seed=1)
     packed = kernel.pack(weight)
@@ -59,8 +63,7 @@ def test_a_rows_bits_do_not_depend_on_the_batch(out_features, in_features):
     assert torch.equal(kernel(repeated, packed, out_features, None), alone[7:8].expand(9, -1))
 
 
-@needs_kernel
-def test_no_rows_and_bad_input_are_handled():
+def test_no_rows_and_bad_input_are_handled(kernel):
     weight, x, _ = case(32, 16, 4)
     packed = kernel.pack(weight)
     assert kernel(x[:0], packed, 32, None).shape == (0, 32)
@@ -79,7 +82,7 @@ def test_only_cpu_bf16_weights_with_an_even_input_size_are_supported():
 def test_packed_linear_takes_the_kernel_where_it_runs_else_onednn(native):
     weight, x, b = case(100, 64, 5, bias=True)
     linear = PackedLinear(weight, b.bfloat16(), native=native)
-    assert linear.is_native == (native and kernel is not None)
+    assert linear.is_native == (native and native_kernel is not None)
     assert linear.is_packed == (not linear.is_native and _can_pack(weight))
     with torch.inference_mode():
         got = linear(x.view(5, 1, 64))
@@ -90,7 +93,7 @@ def test_packed_linear_takes_the_kernel_where_it_runs_else_onednn(native):
     assert not fp32.is_native  # float32 stays on oneDNN
 
 
-@needs_kernel
+@needs_native_kernel
 def test_a_bf16_engine_on_the_kernel_gives_the_same_greedy_text_alone_and_batched(tiny_model_dir: Path):
     """The engine's batch invariance in bf16 with its products on the kernel."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
@@ -109,7 +112,7 @@ def test_a_bf16_engine_on_the_kernel_gives_the_same_greedy_text_alone_and_batche
     assert [text_of(out[f"b{i}"]) for i in range(len(prompts))] == alone
 
 
-@needs_kernel
+@needs_native_kernel
 def test_every_bf16_linear_takes_the_kernel_where_onednn_has_no_bf16_path(monkeypatch, tiny_model_dir: Path):
     """On an AVX2-only CPU oneDNN packs no bf16 weight: the projections that are not fused (o_proj,
     down_proj, a tied lm_head) must still leave torch's slow bf16 product for the kernel."""
@@ -124,9 +127,8 @@ def test_every_bf16_linear_takes_the_kernel_where_onednn_has_no_bf16_path(monkey
     assert not unfused.is_native and not unfused.is_packed  # native off: torch's own product there
 
 
-@needs_kernel
 @pytest.mark.parametrize("bias", [False, True])
-def test_outputs_round_to_bf16_as_torch_does(bias):
+def test_outputs_round_to_bf16_as_torch_does(kernel, bias):
     """With one nonzero term per output the float32 sum is exact (a product of two bf16 fits in float32),
     so every output must be torch's own rounding of it: nearest, ties to even; inf and NaN kept."""
     gen = torch.Generator().manual_seed(3)

@@ -5,9 +5,13 @@ import torch
 
 from engine import native_norm
 from engine.fast_forward import gemma_rms_norm, rms_norm
+from tests.engine.conftest import ISA_VARIANTS, kernel_of
 
-kernel = native_norm.load()
-needs_kernel = pytest.mark.skipif(kernel is None, reason="no C compiler: the kernel could not be built")
+
+@pytest.fixture(scope="module", params=ISA_VARIANTS)
+def kernel(request):
+    return kernel_of(native_norm.load, "rms_norm", request.param)
+
 
 # SmolLM2's and Gemma 3 270M's hidden sizes, Gemma's head size, a tiny one, odd ones, and sizes long
 # enough to run the levels of torch's cascaded sum (far wider rows may be summed by several threads in
@@ -15,16 +19,14 @@ needs_kernel = pytest.mark.skipif(kernel is None, reason="no C compiler: the ker
 WIDTHS = [576, 640, 256, 64, 100, 1000, 2048, 5000, 16384]
 
 
-@needs_kernel
 @pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize("gemma", [False, True])
-def test_the_kernel_gives_torchs_bits(width, gemma):
+def test_the_kernel_gives_torchs_bits(kernel, width, gemma):
     reference = gemma_rms_norm if gemma else rms_norm
     assert kernel.matches(reference, gemma, width)
 
 
-@needs_kernel
-def test_views_and_3d_inputs_are_normed_row_by_row():
+def test_views_and_3d_inputs_are_normed_row_by_row(kernel):
     gen = torch.Generator().manual_seed(0)
     fused = torch.randn(7, 3 * 256, generator=gen).bfloat16()
     q = fused[:, 256:].view(7, 2, 256)  # a strided view, as Gemma's q/k norms get
@@ -35,8 +37,7 @@ def test_views_and_3d_inputs_are_normed_row_by_row():
     assert torch.equal(kernel.llama(hidden, weight, 1e-5), rms_norm(hidden, weight, 1e-5))
 
 
-@needs_kernel
-def test_a_kernel_that_differs_from_torch_is_refused():
+def test_a_kernel_that_differs_from_torch_is_refused(kernel):
     """`matches` is what keeps a torch with another sum order on torch's own norms."""
 
     def off_by_a_bit(x, weight, eps):

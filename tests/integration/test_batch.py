@@ -22,13 +22,12 @@ from llmengine.data_types import (
     CreateBatchCompletionsV1RequestContent,
     FilteredChatCompletionV2Request,
 )
-from ray import serve
 
 from deployments.app import build_app_from_configs
 from deployments.batch.config import BatchSettings
 from deployments.config import DeploymentSettings, EngineSettings, ModelConfig
 from tests.integration.tiny_app import TINY_MAX_MODEL_LEN, TINY_MODEL
-from tests.serve_fixtures import run_app
+from tests.serve_fixtures import delete_app, run_app
 
 APP_NAME, ROUTE = "batch", "/batch"
 UPLOAD_LIMIT = 64 * 1024
@@ -61,7 +60,7 @@ def batch_url(serve_port: int, tiny_model_dir: Path, data_root: Path) -> Iterato
     yield run_app(
         build_app_from_configs([model], batch=settings), name=APP_NAME, route_prefix=ROUTE, port=serve_port
     )
-    serve.delete(APP_NAME)
+    delete_app(APP_NAME)
 
 
 @pytest.fixture(scope="module", autouse=True)
