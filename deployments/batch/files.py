@@ -58,6 +58,11 @@ class FileWriter:
         self._file.write(chunk)
         self.num_bytes += len(chunk)
 
+    def write_pieces(self, pieces: list[bytes]) -> None:
+        """Write `pieces` in order (never joined: no second copy of them in memory)."""
+        self._file.writelines(pieces)
+        self.num_bytes += sum(len(p) for p in pieces)
+
     def commit(self, purpose: str) -> StoredFile:
         """Close the bytes, then write the metadata: from now on the file is listed."""
         self._file.close()

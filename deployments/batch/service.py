@@ -213,18 +213,17 @@ class BatchContext:
 
 
 def _publish_upload_bounds(app: Any, settings: BatchSettings) -> None:
-    """The published schema states this app's upload bounds (the route's default text has the defaults)."""
-    for route in _all_routes(getattr(app, "routes", ())):
-        if getattr(route, "path", None) == UPLOAD_PATH and "POST" in getattr(route, "methods", ()):
-            route.description = upload_description(settings)
-            app.openapi_schema = None  # made again, with it, at the next /openapi.json
+    """The published schema states this app's upload bounds (the route's own text has the defaults)."""
+    make_schema = app.openapi
 
+    def openapi() -> dict[str, Any]:
+        schema = make_schema()
+        upload = schema.get("paths", {}).get(UPLOAD_PATH, {}).get("post")
+        if upload is not None:
+            upload["description"] = upload_description(settings)
+        return schema
 
-def _all_routes(routes: Any) -> Any:
-    """Every route, inside included routers too (FastAPI keeps an included router whole)."""
-    for route in routes:
-        included = getattr(route, "original_router", None)
-        yield from _all_routes(included.routes) if included is not None else (route,)
+    app.openapi = openapi
 
 
 def factory_path(engine_factory: EngineFactory | None) -> str | None:

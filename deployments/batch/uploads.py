@@ -134,7 +134,8 @@ async def receive_upload(content_type: str, stream: AsyncIterator[bytes], store:
     """Parse the multipart body from `stream` and write its `file` part to `store`; 400 when malformed."""
     parser, form = _parser(content_type)
     writer: FileWriter | None = None
-    buffer = bytearray()
+    pieces: list[bytes] = []  # the file's bytes parsed since the last write: at most about one chunk
+    num_pending = 0
     try:
         async for chunk in stream:
             try:
@@ -145,13 +146,13 @@ async def receive_upload(content_type: str, stream: AsyncIterator[bytes], store:
                 if kind == "open":
                     writer = await asyncio.to_thread(store.create, data.decode("utf-8", errors="replace"))
                     continue
-                buffer += data
-                if len(buffer) >= UPLOAD_CHUNK_BYTES:
-                    full, buffer = buffer, bytearray()
-                    await asyncio.to_thread(writer.write, full)
+                pieces.append(data)
+                num_pending += len(data)
+                if num_pending >= UPLOAD_CHUNK_BYTES:
+                    await asyncio.to_thread(writer.write_pieces, pieces)
+                    pieces, num_pending = [], 0
         purpose = _check_form(form, writer)
-        if buffer:
-            await asyncio.to_thread(writer.write, buffer)
+        await asyncio.to_thread(writer.write_pieces, pieces)
         return await asyncio.to_thread(writer.commit, purpose)
     except BaseException:
         if writer is not None:
