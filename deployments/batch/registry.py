@@ -3,7 +3,8 @@
 One detached, named, restartable actor per data root (deployments/state/owner.py): every ingress replica
 finds it by name, Ray restarts it after a crash, and an actor of older code is replaced. Each job's
 record is a JSON file under `<data_root>/state/jobs/` (a `RecordStore`), written from one thread in the
-order of the changes; the registry is its only writer and serves reads from memory. On start it reads
+order of the changes; the registry is its only writer and serves reads from memory, each once the
+writes before it are done, so that no client sees a state that is not on disk yet. On start it reads
 the records back: a job that was running lost its runner (runners die with the registry process that
 owns them) and ends `failed` with that reason, its finished rows assembled; a queued job waits its turn
 again.
@@ -63,6 +64,7 @@ class JobRegistry(VersionedOwner):
         self._jobs: dict[str, JobRecord] = {r.spec.job_id: r for r in self._store.all()}
         self._max_jobs_kept = max_jobs_kept
         self._writes = ThreadPoolExecutor(1, thread_name_prefix="job-records")  # in order of the changes
+        self._last_write: Future | None = None
         self._runners: dict[str, ray.actor.ActorHandle] = {}
         self._queue: deque[str] = deque()  # job ids waiting for their turn, oldest first
         self._cancels: dict[str, asyncio.Event] = {}  # jobs waiting for room: set on cancel
@@ -210,7 +212,9 @@ class JobRegistry(VersionedOwner):
 
     async def get(self, job_id: str) -> JobRecord:
         await self.ready()
-        return self._get(job_id)
+        record = self._get(job_id)
+        await self._written()
+        return record
 
     def _get(self, job_id: str) -> JobRecord:
         record = self._jobs.get(job_id)
@@ -220,13 +224,16 @@ class JobRegistry(VersionedOwner):
 
     async def list(self) -> list[JobRecord]:
         await self.ready()
-        return sorted(self._jobs.values(), key=lambda r: r.created_at, reverse=True)
+        records = sorted(self._jobs.values(), key=lambda r: r.created_at, reverse=True)
+        await self._written()
+        return records
 
     async def cancel(self, job_id: str) -> JobRecord:
         """Ask a job to stop; answers once its runner (if any) has taken the request."""
         await self.ready()
         record = self._get(job_id)
         if record.status.is_terminal or record.cancel_requested_at is not None:
+            await self._written()
             return record
         record.cancel_requested_at = time.time()
         self._save(record)
@@ -243,6 +250,7 @@ class JobRegistry(VersionedOwner):
                 await asyncio.wait_for(_await_ref(runner.cancel.remote()), CANCEL_ACK_TIMEOUT_S)
             except TimeoutError:
                 logger.warning("batch job %s: its runner did not take the cancel in time", job_id)
+        await self._written()
         return record
 
     async def report(self, job_id: str, progress: Progress) -> None:
@@ -274,7 +282,13 @@ class JobRegistry(VersionedOwner):
         """Write the record (a copy of it now) after every earlier write; failures are logged."""
         future = self._writes.submit(self._store.put, record.spec.job_id, record.model_copy(deep=True))
         future.add_done_callback(_log_failure)
+        self._last_write = future
         return future
+
+    async def _written(self) -> None:
+        """Wait until every change made so far is on disk (writes run in order: the last one will do)."""
+        if self._last_write is not None and not self._last_write.done():
+            await asyncio.wait([asyncio.wrap_future(self._last_write)])
 
     def _condition(self) -> asyncio.Condition:
         if self._changed is None:

@@ -36,7 +36,7 @@ TERMINAL = ("completed", "failed", "cancelled")
 @contextmanager
 def serve_run(config: Path, port: int) -> Iterator[str]:
     """`serve run config` in its own session (its own Ray), until it answers; stopped with Ctrl-C."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_SERVE_HAPROXY"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # not this session's Ray
     env.update(RAY_SERVE_ENABLE_HA_PROXY="0", PYTHONPATH=str(REPO), LLM_ENGINE_DISABLE_VERSION_CHECK="true")
     serve = Path(sys.executable).with_name("serve")
     process = subprocess.Popen(
