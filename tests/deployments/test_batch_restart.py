@@ -1,9 +1,11 @@
-"""Batch jobs outlive the whole server: `serve run` stopped (its Ray with it) and started again.
+"""Batch jobs outlive the whole server: `serve run` killed (its Ray with it) and started again.
 
-The first run finishes one job, leaves one running (its last rows held by a file that never comes)
-and one queued behind it. The second run, on the same data root, lists them: the finished one as it
-was, the running one failed with the reason and its finished rows in the output, and the queued one
-runs to the end without anyone asking (the ingress starts the registry, which resumes it).
+The first run ends one job, leaves one running (its last rows held by a file that never comes) and
+one queued behind it. Then every process of that server is killed at once (SIGKILL: no graceful
+stop, nothing written at exit). The second run, on the same data root, lists them: the ended one as
+it was, the running one failed with the reason and its finished rows in the output, and the queued
+one runs without anyone asking (an ingress that finds unfinished jobs starts the registry). The
+ended and the queued job fail at once when they run (a malformed input): only one job starts a worker.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ TERMINAL = ("completed", "failed", "cancelled")
 
 @contextmanager
 def serve_run(config: Path, port: int) -> Iterator[str]:
-    """`serve run config` in its own session (its own Ray), until it answers; stopped with Ctrl-C."""
+    """`serve run config` in its own session (its own Ray), until it answers; then every process of
+    that session is killed at once."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # not this session's Ray
     env.update(RAY_SERVE_ENABLE_HA_PROXY="0", PYTHONPATH=str(REPO), LLM_ENGINE_DISABLE_VERSION_CHECK="true")
     serve = Path(sys.executable).with_name("serve")
@@ -56,12 +59,21 @@ def serve_run(config: Path, port: int) -> Iterator[str]:
             time.sleep(0.5)
         yield url
     finally:
-        process.send_signal(signal.SIGINT)  # serve run shuts Serve down, then the Ray it started
+        kill_session(process.pid)
+        process.wait(timeout=60)
+
+
+def kill_session(session_id: int) -> None:
+    """SIGKILL every process of the session `serve run` leads: itself, its Ray and Ray's workers (each
+    worker is in a process group of its own, but stays in the session)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            process.wait(timeout=60)
-        finally:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(command name)"
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[3]) == session_id:  # state, ppid, pgrp, session
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)  # whatever of its session is left
+                os.kill(int(stat.parent.name), signal.SIGKILL)
 
 
 def _answers(url: str) -> bool:
@@ -71,11 +83,13 @@ def _answers(url: str) -> bool:
         return False
 
 
-def create(url: str, prompts: list[str]) -> str:
+def create(url: str, prompts: list[str] | None = None, input_data_path: str | None = None) -> str:
+    """A job of `prompts`, or of an input file."""
     body = {
         "output_data_path": f"out/{uuid.uuid4().hex}.json",
         "model_config": {"model": FAKE_MODELS[0]},
-        "content": {"prompts": prompts, "max_new_tokens": 3, "temperature": 0},
+        "content": {"prompts": prompts, "max_new_tokens": 3, "temperature": 0} if prompts else None,
+        "input_data_path": input_data_path,
     }
     answer = httpx.post(f"{url}v2/batch-completions", json=body, timeout=60)
     assert answer.status_code == 200, answer.text
@@ -123,19 +137,21 @@ def test_jobs_outlive_a_serve_run_restart(tmp_path: Path):
             }
         )
     )
+    (data_root / "in").mkdir(parents=True)
+    (data_root / "in" / "broken.json").write_text("{not json")
     with serve_run(config, port) as url:
-        done = create(url, ["a", "b"])
+        done = create(url, input_data_path="in/broken.json")
         wait_until(lambda: jobs(url)[done]["status"] in TERMINAL)
         running = create(url, ["ok"] * 4 + [f"held [wait-for:{gate}]"] * 4)
         wait_until(lambda: jobs(url)[running]["progress"]["num_done"] == 4)
-        queued = create(url, ["later"])
+        queued = create(url, input_data_path="in/broken.json")
         before = jobs(url)
-        assert before[done]["status"] == "completed" and before[queued]["status"] == "queued", before
+        assert before[done]["status"] == "failed" and before[queued]["status"] == "queued", before
     with serve_run(config, port) as url:
         resumed = wait_until(
             lambda: record(data_root, queued).get("status") in TERMINAL and record(data_root, queued)
         )
-        assert resumed["status"] == "completed", resumed  # nobody asked: the ingress started the registry
+        assert "not valid JSON" in resumed["error"], resumed  # it ran, and nobody asked
         after = jobs(url)
         assert after[done] == before[done]
         assert after[running]["status"] == "failed" and after[running]["error"] == RESTART_REASON
