@@ -129,6 +129,20 @@ def test_a_row_that_kills_its_worker_fails_alone(url: str, data_root: Path, gate
     assert "crashed its engine worker" in error["error"], error
 
 
+def test_an_input_file_shared_by_two_workers(url: str, data_root: Path, gate: Path):
+    """data_parallelism 2: two engine workers share the batches of an input file; the output keeps the
+    prompts' order (prompt i has i + 1 bytes, the fake engine's prompt tokens)."""
+    prompts = ["x" * (i + 1) for i in range(12)]  # 3 batches of 4
+    (data_root / "in").mkdir(exist_ok=True)
+    content = {"prompts": prompts, "max_new_tokens": 2, "temperature": 0}
+    (data_root / "in" / "two.json").write_text(json.dumps(content))
+    path = f"file://{data_root}/in/two.json"
+    job = finished(url, create(url, [], input_data_path=path, content=None, data_parallelism=2)["job_id"])
+    assert job["status"] == "completed" and job["progress"]["num_workers"] == 2, job
+    assert len(set(job["metadata"]["workers"].split(","))) == 2
+    assert [o["num_prompt_tokens"] for o in outputs(data_root, job)] == list(range(1, 13))
+
+
 def test_a_job_waits_for_room_then_runs(url: str, gate: Path):
     """The cluster's free CPUs are taken (a stand-in for online replicas): the job is queued, saying what
     it waits for, and runs once room frees up. A job no node set could hold is refused at once."""
@@ -237,4 +251,3 @@ def test_a_code_upgrade_replaces_the_registry_and_keeps_the_jobs(url: str, data_
     replaced = owner(JobRegistry, name, str(data_root))  # the running one reports other code: replaced
     assert replaced._actor_id != before
     assert get(url, job["job_id"]) == job  # the ingress's old handle is dead: it finds the new one
-    assert ended_at_once(finished(url, instant(url, data_root)["job_id"]))

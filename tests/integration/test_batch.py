@@ -132,27 +132,6 @@ def test_v1_batch_outputs_match_online_answers_in_prompt_order(data_root: Path):
     assert list((data_root / "v1/out.json.parts").glob("part-*.jsonl"))  # Ray Data's batches, as parts
 
 
-def test_v1_input_file_two_workers(data_root: Path):
-    prompts = [f"Numbers: {i} {i + 1}" for i in range(24)]  # 6 Ray Data batches of 4
-    content = {"prompts": prompts, "max_new_tokens": 4, "temperature": 0.0}
-    (data_root / "in").mkdir(exist_ok=True)
-    (data_root / "in/v1.json").write_text(json.dumps(content))
-    response = Completion.batch_create(
-        input_data_path=f"file://{data_root}/in/v1.json",
-        output_data_path="v1/two.json",
-        model_config=CreateBatchCompletionsModelConfig(model=TINY_MODEL),
-        data_parallelism=2,
-    )
-    job = finished_job(response.job_id)
-    assert job["status"] == "completed", job
-    assert job["progress"]["num_workers"] == 2, job  # two engine workers (Ray Data actors) shared the rows
-    assert len(set(job["metadata"]["workers"].split(","))) == 2
-    outputs = json.loads((data_root / "v1/two.json").read_text())
-    assert len(outputs) == 24 and all(o is not None for o in outputs)
-    for i in (0, 13, 23):  # in prompt order although the workers finished in any order
-        assert outputs[i]["text"] == online(prompts[i], 4)["text"]
-
-
 def test_v2_chat_batch_matches_openai_answers(data_root: Path, oai: openai.OpenAI):
     conversations = [[{"role": "user", "content": p}] for p in PROMPTS[:3]]
     requests = [
