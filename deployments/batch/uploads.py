@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect
 
 from deployments.batch.config import BatchSettings
 from deployments.batch.files import FileStore, FileWriter, StoredFile
@@ -154,9 +155,11 @@ async def receive_upload(content_type: str, stream: AsyncIterator[bytes], store:
         purpose = _check_form(form, writer)
         await asyncio.to_thread(writer.write_pieces, pieces)
         return await asyncio.to_thread(writer.commit, purpose)
-    except BaseException:
+    except BaseException as exc:
         if writer is not None:
             await asyncio.shield(asyncio.to_thread(writer.abort))
+        if isinstance(exc, ClientDisconnect):  # nobody hears the answer; the log says what happened
+            raise InvalidRequestError("file: the client went away before the upload ended") from None
         raise
 
 
