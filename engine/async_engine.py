@@ -14,7 +14,7 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,27 +24,50 @@ from engine.core import EngineCore
 from engine.device import default_num_threads
 from engine.errors import (
     EngineDeadError,
-    InvalidRequestError,
     OverloadedError,
     RequestFailedError,
     ServingError,
 )
 from engine.guided import CompiledGuide, GuidedCompiler
+from engine.guided_pool import GuideCompilePool
 from engine.guided_spec import GuidedSpec
-from engine.params import normalize_params
 from engine.types import EngineConfig, EngineStats, GenerationRequest, TokenDelta
 
 logger = logging.getLogger("engine")
+NUM_COMPILE_WORKERS = 2  # guided-decoding compiles at once, off the engine thread (engine/guided_pool.py)
 
 
 class RequestStream:
-    """Async iterator over one request's deltas. Closing it before the end aborts the request."""
+    """One request's output channel: the items (deltas, or the error that ends it) of each engine step.
+
+    The serving path (deployments/served_stream.py) reads it with `next_items` / `ready_items` and
+    ends it with `close`, which only stops listening: the serving stream sends the one abort itself.
+    Direct callers (tests, benchmarks) iterate it delta by delta and `aclose` it, which aborts an
+    unfinished request.
+    """
 
     def __init__(self, engine: AsyncEngine, request_id: str, out: asyncio.Queue) -> None:
         self.request_id = request_id
         self._engine, self._out = engine, out
-        self._pending: deque = deque()
+        self._pending: deque = deque()  # per-delta iteration only
         self._is_finished = self._is_closed = False
+
+    async def next_items(self) -> list[TokenDelta | BaseException]:
+        """The next step's items for this request, waiting for that step (cancel-safe)."""
+        return await self._out.get()
+
+    def ready_items(self) -> list[TokenDelta | BaseException]:
+        """Every item delivered and not yet taken, without waiting (`[]` if none)."""
+        items: list[TokenDelta | BaseException] = []
+        while not self._out.empty():
+            items.extend(self._out.get_nowait())
+        return items
+
+    def close(self) -> None:
+        """Idempotent: stop listening. It does not abort (the caller decides that)."""
+        if not self._is_closed:
+            self._is_closed = True
+            self._engine._forget(self.request_id)
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -57,70 +80,18 @@ class RequestStream:
         item = self._pending.popleft()
         if isinstance(item, TokenDelta) and item.error is not None:
             item = item.error  # this request failed in the engine; the others go on
+        if isinstance(item, BaseException) or item.is_finished:
+            self._is_finished = True
+            self.close()
         if isinstance(item, BaseException):
-            self._is_finished = True
-            self.close()
             raise item
-        if item.is_finished:
-            self._is_finished = True
-            self.close()
         return item
 
-    async def next_chunk(self, linger_s: float = 0.0) -> list[TokenDelta]:
-        """Every delta that is ready, at least one; `[]` once the stream has ended.
-
-        With `linger_s`, collect, so that a consumer that forwards each chunk as one message sends
-        fewer, fatter ones: the chunk goes out with the first step's deltas that arrive `linger_s` or
-        more after this call. So chunks leave at step boundaries, every lingering stream of a step in
-        the same wake-up of the event loop, never on a timer in the middle of the next step (where
-        the serving work would take a core from the engine's threads). A delta that arrives after
-        that time is returned at once; if no step brings this request anything for `linger_s` more
-        (it waits for KV blocks, say), what it has goes out then. An error ends the chunk: the deltas
-        before it come first, the next call raises it.
-        """
-        if self._is_finished or self._is_closed:
-            return []
-        loop = asyncio.get_running_loop()
-        until = loop.time() + linger_s
-        while not self._pending:
-            self._pending.extend(await self._out.get())
-        is_end = _has_end(self._pending)
-        if loop.time() < until and not is_end:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(until + linger_s):
-                    # look at the new items only: a long sync stream stays linear
-                    while not is_end and loop.time() < until:
-                        items = await self._out.get()
-                        self._pending.extend(items)
-                        is_end = _has_end(items)
-        while not self._out.empty():
-            self._pending.extend(self._out.get_nowait())
-        chunk: list[TokenDelta] = []
-        while self._pending:
-            item = self._pending[0]
-            if isinstance(item, TokenDelta) and item.error is None:
-                chunk.append(self._pending.popleft())
-                if item.is_finished:
-                    self._is_finished = True
-                    self.close()
-                    break
-            elif chunk:
-                break  # the error comes with the next call
-            else:
-                return [await self.__anext__()]  # raises it and ends the stream
-        return chunk
-
     async def aclose(self) -> None:
-        self.close()
-
-    def close(self) -> None:
         """Idempotent; aborts the request unless it already finished."""
-        if self._is_closed:
-            return
-        self._is_closed = True
-        if not self._is_finished:
+        if not self._is_finished and not self._is_closed:
             self._engine.abort(self.request_id)
-        self._engine._forget(self.request_id)
+        self.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +131,7 @@ class AsyncEngine:
         self._lock = threading.Lock()  # guards _streams and _dead
         self._wakeup = threading.Event()
         self._dead: EngineDeadError | None = None  # set once, when the engine loop ends for any reason
-        self._compile_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="guide-compile")
+        self._guides = GuideCompilePool(self._compile, NUM_COMPILE_WORKERS, config.guided_compile_timeout_s)
         self._compiler: GuidedCompiler | None = None
         self._compiler_lock = threading.Lock()
         self._background: set[asyncio.Future] = set()
@@ -173,7 +144,7 @@ class AsyncEngine:
         self.device = self.core.device
         # The guided-decoding compiler walks the whole vocabulary (~0.4 s): build it now, beside the
         # idle engine, rather than on the first guided request's path.
-        self._compile_pool.submit(self._guided_compiler).add_done_callback(_log_failure)
+        self._guides.submit(self._guided_compiler).add_done_callback(_log_failure)
 
     @property
     def tokenizer(self):
@@ -183,18 +154,22 @@ class AsyncEngine:
     def max_model_len(self) -> int:
         return self.config.max_model_len
 
+    @property
+    def vocab_size(self) -> int:
+        return self.core.vocab_size
+
     def check_request(self, num_prompt_tokens: int, max_new_tokens: int) -> None:
         """Raise ContextLengthError (HTTP 400, with the numbers) if it can never fit."""
         self.core.check_request(num_prompt_tokens, max_new_tokens)
 
     def add_request(self, request: GenerationRequest) -> RequestStream:
-        """Queue a request; iterate the result for its deltas. The last one has a finish_reason.
+        """Queue a request; its stream carries its deltas, the last one with a finish_reason.
 
         Refusals (context length, full queue, dead engine) raise here, before any iteration.
-        Closing the iterator early aborts the request.
         """
+        # The serving side (deployments/model_server.py) validated and normalized the request; the
+        # context check here only keeps a direct caller's impossible request out of the queue.
         self.check_request(len(request.prompt_token_ids), request.params.max_new_tokens)
-        normalize_params(request.params, self.core.vocab_size)  # refuse bad settings here, before queueing
         out: asyncio.Queue = asyncio.Queue()
         with self._lock:
             if self._dead is not None:
@@ -213,17 +188,11 @@ class AsyncEngine:
         return RequestStream(self, request.request_id, out)
 
     async def _compile_and_add(self, request: GenerationRequest) -> None:
-        loop = asyncio.get_running_loop()
-        timeout_s = self.config.guided_compile_timeout_s
+        spec = request.params.guided
         try:
-            compiled = loop.run_in_executor(self._compile_pool, self._compile, request.params.guided)
-            guide = await asyncio.wait_for(compiled, timeout_s)
-        except TimeoutError:
-            error = InvalidRequestError(
-                f"guided decoding: compiling the constraint took over {timeout_s:g} s"
-            )
-            self._deliver_error(request.request_id, error)
-        except ServingError as exc:
+            cached = self._compiler.cached(spec) if self._compiler is not None else None
+            guide = cached or await self._guides.compile(spec)
+        except ServingError as exc:  # 400: a bad or too costly constraint; 503: every worker busy
             self._deliver_error(request.request_id, exc)
         except Exception as exc:  # a library failure, not the request's fault: still end the request
             logger.exception("guided decoding: compiling failed")
@@ -245,7 +214,7 @@ class AsyncEngine:
             return self._compiler
 
     def _compile(self, spec: GuidedSpec) -> CompiledGuide:
-        """Runs in the compile pool."""
+        """Runs on a compile worker."""
         return self._guided_compiler().compile(spec)
 
     def abort(self, request_id: str) -> None:
@@ -276,6 +245,7 @@ class AsyncEngine:
             raise EngineDeadError("the engine thread has stopped")
 
     def shutdown(self) -> None:
+        self._guides.shutdown()
         self._send(None)
         self._thread.join(timeout=10)
 
@@ -383,13 +353,6 @@ class AsyncEngine:
         for request_id in self.core.abort_all():
             error = exc if isinstance(exc, ServingError) else RequestFailedError(f"generation failed: {exc}")
             self._deliver_error(request_id, error)
-
-
-def _has_end(items) -> bool:
-    """Whether `items` (deltas and errors) hold a stream's end: its last delta or an error."""
-    return any(
-        not isinstance(item, TokenDelta) or item.error is not None or item.is_finished for item in items
-    )
 
 
 def _log_failure(future: Future) -> None:

@@ -88,6 +88,11 @@ def use_readme_serve_env() -> None:
     # autoscaling tests see each step in ~1-2 s (they wait on serve.status(), never on a fixed time).
     for name in ("HANDLE", "REPLICA"):
         os.environ.setdefault(f"RAY_SERVE_{name}_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
+    # A proxy that answers its ready or health check in over 5 / 10 s is replaced (and a test that
+    # deploys meanwhile fails): on a loaded 2-core machine, with pytest-xdist's workers each running a
+    # Serve, a proxy starting beside model loads took that long. The tests test the app, not that bound.
+    for name in ("READY", "HEALTH"):
+        os.environ.setdefault(f"RAY_SERVE_PROXY_{name}_CHECK_TIMEOUT_S", "60")
 
 
 def launcher_path() -> str:
