@@ -11,7 +11,7 @@ from typing import Any
 from ray import serve
 
 from deployments.batch.config import BatchSettings
-from deployments.batch.service import BatchContext
+from deployments.batch.service import BatchContext, factory_path
 from deployments.config import AppConfig, EndpointSettings, IngressSettings, ModelConfig, parse_app_config
 from deployments.engines.placement import deployment_for
 from deployments.ingress import Ingress
@@ -57,7 +57,9 @@ def build_app_from_configs(
     wait_timeouts_s = {m.name: m.replica_wait_timeout_s for m in models}
     ingress_options = (ingress or IngressSettings()).to_options()
     configs_json = {m.name: m.model_dump_json() for m in models}
-    batch_context = BatchContext(batch or BatchSettings(), configs_json, limits or LimitSettings())
+    batch_context = BatchContext(
+        batch or BatchSettings(), configs_json, limits or LimitSettings(), factory_path(engine_factory)
+    )
     api_keys = (auth or AuthSettings()).resolve_keys()  # the env var is read here, where the app is built
     return (
         serve.deployment(Ingress)
