@@ -8,6 +8,7 @@ These calls block on the Serve controller; the endpoint controller runs them in 
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import ray
@@ -21,6 +22,12 @@ from deployments.engines.placement import deployment_for
 from deployments.model_server import EngineFactory, ModelServer
 
 MAX_REASON_CHARS = 2000
+# Serve's client API is not thread-safe in Ray 2.60: every DeploymentConfig it builds (a deployment's
+# options, and each one `serve.status()` reads back) registers, then unregisters, a module with
+# cloudpickle's process-wide "pickle by value" set. The endpoint controller calls Serve from several
+# threads (each change, and the watcher), which unregistered each other's module: a create failed with
+# "is not registered for pickle by value" (found by the schema fuzzer's success paths). One call at a time.
+_SERVE_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,16 +55,19 @@ def deploy(
     `engine_factory`: the app's own (tests serve a fake engine); None = the real engine.
     """
     options, factory = deployment_for(config, engine_factory)  # by its engine: vLLM runs in its own venv
-    deployment = serve.deployment(ModelServer).options(
-        name=deployment_name,
-        version=code_version(config),
-        graceful_shutdown_timeout_s=settings.drain_timeout_s,
-        max_constructor_retry_count=settings.max_start_attempts,
-        _internal=True,  # `version` is internal in Ray 2.60; with it a scaling change does not restart
-        **options,
-    )
-    target = RunTarget(target=deployment.bind(config, factory), name=app_name, route_prefix=None)
-    serve.run_many([target], wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    with _SERVE_LOCK:
+        deployment = serve.deployment(ModelServer).options(
+            name=deployment_name,
+            version=code_version(config),
+            graceful_shutdown_timeout_s=settings.drain_timeout_s,
+            max_constructor_retry_count=settings.max_start_attempts,
+            _internal=True,  # `version` is internal in Ray 2.60; with it a scaling change does not restart
+            **options,
+        )
+        target = RunTarget(target=deployment.bind(config, factory), name=app_name, route_prefix=None)
+        serve.run_many(
+            [target], wait_for_ingress_deployment_creation=False, wait_for_applications_running=False
+        )
 
 
 def handle(app_name: str, deployment_name: str) -> DeploymentHandle:
@@ -67,12 +77,14 @@ def handle(app_name: str, deployment_name: str) -> DeploymentHandle:
 
 def delete(app_name: str) -> None:
     """Remove the application; its replicas finish in-flight requests first (graceful shutdown)."""
-    serve.delete(app_name, _blocking=False)
+    with _SERVE_LOCK:
+        serve.delete(app_name, _blocking=False)
 
 
 def states(app_names: set[str] | None = None) -> dict[str, AppState]:
     """Serve's state of each application (all, or those named)."""
-    applications = serve.status().applications
+    with _SERVE_LOCK:
+        applications = serve.status().applications
     return {
         name: _app_state(app) for name, app in applications.items() if app_names is None or name in app_names
     }

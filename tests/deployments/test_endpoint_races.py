@@ -202,3 +202,23 @@ def _restart_controller(timeout_s: float = 60.0) -> None:
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             assert time.monotonic() < deadline, "the controller did not come back"
             time.sleep(0.2)
+
+
+async def test_endpoints_of_different_names_created_at_once_all_deploy(fake_app_url: str):
+    """The controller applies changes of different names in parallel threads; building their Serve
+    deployments must not race (it did: Ray's DeploymentConfig un-registers a module from cloudpickle's
+    process-wide set, and one create of two failed with 'is not registered for pickle by value')."""
+    names = [f"at-once-{i}" for i in range(6)]
+    async with httpx.AsyncClient(base_url=fake_app_url, timeout=120) as client:
+        created = await asyncio.gather(*(client.post(ENDPOINTS, json=_create_body(n)) for n in names))
+        assert [r.status_code for r in created] == [200] * len(names), [r.text for r in created]
+        try:
+            deadline = time.monotonic() + 120
+            while (
+                statuses := {n: (await client.get(f"{ENDPOINTS}/{n}")).json()["status"] for n in names}
+            ) and ("UPDATE_PENDING" in statuses.values()):
+                assert time.monotonic() < deadline, statuses
+                await asyncio.sleep(0.5)
+            assert set(statuses.values()) == {"READY"}, statuses
+        finally:
+            await asyncio.gather(*(client.delete(f"{ENDPOINTS}/{n}") for n in names))
