@@ -2,6 +2,7 @@
 
     python benchmarks/linear_bench.py [--rows 1 16 32 64 256] [--rounds 5] [--variants native avx2]
     python benchmarks/linear_bench.py --define "ROWS=4 UNIT=4" --define "ROWS=8 UNIT=6"  # tile A/B
+    python benchmarks/linear_bench.py --int8 native avx2  # the int8 kernel (csrc/linear_int8.c) too
 
 Each build runs SmolLM2-135M's products of one step (30 layers' fused q/k/v, o, fused gate/up and down
 on `rows` rows, the lm head on `rows` rows), random bf16 weights packed as the engine packs them. The
@@ -25,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine import native_build, native_linear
+from engine import native_build, native_int8, native_linear
 
 # (out_features, in_features, times a step) of SmolLM2-135M: 30 layers, then the lm head
 SMOLLM2 = [(960, 576, 30), (576, 576, 30), (3072, 576, 30), (576, 1536, 30), (49152, 576, 1)]
@@ -43,17 +44,32 @@ def builds(args) -> dict[str, native_linear.LinearKernel]:
         library = native_build.build("linear_bf16", flags)
         if library is not None:
             found[define] = native_linear.LinearKernel(library)
+    for name in args.int8 or []:
+        kernel = native_int8.load(variants[name]) if name in variants else None
+        if kernel is not None:
+            found[f"int8 {name} ({kernel.isa})"] = kernel
+    for define in args.int8_define or []:
+        flags = [*native_int8._FLAGS, *(f"-D{d}" for d in define.split())]
+        library = native_build.build("linear_int8", flags)
+        if library is not None:
+            found[f"int8 {define}"] = native_int8.Int8Kernel(library)
     return found
 
 
 def step_fn(kernel, rows: int, shapes):
-    weights = [(kernel.pack(torch.randn(n, k).bfloat16()), n, torch.randn(rows, k).bfloat16(), times)
-               for n, k, times in shapes]  # fmt: skip
+    """One step's products on `kernel` (the bf16 or the int8 one)."""
+    calls = []
+    for n, k, times in shapes:
+        x, packed = torch.randn(rows, k).bfloat16(), kernel.pack(torch.randn(n, k).bfloat16())
+        if isinstance(kernel, native_int8.Int8Kernel):
+            calls.append((lambda x=x, w=packed: kernel(x, w, None), times))
+        else:
+            calls.append((lambda x=x, w=packed, n=n: kernel(x, w, n, None), times))
 
     def run() -> None:
-        for packed, n, x, times in weights:
+        for call, times in calls:
             for _ in range(times):
-                kernel(x, packed, n, None)
+                call()
 
     return run
 
@@ -78,6 +94,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--variants", nargs="*", default=["native", "avx2"])
     parser.add_argument("--define", action="append", help="a native build with these -D macros")
+    parser.add_argument("--int8", nargs="*", help="also the int8 kernel's builds of these variants")
+    parser.add_argument("--int8-define", action="append", help="a native int8 build with these -D macros")
     parser.add_argument("--onednn", action="store_true", help="also torch's oneDNN products (fp32, bf16)")
     parser.add_argument("--threads", type=int, default=0, help="torch/OpenMP threads; 0 = every usable core")
     args = parser.parse_args()

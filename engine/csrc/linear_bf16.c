@@ -1,5 +1,5 @@
-/* y = x W^T (+ bias) in bfloat16 on x86 CPUs, for every row count: with AVX512-BF16 (below), or with
-   AVX2 + FMA (the second half of this file).
+/* y = x W^T (+ bias) in bfloat16 on x86 CPUs, for every row count: with AVX512-BF16 (below), with
+   AVX-512F (bf16 widened to float32 in 512-bit registers), or with AVX2 + FMA (the last path).
 
    Why: oneDNN's packed bf16 product loses most at the row counts a decode step has (1-32 rows: it
    runs at ~25 % of this CPU's bf16 peak for one row and ~65 % at 16), and its sums run in an order
