@@ -21,6 +21,9 @@ less noisy than tok/s on a shared machine.
     serve run serve_config.yaml &   # then:
     python benchmarks/serve_bench.py --api openai --png docs/serve_bench.png [--compare-engine]
     python benchmarks/serve_bench.py --api openai --concurrency 1 16 32 --peer http://127.0.0.1:8100
+
+vLLM behind this app against vLLM's own server and against this project's engine (docs/engines.md,
+"Benchmark"): `bash benchmarks/engines_bench.sh` runs the three with one command.
 """
 
 from __future__ import annotations
@@ -214,9 +217,12 @@ def default_num_requests(concurrency: int) -> int:
 async def run_all(args: argparse.Namespace, alone: EngineAlone | None) -> dict[str, list[LevelResult]]:
     """Every level on this server, then (with --peer) on the peer, then (with --compare-engine) on the
     engine alone, level by level: {url: levels}."""
-    urls = [args.url.rstrip("/")] + ([args.peer.rstrip("/")] if args.peer else [])
+    # one key per server and model ("URL@MODEL"): two models of one app are two sides
+    sides = [(args.url.rstrip("/"), args.model)] + [parse_peer(p, args.model) for p in args.peer]
+    urls = [f"{url}@{model}" for url, model in sides]
     apis = {
-        url: Api(url, args.model, args.max_tokens, args.api if url == urls[0] else "openai") for url in urls
+        key: Api(url, model, args.max_tokens, args.api if key == urls[0] else "openai")
+        for key, (url, model) in zip(urls, sides, strict=True)
     }
     connector = aiohttp.TCPConnector(limit=max(args.concurrency) * 2 + 8)
     # as httpx's timeout was: the longest wait to connect or for the next bytes, not for the whole stream
@@ -233,7 +239,7 @@ async def run_all(args: argparse.Namespace, alone: EngineAlone | None) -> dict[s
     levels: dict[str, list[LevelResult]] = {url: [] for url in urls}
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
         if args.peer:
-            await print_setup(client, args, urls[1])
+            await print_setup(client, args)
         for url, api in apis.items():
             warm = await asyncio.gather(*(send(client, api, p) for p in prompts(2)))
             if not all(r.is_ok for r in warm):
@@ -268,17 +274,29 @@ async def run_all(args: argparse.Namespace, alone: EngineAlone | None) -> dict[s
     return levels
 
 
-async def print_setup(client: aiohttp.ClientSession, args: argparse.Namespace, peer: str) -> None:
-    """With --peer: the CPU kind, this server's settings and the peer's, printed before the tables."""
-    print("\n".join([
+async def print_setup(client: aiohttp.ClientSession, args: argparse.Namespace) -> None:
+    """With --peer: the CPU kind, this server's settings and each peer's, printed before the tables."""
+    lines = [
         f"CPU: {bench_setup.cpu_kind()}",
         f"this server: {bench_setup.this_server(args.model_config)} (as --model-config reads it)",
-        f"peer: {peer}: {await bench_setup.peer_server(client, peer)}",
-    ]) + "\n", flush=True)  # fmt: skip
+    ]
+    for i, spec in enumerate(args.peer, 1):
+        url, model = parse_peer(spec, args.model)
+        lines.append(f"peer {i}: {url}@{model}: {await bench_setup.peer_server(client, url)}")
+    print("\n".join(lines) + "\n", flush=True)
+
+
+def parse_peer(spec: str, default_model: str) -> tuple[str, str]:
+    """`URL` or `URL@MODEL` (the model's name on that server): (url, model)."""
+    url, _, model = spec.partition("@")
+    return url.rstrip("/"), model or default_model
 
 
 def _label(row: str, url: str, urls: list[str]) -> str:
-    return row if len(urls) == 1 else row.replace("| ", f"| {'this' if url == urls[0] else 'peer'}: ", 1)
+    if len(urls) == 1:
+        return row
+    name = "this" if url == urls[0] else f"peer {urls.index(url)}" if len(urls) > 2 else "peer"
+    return row.replace("| ", f"| {name}: ", 1)
 
 
 def print_ratios(ours: list[LevelResult], peer: list[LevelResult]) -> None:
@@ -441,7 +459,13 @@ def main() -> None:
     parser.add_argument("--png", default=None, help="write the plot here (needs matplotlib)")
     parser.add_argument("--compare-engine", action="store_true", help="then run the engine alone here")
     parser.add_argument("--model-config", default="configs/smollm2-135m-instruct.yaml")
-    parser.add_argument("--peer", default=None, help="also run each level on this OpenAI-compatible server")
+    parser.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="URL[@MODEL]",
+        help="also run each level on this OpenAI-compatible server (MODEL: its name there); repeatable",
+    )
     parser.add_argument(
         "--cpu-by-process",
         type=int,
@@ -470,7 +494,8 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    peer = f"; peer {args.peer} (OpenAI API), same prompts after each level" if args.peer else ""
+    peers = ", ".join(f"peer {i} {p}" for i, p in enumerate(args.peer, 1))
+    peer = f"; {peers} (OpenAI API), same prompts after each level" if args.peer else ""
     shared = f", behind a shared {args.shared_prefix_words}-word header" if args.shared_prefix_words else ""
     print(
         f"{args.api} API at {args.url}, model {args.model}, max tokens {args.max_tokens}, temperature 0, "
@@ -483,9 +508,11 @@ def main() -> None:
     finally:
         if alone is not None:
             alone.engine.shutdown()
-    levels = by_url[args.url.rstrip("/")]
-    if args.peer:
-        print_ratios(levels, by_url[args.peer.rstrip("/")])
+    levels = by_url[f"{args.url.rstrip('/')}@{args.model}"]
+    for i, spec in enumerate(args.peer, 1):
+        url, model = parse_peer(spec, args.model)
+        print(f"\nthis ({args.url}@{args.model}) / peer {i} ({url}@{model}):")
+        print_ratios(levels, by_url[f"{url}@{model}"])
     for level in (lv for lvs in by_url.values() for lv in lvs):
         for error in {r.error for r in level.results if not r.is_ok}:
             print(f"{level.label}: {error}")

@@ -12,6 +12,7 @@ from ray import serve
 from deployments.batch.config import BatchSettings
 from deployments.batch.service import BatchContext
 from deployments.config import AppConfig, EndpointSettings, IngressSettings, ModelConfig, parse_app_config
+from deployments.engines.placement import deployment_for
 from deployments.ingress import Ingress
 from deployments.limits import AuthSettings, LimitSettings
 from deployments.model_server import EngineFactory, ModelServer
@@ -43,10 +44,9 @@ def build_app_from_configs(
     """The application for already-validated model configs; tests pass a fake `engine_factory`."""
     model_server = serve.deployment(ModelServer)
     handles = {
-        m.name: model_server.options(name=f"ModelServer:{m.name}", **m.deployment.to_options()).bind(
-            m, engine_factory
-        )
+        m.name: model_server.options(name=f"ModelServer:{m.name}", **options).bind(m, factory)
         for m in models
+        for options, factory in [deployment_for(m, engine_factory)]
     }
     model_names = {m.name: _base_model_name(m) for m in models}
     wait_timeouts_s = {m.name: m.replica_wait_timeout_s for m in models}

@@ -23,11 +23,33 @@ class ConfigError(ValueError):
     """A configuration file or `args` dict is invalid; the message says which and why."""
 
 
+EngineKind = Literal["auto", "llmserve", "vllm"]
+ENGINE_KINDS: tuple[str, ...] = ("auto", "llmserve", "vllm")
+
+
 class EngineSettings(BaseModel):
-    """The engine's knobs; they mirror `engine.types.EngineConfig`."""
+    """The engine's knobs; they mirror `engine.types.EngineConfig`. `kind` chooses the engine
+    (docs/engines.md); `engine: vllm` in YAML is short for `engine: {kind: vllm}`."""
 
     model_config = ConfigDict(extra="forbid")
 
+    kind: EngineKind = Field(
+        "auto",
+        description="Which engine runs the model: 'llmserve' (this project's), 'vllm' (vLLM's AsyncLLM, in "
+        "the venv scripts/install_vllm.sh builds), or 'auto': vLLM when the replica has a GPU "
+        "(ray_actor_options.num_gpus > 0) and the vLLM venv exists, this project's engine otherwise.",
+    )
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="vLLM only: GPUs one replica shards the model over, each in its own bundle of the "
+        "replica's placement group (docs/engines.md).",
+    )
+    vllm_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vLLM only: more keyword arguments of vLLM's AsyncEngineArgs (gpu_memory_utilization, "
+        "enforce_eager, quantization...); they win over the ones derived from the knobs here.",
+    )
     max_num_seqs: int = Field(_ENGINE_DEFAULTS.max_num_seqs, ge=1, description="Sequences decoded together.")
     max_model_len: int | None = Field(
         None, ge=1, description="Prompt + generated tokens per sequence; null = the model's context length."
@@ -81,9 +103,14 @@ class EngineSettings(BaseModel):
         "operations and results as transformers' code, less Python); false = transformers' modules.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_shorthand(cls, value: Any) -> Any:
+        return {"kind": value} if isinstance(value, str) else value
+
     def to_engine_config(self, *, context_length: int | None = None, **overrides: Any) -> EngineConfig:
-        """The engine's config; `max_model_len` defaults to the model's `context_length`."""
-        values = self.model_dump()
+        """This project's engine config; `max_model_len` defaults to the model's `context_length`."""
+        values = self.model_dump(exclude={"kind", "tensor_parallel_size", "vllm_args"})
         values["max_model_len"] = self.max_model_len or context_length or _ENGINE_DEFAULTS.max_model_len
         values.update(overrides)
         return EngineConfig(**values)

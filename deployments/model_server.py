@@ -6,23 +6,19 @@ directly. Its engine comes from an `EngineFactory`, so HTTP-layer tests can inje
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import jinja2
-
 from deployments.config import ModelConfig
 from deployments.metrics import ModelMetrics
-from deployments.protocol.bounds import check_unicode
 from deployments.replica_logging import LOADING_LOGGER, forward_library_logs_in_replica
+from deployments.request_validation import RequestValidator
 from deployments.served_stream import DeltaSource, ServedStream, status_code_of
 from deployments.wire import ChatMessage, CompletionResult, ModelRequest
-from engine.errors import InvalidRequestError
 from engine.types import (
     EngineStats,
     GenerationRequest,
@@ -34,7 +30,8 @@ logger = logging.getLogger(LOADING_LOGGER)  # forwarded to Serve's replica log (
 
 
 class Engine(Protocol):
-    """What the server needs of an engine: `engine.async_engine.AsyncEngine` or a test fake."""
+    """What the server needs of an engine: this project's `engine.async_engine.AsyncEngine`, vLLM's
+    (deployments/engines/vllm_engine.py) or a test fake. Requests arrive validated (request_validation.py)."""
 
     def add_request(self, request: GenerationRequest) -> DeltaSource: ...
     def abort(self, request_id: str) -> None: ...
@@ -50,6 +47,8 @@ class ServingModel:
     engine: Engine
     tokenizer: Any  # a transformers tokenizer, or any object with the same __call__/apply_chat_template
     use_chat_template: bool
+    max_model_len: int | None = None  # prompt + generated tokens; None: the engine's stats() say
+    vocab_size: int | None = None  # None: unknown (a test fake); top_k is then not clamped to it
 
 
 EngineFactory = Callable[[ModelConfig], ServingModel]
@@ -82,7 +81,13 @@ def load_serving_model(config: ModelConfig) -> ServingModel:
         raise ValueError(
             f"model {config.name!r}: use_chat_template is set but its tokenizer has no chat template"
         )
-    return ServingModel(engine=engine, tokenizer=engine.tokenizer, use_chat_template=use_chat_template)
+    return ServingModel(
+        engine=engine,
+        tokenizer=engine.tokenizer,
+        use_chat_template=use_chat_template,
+        max_model_len=engine.max_model_len,
+        vocab_size=engine.vocab_size,
+    )
 
 
 class ModelServer:
@@ -95,8 +100,13 @@ class ModelServer:
         start_s = time.perf_counter()
         serving = (engine_factory or load_serving_model)(model_config)
         self._engine = serving.engine
-        self._tokenizer = serving.tokenizer
-        self._use_chat_template = serving.use_chat_template
+        self._validator = RequestValidator(
+            model_name=model_config.name,
+            tokenizer=serving.tokenizer,
+            use_chat_template=serving.use_chat_template,
+            max_model_len=serving.max_model_len or self._engine.stats().max_model_len,
+            vocab_size=serving.vocab_size,
+        )
         self._metrics = ModelMetrics(model_config.name)
         self._coalesce_ms = model_config.stream_coalesce_ms
         self._max_num_seqs = model_config.engine.max_num_seqs
@@ -105,47 +115,18 @@ class ModelServer:
 
     def encode(self, prompt: str, *, is_raw: bool = False) -> list[int]:
         """Prompt token ids: the prompt as a user turn of the chat template, or the raw prompt."""
-        if is_raw or not self._use_chat_template:
-            check_unicode(prompt, "prompt")
-            return list(self._tokenizer(prompt).input_ids)
-        return self.encode_chat([ChatMessage(role="user", content=prompt)], field="prompt")
+        return self._validator.encode(prompt, is_raw=is_raw)
 
     def encode_chat(self, messages: Sequence[ChatMessage], field: str = "messages") -> list[int]:
         """Token ids of a conversation through the chat template, ending with the assistant's turn."""
-        if not getattr(self._tokenizer, "chat_template", None):
-            raise InvalidRequestError(f"model {self._config.name} has no chat template; use /v1/completions")
-        for i, message in enumerate(messages):
-            check_unicode(message.content, field if field == "prompt" else f"{field}.{i}.content")
-        turns = [{"role": m.role, "content": m.content} for m in messages]
-        try:
-            encoded = self._tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
-        except jinja2.TemplateError as exc:  # e.g. Gemma's raise_exception on a system turn
-            raise InvalidRequestError(
-                f"{field}: the chat template of model {self._config.name} refused the conversation: {exc}"
-            ) from None
-        # transformers 5 returns a BatchEncoding (a Mapping); older versions a plain list of ids.
-        return list(encoded["input_ids"] if isinstance(encoded, Mapping) else encoded)
-
-    def _start(self, request: ModelRequest) -> DeltaSource:
-        if isinstance(request.prompt, str):
-            prompt_ids = self.encode(request.prompt, is_raw=request.is_raw_prompt)
-        else:
-            prompt_ids = self.encode_chat(request.prompt)
-        if not prompt_ids:
-            raise InvalidRequestError("the prompt is empty after tokenization")
-        params = request.params
-        if request.is_max_tokens_auto:  # the room the context leaves; at least 1, so too long still fails
-            room = self._engine.stats().max_model_len - len(prompt_ids)
-            params = dataclasses.replace(params, max_new_tokens=max(room, 1))
-        # The engine checks the context length and the sampling settings (400) before queueing.
-        return self._engine.add_request(GenerationRequest(request.request_id, tuple(prompt_ids), params))
+        return self._validator.encode_chat(messages, field)
 
     def _open(self, request: ModelRequest) -> ServedStream:
         """The request's stream: queued in the engine, timed and counted in this model's metrics."""
         self._metrics.ensure_stats_task(self._engine.stats)
         timer = self._metrics.start_request()
-        try:
-            source = self._start(request)
+        try:  # validated once, here; the engine only asserts (a full queue, a dead engine still raise)
+            source = self._engine.add_request(self._validator.validate(request))
         except Exception as exc:
             timer.on_error(status_code_of(exc))
             raise

@@ -31,20 +31,42 @@ from engine.errors import (
 )
 from engine.guided import CompiledGuide, GuidedCompiler
 from engine.guided_spec import GuidedSpec
-from engine.params import normalize_params
 from engine.types import EngineConfig, EngineStats, GenerationRequest, TokenDelta
 
 logger = logging.getLogger("engine")
 
 
 class RequestStream:
-    """Async iterator over one request's deltas. Closing it before the end aborts the request."""
+    """One request's output channel: the items (deltas, or the error that ends it) of each engine step.
+
+    The serving path (deployments/served_stream.py) reads it with `next_items` / `ready_items` and
+    ends it with `close`, which only stops listening: the serving stream sends the one abort itself.
+    Direct callers (tests, benchmarks) iterate it delta by delta and `aclose` it, which aborts an
+    unfinished request.
+    """
 
     def __init__(self, engine: AsyncEngine, request_id: str, out: asyncio.Queue) -> None:
         self.request_id = request_id
         self._engine, self._out = engine, out
-        self._pending: deque = deque()
+        self._pending: deque = deque()  # per-delta iteration only
         self._is_finished = self._is_closed = False
+
+    async def next_items(self) -> list[TokenDelta | BaseException]:
+        """The next step's items for this request, waiting for that step (cancel-safe)."""
+        return await self._out.get()
+
+    def ready_items(self) -> list[TokenDelta | BaseException]:
+        """Every item delivered and not yet taken, without waiting (`[]` if none)."""
+        items: list[TokenDelta | BaseException] = []
+        while not self._out.empty():
+            items.extend(self._out.get_nowait())
+        return items
+
+    def close(self) -> None:
+        """Idempotent: stop listening. It does not abort (the caller decides that)."""
+        if not self._is_closed:
+            self._is_closed = True
+            self._engine._forget(self.request_id)
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -57,70 +79,18 @@ class RequestStream:
         item = self._pending.popleft()
         if isinstance(item, TokenDelta) and item.error is not None:
             item = item.error  # this request failed in the engine; the others go on
+        if isinstance(item, BaseException) or item.is_finished:
+            self._is_finished = True
+            self.close()
         if isinstance(item, BaseException):
-            self._is_finished = True
-            self.close()
             raise item
-        if item.is_finished:
-            self._is_finished = True
-            self.close()
         return item
 
-    async def next_chunk(self, linger_s: float = 0.0) -> list[TokenDelta]:
-        """Every delta that is ready, at least one; `[]` once the stream has ended.
-
-        With `linger_s`, collect, so that a consumer that forwards each chunk as one message sends
-        fewer, fatter ones: the chunk goes out with the first step's deltas that arrive `linger_s` or
-        more after this call. So chunks leave at step boundaries, every lingering stream of a step in
-        the same wake-up of the event loop, never on a timer in the middle of the next step (where
-        the serving work would take a core from the engine's threads). A delta that arrives after
-        that time is returned at once; if no step brings this request anything for `linger_s` more
-        (it waits for KV blocks, say), what it has goes out then. An error ends the chunk: the deltas
-        before it come first, the next call raises it.
-        """
-        if self._is_finished or self._is_closed:
-            return []
-        loop = asyncio.get_running_loop()
-        until = loop.time() + linger_s
-        while not self._pending:
-            self._pending.extend(await self._out.get())
-        is_end = _has_end(self._pending)
-        if loop.time() < until and not is_end:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(until + linger_s):
-                    # look at the new items only: a long sync stream stays linear
-                    while not is_end and loop.time() < until:
-                        items = await self._out.get()
-                        self._pending.extend(items)
-                        is_end = _has_end(items)
-        while not self._out.empty():
-            self._pending.extend(self._out.get_nowait())
-        chunk: list[TokenDelta] = []
-        while self._pending:
-            item = self._pending[0]
-            if isinstance(item, TokenDelta) and item.error is None:
-                chunk.append(self._pending.popleft())
-                if item.is_finished:
-                    self._is_finished = True
-                    self.close()
-                    break
-            elif chunk:
-                break  # the error comes with the next call
-            else:
-                return [await self.__anext__()]  # raises it and ends the stream
-        return chunk
-
     async def aclose(self) -> None:
-        self.close()
-
-    def close(self) -> None:
         """Idempotent; aborts the request unless it already finished."""
-        if self._is_closed:
-            return
-        self._is_closed = True
-        if not self._is_finished:
+        if not self._is_finished and not self._is_closed:
             self._engine.abort(self.request_id)
-        self._engine._forget(self.request_id)
+        self.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,18 +153,22 @@ class AsyncEngine:
     def max_model_len(self) -> int:
         return self.config.max_model_len
 
+    @property
+    def vocab_size(self) -> int:
+        return self.core.vocab_size
+
     def check_request(self, num_prompt_tokens: int, max_new_tokens: int) -> None:
         """Raise ContextLengthError (HTTP 400, with the numbers) if it can never fit."""
         self.core.check_request(num_prompt_tokens, max_new_tokens)
 
     def add_request(self, request: GenerationRequest) -> RequestStream:
-        """Queue a request; iterate the result for its deltas. The last one has a finish_reason.
+        """Queue a request; its stream carries its deltas, the last one with a finish_reason.
 
         Refusals (context length, full queue, dead engine) raise here, before any iteration.
-        Closing the iterator early aborts the request.
         """
+        # The serving side (deployments/model_server.py) validated and normalized the request; the
+        # context check here only keeps a direct caller's impossible request out of the queue.
         self.check_request(len(request.prompt_token_ids), request.params.max_new_tokens)
-        normalize_params(request.params, self.core.vocab_size)  # refuse bad settings here, before queueing
         out: asyncio.Queue = asyncio.Queue()
         with self._lock:
             if self._dead is not None:
@@ -383,13 +357,6 @@ class AsyncEngine:
         for request_id in self.core.abort_all():
             error = exc if isinstance(exc, ServingError) else RequestFailedError(f"generation failed: {exc}")
             self._deliver_error(request_id, error)
-
-
-def _has_end(items) -> bool:
-    """Whether `items` (deltas and errors) hold a stream's end: its last delta or an error."""
-    return any(
-        not isinstance(item, TokenDelta) or item.error is not None or item.is_finished for item in items
-    )
 
 
 def _log_failure(future: Future) -> None:

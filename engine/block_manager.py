@@ -2,7 +2,7 @@
 
 A full block is keyed by a hash of its tokens and of its parent block's hash, so one key means one
 whole prefix wherever it occurs. Blocks whose tokens are all computed are registered under their key
-(`commit`, driven by `seq.num_computed`, which the runner advances only after a forward succeeded);
+(`commit`, driven by `seq.num_computed`, which the core advances only after a forward succeeded);
 a new sequence starts after its longest registered prefix (`cached_prefix` + `attach`). A block
 nobody holds stays in the cache until memory is needed, then the least recently freed goes first.
 Writes only ever land at positions >= `num_computed`, i.e. in a sequence's own unregistered blocks,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.device import release_free_memory
+from engine.device import release_free_memory, synchronize
 from engine.errors import (
     ContextLengthError,
     EngineDeadError,
@@ -183,6 +183,7 @@ class EngineCore:
         of the batch until the sequence that makes it fail is alone (listed in `lone_failures`)."""
         try:
             logits = self.runner.execute(batch)
+            synchronize(self.device)  # a device error is this forward's, caught here (not in the sampler)
         except Exception as exc:
             if len(batch.items) == 1:
                 self._num_consecutive_failures += 1
@@ -194,6 +195,7 @@ class EngineCore:
             tensors = [t for _, t in parts if t is not None]
             return [s for seqs, _ in parts for s in seqs], (torch.cat(tensors) if tensors else None)
         self._num_consecutive_failures = 0
+        batch.mark_computed()
         return [seq for seq, _ in batch.items if seq.num_computed == seq.num_tokens], logits
 
     def _fail_lone_failures(

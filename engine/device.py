@@ -34,6 +34,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that its errors surface here. A CUDA kernel runs after the
+    call that queued it returns, and its error appears at the next synchronization (in the sampler,
+    which would blame sampling); the engine synchronizes inside its forward's error handling instead."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def default_num_threads() -> int:
     """Every core this process may run on (Ray's OMP_NUM_THREADS=1 for fractional CPUs is ignored)."""
     return len(os.sched_getaffinity(0))

@@ -146,7 +146,8 @@ class ModelRunner:
         )
 
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Run one step; returns float32 logits (S, V) for the sequences whose last token was fed."""
+        """Run one step; returns float32 logits (S, V) for the sequences whose last token was fed. The
+        sequences' positions are left as they are: the core advances them once the step succeeded."""
         ids, pos, meta, sample_index = self.prepare(batch)
         keep = torch.tensor(sample_index, dtype=torch.long, device=self.device)
         if self.fast_forward is not None:
@@ -156,6 +157,4 @@ class ModelRunner:
                 input_ids=ids, position_ids=pos, attn_meta=meta, logits_to_keep=keep, use_cache=False
             )
             logits = out.logits[0]
-        for seq, n in batch.items:
-            seq.num_computed += n
         return logits.float()

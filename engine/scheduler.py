@@ -71,6 +71,12 @@ class ScheduledBatch:
     def is_empty(self) -> bool:
         return not self.items
 
+    def mark_computed(self) -> None:
+        """Advance each sequence past the tokens this forward computed: only once it has succeeded
+        (a forward that fails, even after its work was queued, is re-run from the same positions)."""
+        for seq, n in self.items:
+            seq.num_computed += n
+
 
 class Scheduler:
     """FIFO admission, blocks on demand, newest-first preemption, automatic prefix caching."""

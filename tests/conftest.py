@@ -15,6 +15,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir_hd32(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with head_dim 32, the smallest that vLLM's CPU attention takes (test_engines.py)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_model_hd32"), head_dim=32)
+
+
 # ---- which native-kernel paths ran (tests/kernel_report.py), also from pytest-xdist's workers ----
 _worker_kernel_paths: dict[str, str] = {}
 

@@ -8,6 +8,7 @@ route prefixes, so a test session starts each app once.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import sysconfig
@@ -78,10 +79,20 @@ def use_readme_serve_env() -> None:
             os.environ[name] = launcher_path() if value == LAUNCHER_COMMAND else value
     if os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1":
         _use_haproxy(tempfile.mkdtemp(prefix="haproxy-serve-"))
+        _use_own_ingress_ports()
     # The one departure from the README's Serve: an ingress replica that stops (every deleted test app)
     # holds on for Serve's minimum drain of 30 s, kept so that an outside load balancer can stop sending
     # to it. The tests delete apps with no traffic left, so 1 s (a whole suite ran ~6 min longer at 30).
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+    # Serve's handles and replicas push autoscaling metrics every 10 s; once a second here, so that the
+    # autoscaling tests see each step in ~1-2 s (they wait on serve.status(), never on a fixed time).
+    for name in ("HANDLE", "REPLICA"):
+        os.environ.setdefault(f"RAY_SERVE_{name}_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
+    # A proxy that answers its ready or health check in over 5 / 10 s is replaced (and a test that
+    # deploys meanwhile fails): on a loaded 2-core machine, with pytest-xdist's workers each running a
+    # Serve, a proxy starting beside model loads took that long. The tests test the app, not that bound.
+    for name in ("READY", "HEALTH"):
+        os.environ.setdefault(f"RAY_SERVE_PROXY_{name}_CHECK_TIMEOUT_S", "60")
 
 
 def launcher_path() -> str:
@@ -105,6 +116,38 @@ def _use_haproxy(state_dir: str) -> None:
         os.environ[f"RAY_SERVE_HAPROXY_{name}"] = os.path.join(state_dir, file).rstrip("/")
     for name in ("STATS_PORT", "METRICS_PORT"):
         os.environ[f"RAY_SERVE_HAPROXY_{name}"] = str(free_port())
+    # HAProxy mode keeps Serve's Python proxy as a fallback on 8500 (gRPC 9500): ports of its own too
+    for name in ("HTTP", "GRPC"):
+        os.environ[f"RAY_SERVE_FALLBACK_PROXY_{name}_PORT"] = str(free_port())
+
+
+def _use_own_ingress_ports() -> None:
+    """In HAProxy mode each ingress replica serves on a port Serve picks from 30000-31000 (gRPC from
+    40000-41000), counting from the start of the range: a second Serve on the machine (a pytest-xdist
+    worker, another checkout's tests) would take the same ports. Each test session takes free ranges."""
+    for kind, width in (("HTTP", 100), ("GRPC", 100)):
+        base = _free_range(width)
+        os.environ[f"RAY_SERVE_DIRECT_INGRESS_MIN_{kind}_PORT"] = str(base)
+        os.environ[f"RAY_SERVE_DIRECT_INGRESS_MAX_{kind}_PORT"] = str(base + width)
+
+
+def _free_range(width: int) -> int:
+    """The start of `width` consecutive ports that are free now, at a random place in 20000-29999."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 30000 - width, width)
+        if all(_is_free(port) for port in range(base, base + width)):
+            return base
+    raise RuntimeError(f"no {width} free consecutive ports in 20000-29999")
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def run_app(app: serve.Application, *, name: str, route_prefix: str, port: int) -> str:
@@ -120,3 +163,15 @@ def run_app(app: serve.Application, *, name: str, route_prefix: str, port: int) 
             pass
         time.sleep(0.2)
     raise TimeoutError(f"app {name!r} did not answer on {base_url}healthz within 60 s")
+
+
+def delete_app(name: str) -> None:
+    """Delete a test app without waiting for its replicas to drain (~3 s each, with nobody left to serve)."""
+    serve.delete(name, _blocking=False)
+
+
+def replica_pid(app_name: str, model: str) -> int:
+    """The process id of the (one) replica of `model` in `app_name`, asked of the replica through its
+    handle: exact even when other Ray clusters on this machine run apps of the same name."""
+    handle = serve.get_deployment_handle(f"ModelServer:{model}", app_name=app_name)
+    return handle.pid.remote().result(timeout_s=60)

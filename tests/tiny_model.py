@@ -57,22 +57,23 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_dims(tokenizer: PreTrainedTokenizerFast) -> dict:
-    """The tiny test models' vocabulary, sizes and special ids: config keywords every decoder shares."""
+def tiny_dims(tokenizer: PreTrainedTokenizerFast, head_dim: int = 16) -> dict:
+    """The tiny test models' vocabulary, sizes and special ids: config keywords every decoder shares.
+    vLLM's CPU attention takes head_dim 32 and up (tests/deployments/engines use 32)."""
     return {
         "vocab_size": len(tokenizer),
-        "hidden_size": 64,
-        "intermediate_size": 128,
+        "hidden_size": 4 * head_dim,
+        "intermediate_size": 8 * head_dim,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
-        "head_dim": 16,
+        "head_dim": head_dim,
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
 
 
-def build_tiny_model(path: Path, eos_bias: float = 0.0) -> Path:
+def build_tiny_model(path: Path, eos_bias: float = 0.0, head_dim: int = 16) -> Path:
     """Save a deterministic tiny Llama (float32) and its tokenizer into `path`; returns `path`.
 
     Greedy output is noise; EOS comes only by chance (never as the first token on the test prompts).
@@ -81,7 +82,10 @@ def build_tiny_model(path: Path, eos_bias: float = 0.0) -> Path:
     """
     tokenizer = build_tokenizer()
     config = LlamaConfig(
-        **tiny_dims(tokenizer), num_hidden_layers=2, max_position_embeddings=512, tie_word_embeddings=False
+        **tiny_dims(tokenizer, head_dim),
+        num_hidden_layers=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.float32)

@@ -17,6 +17,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.config import EndpointSettings, ModelConfig
 from deployments.endpoints.resources import Resources, code_version
+from deployments.engines.placement import deployment_for
 from deployments.model_server import ModelServer
 
 MAX_REASON_CHARS = 2000
@@ -38,15 +39,16 @@ def deploy(app_name: str, deployment_name: str, config: ModelConfig, settings: E
     Serve's default is 20 constructor failures in a row before DEPLOY_FAILED (minutes for a big model);
     `settings.max_start_attempts` (3) is enough: a model that fails to load three times will not load.
     """
+    options, engine_factory = deployment_for(config)  # by its engine: vLLM runs in its own venv
     deployment = serve.deployment(ModelServer).options(
         name=deployment_name,
         version=code_version(config),
         graceful_shutdown_timeout_s=settings.drain_timeout_s,
         max_constructor_retry_count=settings.max_start_attempts,
         _internal=True,  # `version` is internal in Ray 2.60; with it a scaling change does not restart
-        **config.deployment.to_options(),
+        **options,
     )
-    target = RunTarget(target=deployment.bind(config, None), name=app_name, route_prefix=None)
+    target = RunTarget(target=deployment.bind(config, engine_factory), name=app_name, route_prefix=None)
     serve.run_many([target], wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
 
 

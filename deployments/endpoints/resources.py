@@ -14,7 +14,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from deployments.config import DeploymentSettings, EngineSettings, ModelConfig
-from deployments.endpoints.wire import Quantity
+from deployments.endpoints.wire import Quantity, engine_kind_of
+from deployments.engines import EngineUnavailableError, require_engine, vllm_version
+from deployments.engines.placement import num_devices
 from deployments.errors import validation_message
 from engine.errors import InvalidRequestError
 from model_zoo import CATALOGUE
@@ -163,12 +165,35 @@ def check_model(model_name: str, checkpoint_path: str | None) -> str:
     return model_name
 
 
+def engine_for(engine: EngineSettings, *, image_tag: str | None, num_shards: int | None) -> EngineSettings:
+    """The endpoint's engine settings: `inference_framework_image_tag` chooses the engine (null or
+    'latest' keep the configured one), `num_shards` the devices of one replica; a vLLM version that
+    is not the installed one is a 400."""
+    try:
+        kind = engine_kind_of(image_tag)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc)) from None
+    installed = vllm_version()
+    if kind == "vllm" and image_tag not in (None, "vllm") and installed is not None:
+        wanted = image_tag.removeprefix("v")
+        if installed.rsplit(" ", 1)[-1] != wanted:
+            raise InvalidRequestError(
+                f"inference_framework_image_tag: vLLM {wanted} is not installed here ({installed} is); "
+                "send 'vllm' for it"
+            )
+    update: dict[str, Any] = {} if kind is None else {"kind": kind}
+    if num_shards is not None:
+        update["tensor_parallel_size"] = num_shards
+    return engine.model_copy(update=update)
+
+
 def model_config(
     name: str, model: str, engine: EngineSettings, deployment: dict[str, Any], replica_wait_timeout_s: float
 ) -> ModelConfig:
-    """The served model's config; a per_worker above what a replica takes at once is a 400."""
+    """The served model's config; a per_worker above what a replica takes at once, several devices
+    on this project's engine, or vLLM where it is not installed are a 400."""
     try:
-        return ModelConfig(
+        config = ModelConfig(
             name=name,
             model=model,
             engine=engine,
@@ -178,6 +203,16 @@ def model_config(
     except ValidationError as exc:
         message = validation_message(list(exc.errors()))
         raise InvalidRequestError(f"per_worker or max_num_seqs: {message}") from None
+    try:
+        kind = require_engine(config)
+    except EngineUnavailableError as exc:
+        raise InvalidRequestError(f"inference_framework_image_tag: {exc}") from None
+    if kind != "vllm" and num_devices(config) > 1:
+        raise InvalidRequestError(
+            "gpus and num_shards above 1 need the vLLM engine (inference_framework_image_tag 'vllm'); "
+            "this project's engine runs a replica on one device"
+        )
+    return config
 
 
 def code_version(config: ModelConfig) -> str:

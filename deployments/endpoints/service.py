@@ -21,6 +21,7 @@ from deployments.endpoints.registry import FAILED, PENDING, READY, EndpointRecor
 from deployments.endpoints.resources import (
     autoscaling,
     check_model,
+    engine_for,
     model_config,
     resources,
     resources_of,
@@ -177,7 +178,9 @@ class EndpointService:
             "autoscaling_config": autoscaling(*scaling),
         }
         wait_s = self._settings.replica_wait_timeout_s
-        return model_config(name, model, engine.model_copy(update=knobs), deployment, wait_s)
+        tag, shards = request.inference_framework_image_tag, request.num_shards
+        engine = engine_for(engine.model_copy(update=knobs), image_tag=tag, num_shards=shards)
+        return model_config(name, model, engine, deployment, wait_s)
 
     async def _unplaceable(self, config: ModelConfig) -> str | None:
         if not self._settings.check_node_resources:

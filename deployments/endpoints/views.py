@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from deployments.config import ModelConfig
 from deployments.endpoints.deployer import AppState
 from deployments.endpoints.registry import EndpointRecord
 from deployments.endpoints.resources import resources_of, scaling_of
 from deployments.endpoints.wire import FRAMEWORK, DeploymentState, EndpointSpec, ResourceState
+from deployments.engines import resolve_engine_kind, vllm_version
+from deployments.engines.placement import num_devices
 from deployments.protocol.llm_engine import ModelEndpoint
 
 
@@ -18,11 +21,19 @@ def _version(package: str) -> str:
         return "unknown"
 
 
-# What really serves every model: `inference_framework` must be one of the client's closed list.
+# What really serves a model: `inference_framework` must be one of the client's closed list ("vllm"
+# for both engines), so the tag says which engine and version it is.
 FRAMEWORK_TAG = (
     f"llmserve-{_version('llmserve')} (its own continuous-batching engine on torch {_version('torch')}, "
     f"transformers {_version('transformers')}; not vLLM)"
 )
+
+
+def framework_tag(config: ModelConfig) -> str:
+    """The engine that serves `config`, with its version."""
+    if resolve_engine_kind(config) == "vllm":
+        return f"{vllm_version() or 'vllm (not installed)'} (vLLM's AsyncLLM, in its own venv)"
+    return FRAMEWORK_TAG
 
 
 def configured_view(name: str, model_name: str) -> ModelEndpoint:
@@ -80,7 +91,7 @@ def record_view(record: EndpointRecord, app: AppState | None) -> ModelEndpoint:
         model_name=record.model_name,
         status=record.status,
         inference_framework=FRAMEWORK,
-        inference_framework_tag=FRAMEWORK_TAG,
-        num_shards=1,
+        inference_framework_tag=framework_tag(record.config),
+        num_shards=num_devices(record.config),
         spec=spec.model_dump(mode="json"),
     )

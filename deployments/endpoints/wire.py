@@ -25,11 +25,15 @@ GpuType = Literal[
 ]
 Status = Literal["READY", "UPDATE_PENDING", "UPDATE_IN_PROGRESS", "UPDATE_FAILED", "DELETE_IN_PROGRESS"]
 Quantity = str | int | float  # "2", 0.5, "500m" (CPUs); "4Gi", 2**30 (bytes)
-# The client's closed list has no entry for this engine; "vllm" (its default) is the closest: a
-# continuous-batching engine with paged attention. docs/endpoints.md says why.
+# The client's closed list has no entry for this project's engine; "vllm" (its default) names both
+# engines here, and `inference_framework_image_tag` chooses (docs/engines.md).
 FRAMEWORK = "vllm"
 MAX_WORKERS = 1024  # replicas of one endpoint
 MAX_PER_WORKER = 2**20  # target_ongoing_requests
+MAX_GPUS = 64  # per replica
+LATEST_TAG = "latest"
+# A vLLM release number as an image tag ("0.29.0"), as LLM Engine's vLLM images are tagged
+VLLM_VERSION_TAG = re.compile(r"v?([0-9]+\.[0-9]+(\.[0-9]+)?)")
 # A DNS-1123-like name: it becomes part of a Serve application and deployment name and of URLs.
 NAME_PATTERN = re.compile(r"[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?")
 
@@ -39,8 +43,17 @@ class _EndpointFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    inference_framework_image_tag: str | None = Field(None, description="Recorded; this engine serves.")
-    num_shards: int | None = Field(None, ge=1, description="Devices one replica spans; only 1 here.")
+    inference_framework_image_tag: str | None = Field(
+        None,
+        description="The engine: 'llmserve' (this project's), 'vllm' or a vLLM version (vLLM, where its venv "
+        "is installed), 'latest' or null = the app's configured default (docs/engines.md).",
+    )
+    num_shards: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_GPUS,
+        description="Devices one replica spans; above 1 on vLLM only (tensor parallel).",
+    )
     quantize: Literal["bitsandbytes", "awq"] | None = Field(None, description="Not supported: null.")
     checkpoint_path: str | None = Field(None, description="A local Hugging Face folder with config.json.")
     max_model_len: int | None = Field(None, ge=1, description="Prompt + generated tokens per sequence.")
@@ -48,7 +61,9 @@ class _EndpointFields(BaseModel):
     metadata: dict[str, Any] | None = Field(None, description="Free-form, returned in spec.metadata.")
     post_inference_hooks: list[str] | None = Field(None, description="Not supported: null or empty.")
     cpus: Quantity | None = Field(None, description="CPUs per replica (Ray num_cpus), e.g. 1, 0.5, '500m'.")
-    gpus: int | None = Field(None, ge=0, le=1, description="GPUs per replica: 0 or 1 (one device).")
+    gpus: int | None = Field(
+        None, ge=0, le=MAX_GPUS, description="GPUs per replica; above 1 on vLLM only (tensor parallel)."
+    )
     memory: Quantity | None = Field(None, description="Memory reserved per replica, e.g. '4Gi'.")
     gpu_type: GpuType | None = Field(None, description="GPU kind (Ray accelerator_type); needs gpus 1.")
     storage: Quantity | None = Field(None, description="Recorded only: Ray does not reserve disk.")
@@ -60,16 +75,6 @@ class _EndpointFields(BaseModel):
     labels: dict[str, str] | None = Field(None, description="Free-form, returned in spec.labels.")
     chat_template_override: str | None = Field(None, description="Not supported: null.")
     public_inference: bool | None = Field(None, description="Recorded only.")
-
-    @field_validator("num_shards")
-    @classmethod
-    def _one_shard(cls, num_shards: int | None) -> int | None:
-        if num_shards is not None and num_shards > 1:
-            raise ValueError(
-                f"{num_shards} shards are not supported: one replica serves a model on one device; "
-                "use num_shards 1 (scale with max_workers instead)"
-            )
-        return num_shards
 
     @field_validator("quantize", "chat_template_override")
     @classmethod
@@ -92,6 +97,10 @@ class _EndpointFields(BaseModel):
             raise ValueError(f"max_workers ({workers[1]}) must be at least min_workers ({workers[0]})")
         if self.gpu_type is not None and not self.gpus:
             raise ValueError("gpu_type needs gpus: 1 (a GPU kind for a replica without a GPU)")
+        if engine_kind_of(self.inference_framework_image_tag) == "llmserve":
+            for field, value in (("gpus", self.gpus), ("num_shards", self.num_shards)):
+                if value is not None and value > 1:
+                    raise ValueError(f"{field} above 1 needs the vLLM engine; llmserve runs on one device")
         return self
 
 
@@ -125,8 +134,8 @@ class CreateLLMEndpointRequest(_EndpointFields):
     def _this_engine(cls, framework: str) -> str:
         if framework != FRAMEWORK:
             raise ValueError(
-                f"{framework!r} is not available: every model here is served by llmserve's own engine, "
-                f"which the client's closed list calls {FRAMEWORK!r}; send {FRAMEWORK!r}"
+                f"{framework!r} is not available; supported: {FRAMEWORK!r} (the client's name for both "
+                "engines here: inference_framework_image_tag chooses 'llmserve' or 'vllm')"
             )
         return framework
 
@@ -188,3 +197,15 @@ class EndpointSpec(BaseModel):
     deployment_state: DeploymentState
     resource_state: ResourceState
     public_inference: bool | None = True
+
+
+def engine_kind_of(image_tag: str | None) -> Literal["llmserve", "vllm"] | None:
+    """The engine an `inference_framework_image_tag` asks for; None = the configured default."""
+    if image_tag is None or image_tag == LATEST_TAG:
+        return None
+    if image_tag in ("llmserve", "vllm") or VLLM_VERSION_TAG.fullmatch(image_tag):
+        return "llmserve" if image_tag == "llmserve" else "vllm"
+    raise ValueError(
+        f"inference_framework_image_tag: {image_tag[:100]!r} is not one of 'llmserve', 'vllm', a vLLM "
+        f"version (e.g. '0.29.0') or {LATEST_TAG!r}"
+    )

@@ -7,21 +7,37 @@ import time
 
 from benchmarks.cpu_accounting import TABLE_HEADER, between, snapshot
 
-_BURN = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass\ntime.sleep(30)"
+# Each child says on stdout when it is where the test needs it (an event, not a guess of how long a
+# busy machine takes): the sleeper once started, the burner once its 0.6 s of CPU are spent.
+_SLEEP = "import sys, time\nprint('asleep', flush=True)\ntime.sleep(60)"
+_BURN = (
+    "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass\n"
+    "print('burnt', flush=True)\ntime.sleep(60)"
+)
+
+
+def _start(code: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+
+
+def _wait_for(child: subprocess.Popen, says: str) -> None:
+    assert child.stdout is not None and child.stdout.readline().strip() == says
 
 
 def test_a_busy_process_is_charged_its_cpu_and_a_sleeping_one_nothing():
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    time.sleep(1.0)  # its start-up CPU lands before the first snapshot
+    sleeper = _start(_SLEEP)
+    burner = None
     try:
+        _wait_for(sleeper, "asleep")  # its start-up CPU lands before the first snapshot
         before = snapshot()
-        burner = subprocess.Popen([sys.executable, "-c", _BURN])
-        time.sleep(2.5)  # 0.6 s of CPU, then asleep: done even on a busy 2-core machine
+        burner = _start(_BURN)
+        _wait_for(burner, "burnt")
         use = between(before, snapshot(), output_tokens=300)
     finally:
         for child in (sleeper, burner):
-            child.kill()
-            child.wait()
+            if child is not None:
+                child.kill()
+                child.wait()
     by_pid = {p.pid: p for p in use.processes}
     assert sleeper.pid not in by_pid or by_pid[sleeper.pid].cpu_s < 0.05
     busy = by_pid[burner.pid]  # a process started in between counts from 0
@@ -35,7 +51,7 @@ def test_a_busy_process_is_charged_its_cpu_and_a_sleeping_one_nothing():
 
 def test_rows_show_the_top_processes_the_rest_summed_and_the_idle_share():
     before = snapshot()
-    time.sleep(0.3)
+    time.sleep(0.01)  # any interval: only the table's shape is checked
     use = between(before, snapshot(), output_tokens=10)
     rows = use.rows("concurrency 1", top=1)
     assert len(TABLE_HEADER.splitlines()) == 2

@@ -3,12 +3,11 @@
 from collections.abc import Iterator
 
 import pytest
-from ray import serve
 
 from deployments.app import build_app_from_configs
 from deployments.config import DeploymentSettings, ModelConfig
 from tests.deployments.fake_engine import FAKE_MODELS, fake_factory
-from tests.serve_fixtures import run_app, serve_session
+from tests.serve_fixtures import delete_app, run_app, serve_session
 
 
 @pytest.fixture(scope="session")
@@ -26,4 +25,4 @@ def fake_app_url(serve_port: int) -> Iterator[str]:
     ]
     app = build_app_from_configs(models, engine_factory=fake_factory)
     yield run_app(app, name="fake", route_prefix="/fake", port=serve_port)
-    serve.delete("fake")
+    delete_app("fake")

@@ -97,20 +97,41 @@ class FakeEngine:
 
 
 class FakeStream:
-    """The engine's stream interface over the fake's generator: one delta per chunk, no lingering."""
+    """The engine's stream interface over the fake's generator: one delta per step, pumped by a task
+    (so that waiting on it is cancel-safe, as the engines' streams are)."""
 
     def __init__(self, deltas: AsyncIterator[TokenDelta]) -> None:
-        self._deltas = deltas
+        self._out: asyncio.Queue[list] = asyncio.Queue()
+        self._task = asyncio.ensure_future(self._pump(deltas))
 
-    async def next_chunk(self, linger_s: float = 0.0) -> list[TokenDelta]:
-        delta = await anext(self._deltas, None)
-        return [] if delta is None else [delta]
+    async def _pump(self, deltas: AsyncIterator[TokenDelta]) -> None:
+        try:
+            async for delta in deltas:
+                self._out.put_nowait([delta])
+        except Exception as exc:  # the request's error, as an engine hands it over
+            self._out.put_nowait([exc])
+        self._out.put_nowait([])  # ended (after its last delta, or aborted)
 
-    async def aclose(self) -> None:
-        await self._deltas.aclose()
+    async def next_items(self) -> list:
+        return await self._out.get()
+
+    def ready_items(self) -> list:
+        items: list = []
+        while not self._out.empty():
+            items.extend(self._out.get_nowait())
+        return items
+
+    def close(self) -> None:
+        self._task.cancel()
 
 
 def fake_factory(config: ModelConfig) -> ServingModel:
     """An EngineFactory for `ModelServer`: a FakeEngine with a byte tokenizer."""
     use_chat_template = bool(config.use_chat_template)
-    return ServingModel(engine=FakeEngine(), tokenizer=FakeTokenizer(), use_chat_template=use_chat_template)
+    return ServingModel(
+        engine=FakeEngine(),
+        tokenizer=FakeTokenizer(),
+        use_chat_template=use_chat_template,
+        max_model_len=MAX_MODEL_LEN,
+        vocab_size=256,
+    )

@@ -132,7 +132,7 @@ def test_stream_events_leave_one_by_one(client):
         ({"top_k": 0}, 400, "top_k: "),
         ({"temperature": 0, "top_p": 0.5}, 400, "top_p must be null or 1 when temperature is 0"),
         ({"guided_regex": "a", "guided_choice": ["a"]}, 400, "Only one of guided_json, guided_choice"),
-        ({"prompt": "x" * MAX_MODEL_LEN}, 400, "exceeds the context length"),
+        ({"prompt": "x" * MAX_MODEL_LEN}, 400, "exceeds this model's context"),
         ({"prompt": "[overload]"}, 429, "queue is full"),
         ({"prompt": "[crash]"}, 500, "internal error: RuntimeError: fake engine crashed"),
     ],

@@ -46,7 +46,12 @@ def test_manifest_serve_config_validates_with_ray_and_app_config():
     assert names == ["llama-3-8b-instruct", "mistral-7b-instruct"]
     models = serve_config["applications"][0]["args"]["models"]
     assert all(m["deployment"]["ray_actor_options"]["num_gpus"] == 1 for m in models)
-    assert all(m["engine"]["device"] == "cuda" for m in models)
+    assert all(m["engine"]["device"] == "cuda" and m["engine"]["kind"] == "vllm" for m in models)
+    cluster = load(MANIFEST)["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for pod in pods:  # every pod finds the image's vLLM venv (the head builds the app: it checks the venv)
+        env = {e["name"]: e.get("value") for e in pod["template"]["spec"]["containers"][0]["env"]}
+        assert env["LLMSERVE_VLLM_PYTHON"] == "/home/ray/venv-vllm/bin/python"
 
 
 @pytest.mark.parametrize("path", ["serve_config.yaml"])

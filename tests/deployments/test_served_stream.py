@@ -1,4 +1,6 @@
-"""ServedStream: the replica's one stream object (chunks, coalescing interval, deadline, abort, metrics)."""
+"""ServedStream: the replica's one stream object (chunks, coalescing at step boundaries, deadline, abort,
+metrics). Time is a ManualClock and the engine's steps are delivered by hand, so no verdict depends on
+the machine's speed."""
 
 import asyncio
 
@@ -6,103 +8,142 @@ import pytest
 
 from deployments.served_stream import ServedStream
 from engine.errors import RequestFailedError, RequestTimeoutError
-from engine.types import FinishReason, TokenDelta
+from tests.stream_helpers import ManualClock, RecordingTimer, StepSource, delta, settle
 
 
-def delta(n: int, is_last: bool = False) -> TokenDelta:
-    return TokenDelta("r", f"t{n} ", 3, n, None, FinishReason.LENGTH if is_last else None)
-
-
-class ScriptedSource:
-    """Hands out the scripted chunks (an exception is raised), recording each call's linger."""
-
-    def __init__(self, *chunks, delay_s: float = 0.0) -> None:
-        self.chunks, self.delay_s = list(chunks), delay_s
-        self.lingers: list[float] = []
-        self.is_closed = False
-
-    async def next_chunk(self, linger_s: float = 0.0) -> list[TokenDelta]:
-        self.lingers.append(linger_s)
-        await asyncio.sleep(self.delay_s)
-        if not self.chunks:
-            return []
-        item = self.chunks.pop(0)
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    async def aclose(self) -> None:
-        self.is_closed = True
-
-
-class Timer:
-    def __init__(self) -> None:
-        self.deltas, self.errors, self.ends = [], [], 0
-
-    def on_delta(self, d):
-        self.deltas.append(d)
-
-    def on_error(self, status_code):
-        self.errors.append(status_code)
-
-    def on_end(self):
-        self.ends += 1
-
-
-def served(source, timer=None, timeout_s=10.0, interval_s=0.0):
+def served(source, *, timer=None, timeout_s=10.0, interval_s=0.0, clock=None):
     aborted = []
     stream = ServedStream(
         source,
         abort=lambda: aborted.append(True),
-        timer=timer or Timer(),
+        timer=timer or RecordingTimer(),
         timeout_s=timeout_s,
         interval_s=lambda: interval_s,
+        clock=clock or ManualClock(),
     )
     return stream, aborted
 
 
+async def start(coro) -> asyncio.Future:
+    """Run `coro` until it waits (for a step or the clock), at the clock's present time."""
+    future = asyncio.ensure_future(coro)
+    await settle()
+    return future
+
+
+def numbers(chunk) -> list[int]:
+    return [d.num_completion_tokens for d in chunk]
+
+
 async def test_the_first_chunk_never_waits_and_later_ones_wait_out_the_interval():
-    source = ScriptedSource([delta(1)], [delta(2), delta(3)], [delta(4, is_last=True)])
-    stream, aborted = served(source, interval_s=0.2)
-    chunks = [c async for c in stream]
-    assert [len(c) for c in chunks] == [1, 2, 1]
-    assert source.lingers[0] == 0.0
-    assert all(0.15 < linger <= 0.2 for linger in source.lingers[1:])  # the rest of 0.2 s since the last
+    clock, source = ManualClock(), StepSource()
+    stream, aborted = served(source, interval_s=0.2, clock=clock)
+    source.step(delta(1))
+    first = await start(stream.next_chunk())
+    assert first.done() and numbers(first.result()) == [1]  # at t=0, without waiting for more
+    pending = await start(stream.next_chunk())
+    for n, at in ((2, 0.05), (3, 0.1)):  # within 0.2 s of the first chunk: they wait
+        await clock.advance_to(at)
+        source.step(delta(n))
+        await settle()
+        assert not pending.done()
+    await clock.advance_to(0.25)
+    source.step(delta(4, is_last=True))  # the first step after the interval takes them all out
+    await settle()
+    assert pending.done() and numbers(pending.result()) == [2, 3, 4]
+    assert await stream.next_chunk() == []
     await stream.aclose()
     assert not aborted and source.is_closed
 
 
 async def test_a_consumer_slower_than_the_interval_is_never_held_back():
-    source = ScriptedSource([delta(1)], [delta(2)], [delta(3, is_last=True)])
-    stream, _ = served(source, interval_s=0.05)
-    while await stream.next_chunk():
-        await asyncio.sleep(0.1)  # the previous chunk went out 0.1 s ago: past its 0.05 s interval
-    assert source.lingers == [0.0, 0.0, 0.0]
+    clock, source = ManualClock(), StepSource()
+    stream, _ = served(source, interval_s=0.05, clock=clock)
+    for n in (1, 2, 3):
+        source.step(delta(n, is_last=n == 3))
+        chunk = await start(stream.next_chunk())
+        assert chunk.done() and numbers(chunk.result()) == [n]  # no wait for another step
+        await clock.advance_to(clock.now + 0.1)  # the consumer comes back after the interval
 
 
-async def test_closing_early_aborts_and_records_the_end_once():
-    timer = Timer()
-    stream, aborted = served(ScriptedSource([delta(1)], [delta(2)]), timer=timer)
-    assert await stream.next_chunk() == [delta(1)]
+async def test_a_lingering_chunk_leaves_with_the_first_step_after_its_linger_not_on_a_timer():
+    clock, source = ManualClock(), StepSource()
+    stream, aborted = served(source, clock=clock)
+    source.step(delta(1))
+    chunk = await start(stream.next_chunk(linger_s=0.15))
+    await clock.advance_to(0.1)
+    source.step(delta(2))
+    await settle()
+    await clock.advance_to(0.16)  # the linger ran out between two steps: no message on a timer
+    assert not chunk.done()
+    await clock.advance_to(0.2)
+    source.step(delta(3))  # the first step after the linger ends the chunk
+    await settle()
+    assert numbers(chunk.result()) == [1, 2, 3]
+    # nothing ready: it waits for the next step (at 0.45 s), which is past the linger, so it goes at once
+    chunk = await start(stream.next_chunk(linger_s=0.1))
+    await clock.advance_to(0.45)
+    source.step(delta(4))
+    await settle()
+    assert numbers(chunk.result()) == [4]
+    source.step(delta(5, is_last=True))
+    assert numbers(await stream.next_chunk(linger_s=0.1)) == [5]  # the last delta ends a linger at once
+    assert await stream.next_chunk() == []
+    await stream.aclose()
+    assert not aborted
+
+
+async def test_a_lingering_chunk_goes_out_after_twice_its_linger_when_no_step_comes():
+    clock, source = ManualClock(), StepSource()
+    stream, _ = served(source, clock=clock)
+    source.step(delta(1))  # ready; nothing else comes (the request waits for KV blocks, say)
+    chunk = await start(stream.next_chunk(linger_s=0.1))
+    await clock.advance_to(0.19)
+    assert not chunk.done()
+    await clock.advance_to(0.2)
+    assert numbers(chunk.result()) == [1]
+    source.step(delta(2, is_last=True))
+    chunk = await start(stream.next_chunk(linger_s=5.0))  # no time passes: the last delta ends it
+    assert numbers(chunk.result()) == [2]
+    assert await stream.next_chunk() == []
+
+
+async def test_an_error_comes_after_the_deltas_before_it_and_ends_a_linger():
+    timer, source = RecordingTimer(), StepSource()
+    stream, aborted = served(source, timer=timer)
+    source.step(delta(1))
+    source.step(delta(2), RequestFailedError("boom"))
+    chunk = await start(stream.next_chunk(linger_s=1.0))  # no time passes: the error ends the linger
+    assert numbers(chunk.result()) == [1, 2]
+    with pytest.raises(RequestFailedError, match="boom"):
+        await stream.next_chunk()
+    assert await stream.next_chunk() == []
+    assert timer.errors == [500]
+    await stream.aclose()
+    assert aborted == [True] and timer.ends == 1  # errors before its end: the abort is sent once
+
+
+async def test_closing_early_aborts_once_and_records_the_end_once():
+    timer, source = RecordingTimer(), StepSource()
+    stream, aborted = served(source, timer=timer)
+    source.step(delta(1))
+    source.step(delta(2))
+    assert numbers(await stream.next_chunk()) == [1, 2]
     await stream.aclose()
     await stream.aclose()
-    assert aborted == [True] and timer.ends == 1 and timer.deltas == [delta(1)]
+    assert aborted == [True] and timer.ends == 1 and numbers(timer.deltas) == [1, 2]
+    assert source.is_closed
     assert await stream.next_chunk() == []
 
 
 async def test_the_deadline_raises_a_timeout_naming_the_setting():
-    timer = Timer()
-    stream, aborted = served(ScriptedSource([delta(1)], delay_s=5.0), timer=timer, timeout_s=0.1)
+    clock, timer, source = ManualClock(), RecordingTimer(), StepSource()
+    stream, aborted = served(source, timer=timer, timeout_s=10.0, clock=clock)
+    chunk = await start(stream.next_chunk())
+    await clock.advance_to(9.9)
+    assert not chunk.done()
+    await clock.advance_to(10.0)
     with pytest.raises(RequestTimeoutError, match="request_timeout_s"):
-        await stream.next_chunk()
+        chunk.result()
     await stream.aclose()
     assert timer.errors == [504] and aborted == [True]
-
-
-async def test_an_engine_error_is_counted_with_its_status():
-    timer = Timer()
-    stream, _ = served(ScriptedSource([delta(1)], RequestFailedError("boom")), timer=timer)
-    await stream.next_chunk()
-    with pytest.raises(RequestFailedError):
-        await stream.next_chunk()
-    assert timer.errors == [500]

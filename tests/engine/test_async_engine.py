@@ -4,10 +4,11 @@ import asyncio
 
 import pytest
 
-from engine.async_engine import RequestStream
+from deployments.served_stream import ServedStream
 from engine.errors import ContextLengthError, OverloadedError, RequestFailedError
-from engine.types import FinishReason, TokenDelta
+from engine.types import FinishReason
 from tests.engine.conftest import make_async_engine, request, text_of
+from tests.stream_helpers import ManualClock, RecordingTimer
 
 
 @pytest.fixture
@@ -94,107 +95,64 @@ async def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(engine, t
     assert engine.stats().num_running == 0
 
 
+def served(engine, stream, clock=None) -> ServedStream:
+    """The serving stream over the engine's stream, on a clock that moves only when the test says."""
+    return ServedStream(
+        stream,
+        abort=lambda: engine.abort(stream.request_id),
+        timer=RecordingTimer(),
+        timeout_s=60.0,
+        clock=clock or ManualClock(),
+    )
+
+
 async def test_chunks_carry_the_same_deltas_as_single_iteration(engine, tiny):
     _, tokenizer = tiny
     alone = await collect(engine.add_request(request(tokenizer, "Count:", "one", max_new_tokens=12)))
-    stream = engine.add_request(request(tokenizer, "Count:", "chunked", max_new_tokens=12))
+    stream = served(engine, engine.add_request(request(tokenizer, "Count:", "chunked", max_new_tokens=12)))
     chunks = []
-    while chunk := await stream.next_chunk(linger_s=0.05):
+    while chunk := await stream.next_chunk(linger_s=0.05):  # the clock stands still: never past it
         chunks.append(chunk)
     deltas = [d for c in chunks for d in c]
     assert [(d.text, d.num_completion_tokens) for d in deltas] == [
         (d.text, d.num_completion_tokens) for d in alone
     ]
     assert deltas[-1].is_finished and all(not d.is_finished for d in deltas[:-1])
-    assert len(chunks) < len(deltas)  # lingering 50 ms put several steps' tokens in one chunk
+    assert len(chunks) == 1 < len(deltas)  # lingering put every step's tokens in one chunk
     assert await stream.next_chunk() == []
+    await stream.aclose()
     assert not engine._streams
-
-
-class _Steps:
-    """Stands in for the engine behind one RequestStream: the test delivers each 'step' by hand."""
-
-    def __init__(self) -> None:
-        self.out: asyncio.Queue = asyncio.Queue()
-        self.aborted: list[str] = []
-
-    def abort(self, request_id: str) -> None:
-        self.aborted.append(request_id)
-
-    def _forget(self, request_id: str) -> None:
-        pass
-
-    def step(self, n: int, *, last: bool = False) -> None:
-        self.out.put_nowait(
-            [TokenDelta("r", str(n), 3, n, finish_reason=FinishReason.LENGTH if last else None)]
-        )
-
-
-async def test_a_lingering_chunk_leaves_with_the_first_step_after_its_linger_not_on_a_timer():
-    steps = _Steps()
-    stream = RequestStream(steps, "r", steps.out)  # type: ignore[arg-type]
-    loop = asyncio.get_running_loop()
-
-    async def deliver(at_s: list[float]) -> None:
-        start = loop.time()
-        for n, at in enumerate(at_s, 1):
-            await asyncio.sleep(max(0.0, start + at - loop.time()))
-            steps.step(n, last=n == len(at_s))
-
-    feeder = asyncio.create_task(deliver([0.0, 0.1, 0.2, 0.45, 0.5]))
-    start = loop.time()
-    chunk = await stream.next_chunk(linger_s=0.15)
-    # the step at 0.1 s came before the linger ran out, the one at 0.2 s after: it ends the chunk
-    assert [d.num_completion_tokens for d in chunk] == [1, 2, 3]
-    assert loop.time() - start >= 0.19
-    # nothing ready: it waits for the next step (at 0.45 s), which is past the linger, so it goes at once
-    assert [d.num_completion_tokens for d in await stream.next_chunk(linger_s=0.1)] == [4]
-    assert [d.num_completion_tokens for d in await stream.next_chunk(linger_s=0.1)] == [5]  # the last
-    assert await stream.next_chunk() == []
-    await feeder
-    assert not steps.aborted
-
-
-async def test_a_lingering_chunk_goes_out_after_twice_its_linger_when_no_step_comes():
-    steps = _Steps()
-    stream = RequestStream(steps, "r", steps.out)  # type: ignore[arg-type]
-    loop = asyncio.get_running_loop()
-    steps.step(1)
-    start = loop.time()
-    chunk = await stream.next_chunk(linger_s=0.1)  # step 1 is ready; nothing else comes
-    assert [d.num_completion_tokens for d in chunk] == [1]
-    assert 0.19 <= loop.time() - start < 0.5
-    steps.step(2, last=True)  # the last delta ends a linger at once
-    start = loop.time()
-    assert [d.num_completion_tokens for d in await stream.next_chunk(linger_s=5.0)] == [2]
-    assert loop.time() - start < 0.1
-    assert await stream.next_chunk() == []
-    assert not steps.aborted
 
 
 async def test_a_chunk_without_linger_is_what_is_ready_and_never_waits_for_more(engine, tiny):
     _, tokenizer = tiny
-    stream = engine.add_request(request(tokenizer, "Hello", max_new_tokens=50, ignore_eos=True))
+    source = engine.add_request(request(tokenizer, "Hello", max_new_tokens=50, ignore_eos=True))
+    stream = served(engine, source)
     first = await stream.next_chunk()
     # Whatever was ready when the loop woke: usually one token, more on a loaded machine.
     assert [d.num_completion_tokens for d in first] == list(range(1, 1 + len(first)))
-    await asyncio.sleep(0.3)  # several steps pile up meanwhile
+    await wait_until(lambda: source._out.qsize() >= 3)  # three more steps delivered meanwhile
     piled = await stream.next_chunk()
-    assert len(piled) > 1
+    assert len(piled) >= 3
     start = 1 + len(first)
     assert [d.num_completion_tokens for d in piled] == list(range(start, start + len(piled)))
     await stream.aclose()
+    await wait_until(lambda: engine.stats().num_running == 0)  # the one abort freed its slot
+    assert not engine._streams
 
 
 async def test_an_error_comes_after_the_deltas_before_it(engine, tiny):
     _, tokenizer = tiny
-    stream = engine.add_request(request(tokenizer, "Hello", max_new_tokens=200, ignore_eos=True))
+    source = engine.add_request(request(tokenizer, "Hello", max_new_tokens=200, ignore_eos=True))
+    stream = served(engine, source)
     await stream.next_chunk()
-    await asyncio.sleep(0.05)
-    engine._send_out({stream.request_id: [RequestFailedError("boom")]})  # as a failed step delivers it
-    await asyncio.sleep(0.05)
-    chunk = await stream.next_chunk(linger_s=1.0)  # the error ends the wait at once
+    await wait_until(lambda: source._out.qsize() >= 1)
+    engine._send_out({source.request_id: [RequestFailedError("boom")]})  # as a failed step delivers it
+    await wait_until(lambda: any(isinstance(i, Exception) for items in source._out._queue for i in items))
+    async with asyncio.timeout(30):  # the clock stands still: only the error can end this linger
+        chunk = await stream.next_chunk(linger_s=1.0)
     assert chunk and not chunk[-1].is_finished
     with pytest.raises(RequestFailedError, match="boom"):
         await stream.next_chunk()
     assert await stream.next_chunk() == []
+    await stream.aclose()

@@ -202,3 +202,52 @@ async def test_whatever_ends_the_loop_is_recorded_and_ends_queued_requests_too(e
             await anext(stream)
     with pytest.raises(EngineDeadError, match="simulated interpreter exit"):
         engine.check_health()
+
+
+def fail_sync_when(monkeypatch, is_bad) -> dict[str, int]:
+    """A device error that surfaces at synchronization, after the forward's work was queued (a CUDA
+    kernel's error does): `engine.core.synchronize` raises when `is_bad()` says so."""
+    calls = {"failed": 0}
+
+    def synchronize(device):
+        if is_bad():
+            calls["failed"] += 1
+            raise RuntimeError("simulated asynchronous device fault")
+
+    monkeypatch.setattr("engine.core.synchronize", synchronize)
+    return calls
+
+
+def test_an_error_at_synchronization_reruns_the_step_from_the_same_positions(tiny, monkeypatch):
+    """The forward's work is done, its error comes after: the step is retried in halves from the
+    positions it started at, so every request still gets exactly its greedy tokens."""
+    _, tokenizer = tiny
+    alone = {p: tokens_alone(tiny, p, max_new_tokens=6, ignore_eos=True) for p in PROMPTS}
+    core = make_core(tiny, max_num_batched_tokens=16)  # prompts in chunks: positions matter mid-prompt
+    for p in PROMPTS:
+        core.add_request(request(tokenizer, p, max_new_tokens=6, ignore_eos=True, return_log_probs=True))
+    real_execute, batch_sizes = core.runner.execute, []
+
+    def execute(batch):
+        batch_sizes.append(len(batch.items))
+        return real_execute(batch)
+
+    core.runner.execute = execute
+    # every other forward of several sequences fails at synchronization; its halves then succeed
+    calls = fail_sync_when(monkeypatch, lambda: batch_sizes[-1] > 1 and len(batch_sizes) % 2 == 1)
+    out = run_to_completion(core)
+    assert calls["failed"] >= 3
+    for p in PROMPTS:
+        assert out[p][-1].error is None
+        assert [d.token.text for d in out[p]] == alone[p]
+
+
+def test_errors_at_every_synchronization_mean_a_dead_engine(tiny, monkeypatch):
+    _, tokenizer = tiny
+    core = make_core(tiny, max_consecutive_failures=3)
+    for p in PROMPTS:
+        core.add_request(request(tokenizer, p, max_new_tokens=4))
+    fail_sync_when(monkeypatch, lambda: True)
+    with torch.inference_mode(), pytest.raises(EngineDeadError, match="device looks broken"):
+        for _ in range(10):
+            core.step()

@@ -10,13 +10,12 @@ import openai
 import pytest
 from llmengine import Completion  # conftest.py disabled the client's PyPI version check
 from llmengine.errors import UnauthorizedError
-from ray import serve
 
 from deployments.app import build_app_from_configs
 from deployments.config import DeploymentSettings, IngressSettings, ModelConfig
 from deployments.limits import API_KEYS_ENV, AuthSettings
 from tests.deployments.fake_engine import fake_factory
-from tests.serve_fixtures import run_app
+from tests.serve_fixtures import delete_app, run_app
 
 APP, MODEL = "auth", "fake"
 CONFIG_KEY, ENV_KEY = "key-from-config", "key-from-env"
@@ -43,7 +42,7 @@ def app_url(serve_port: int) -> Iterator[str]:
         else:
             os.environ[API_KEYS_ENV] = previous
     yield run_app(app, name=APP, route_prefix=f"/{APP}", port=serve_port)
-    serve.delete(APP)
+    delete_app(APP)
 
 
 @pytest.fixture

@@ -14,14 +14,13 @@ from typing import Any
 
 import httpx
 import pytest
-from ray import serve
 
 from deployments.app import build_app_from_configs
 from deployments.config import DeploymentSettings, EngineSettings, ModelConfig
 from deployments.limits import LimitSettings
 from deployments.protocol.bounds import MAX_NEW_TOKENS_MAX, MAX_STOP_SEQUENCES, SEED_MAX, SEED_MIN, TOP_K_MAX
 from tests.integration.tiny_app import TINY_MODEL
-from tests.serve_fixtures import run_app
+from tests.serve_fixtures import delete_app, replica_pid, run_app
 
 LIMITS = LimitSettings()  # the tiny app runs with the default limits
 SYNC, STREAM = "v1/llm/completions-sync", "v1/llm/completions-stream"
@@ -259,19 +258,10 @@ def client(tiny_app_url: str):
         yield client
 
 
-def replica_pid(app_name: str, model: str) -> int:
-    """The pid of the model's replica (one replica here), through a Serve handle: never over HTTP."""
-    return serve.get_deployment_handle(f"ModelServer:{model}", app_name=app_name).pid.remote().result()
-
-
 @pytest.fixture(scope="module")
 def pid_before(client: httpx.Client) -> int:
     """Asked before the first bad request of this module."""
     return replica_pid("tiny", TINY_MODEL)
-
-
-def test_the_matrix_is_big_enough():
-    assert len(CASES) >= 40
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
@@ -337,7 +327,7 @@ def template_app_url(serve_port: int, tiny_model_dir: Path, tmp_path_factory: py
         deployment=DeploymentSettings(ray_actor_options={"num_cpus": 0.2}),
     )
     yield run_app(build_app_from_configs([model]), name="strict", route_prefix="/strict", port=serve_port)
-    serve.delete("strict")
+    delete_app("strict")
 
 
 @pytest.mark.parametrize("route", [CHAT, "v2/chat/completions"])

@@ -13,12 +13,10 @@ import time
 from pathlib import Path
 
 import httpx
-from ray import serve
 
-from benchmarks.soak import replica_processes
 from tests.integration.faults import BreakableFactory
 from tests.integration.tiny_app import TINY_MODEL, build_tiny_app
-from tests.serve_fixtures import run_app
+from tests.serve_fixtures import delete_app, replica_pid, run_app
 
 APP = "enginedeath"
 SYNC, STREAM = "v1/llm/completions-sync", "v1/llm/completions-stream"
@@ -60,7 +58,7 @@ def test_a_dead_engine_fails_its_streams_answers_503_and_serve_replaces_it(
     app = build_tiny_app(tiny_model_dir, engine_factory=BreakableFactory(marker))
     url = run_app(app, name=APP, route_prefix=f"/{APP}", port=serve_port)
     try:
-        [replica] = replica_processes(APP)
+        dead_pid = replica_pid(APP, TINY_MODEL)
         lasts = asyncio.run(_streams_end_with_errors_when_the_device_breaks(url, marker))
         for last in lasts:
             assert last["output"] is None and last["error"]["status_code"] == 503, last
@@ -78,6 +76,6 @@ def test_a_dead_engine_fails_its_streams_answers_503_and_serve_replaces_it(
             assert response.status_code == 503, response.text
             time.sleep(1)
         assert response.status_code == 200, response.text
-        assert replica.pid not in {p.pid for p in replica_processes(APP)}  # Serve replaced it
+        assert replica_pid(APP, TINY_MODEL) != dead_pid  # Serve replaced it
     finally:
-        serve.delete(APP)
+        delete_app(APP)

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 from deployments.app import build_app_from_configs
 from deployments.config import DeploymentSettings, EngineSettings, ModelConfig
-from tests.serve_fixtures import run_app
+from tests.serve_fixtures import delete_app, run_app
 
 APP, PREFIX = "multi-model", "/multi"
 FAST_SCALING = {
@@ -71,7 +71,7 @@ def client(serve_port: int, tiny_model_dir: Path, base_model_dir: Path) -> Itera
     url = run_app(build_app_from_configs(models), name=APP, route_prefix=PREFIX, port=serve_port)
     with httpx.Client(base_url=url, timeout=120) as client:
         yield client
-    serve.delete(APP)
+    delete_app(APP)
 
 
 def replicas(model: str) -> dict[str, int]:

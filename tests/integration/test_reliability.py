@@ -15,13 +15,12 @@ import httpx
 import pytest
 from ray import serve
 
-from benchmarks.soak import replica_processes
 from deployments.app import build_app_from_configs
 from deployments.config import DeploymentSettings, IngressSettings, ModelConfig
 from engine.types import EngineStats
 from tests.deployments.fake_engine import fake_factory
 from tests.integration.tiny_app import TINY_MODEL, build_tiny_app
-from tests.serve_fixtures import run_app
+from tests.serve_fixtures import delete_app, replica_pid, run_app
 
 SYNC, STREAM = "v1/llm/completions-sync", "v1/llm/completions-stream"
 APP = "reliability"
@@ -77,7 +76,7 @@ def app_url(serve_port: int) -> Iterator[str]:
     ingress = IngressSettings(ray_actor_options={"num_cpus": 0.1})
     app = build_app_from_configs(models, engine_factory=fake_factory, ingress=ingress)
     yield run_app(app, name=APP, route_prefix=f"/{APP}", port=serve_port)
-    serve.delete(APP)
+    delete_app(APP)
 
 
 async def test_past_the_queue_bound_requests_get_an_immediate_429(app_url: str):
@@ -151,16 +150,15 @@ def test_a_killed_replica_ends_its_requests_and_comes_back(serve_port: int, tiny
         build_tiny_app(tiny_model_dir), name=FAILOVER_APP, route_prefix=f"/{FAILOVER_APP}", port=serve_port
     )
     try:
-        asyncio.run(_kill_during_load(url))
+        asyncio.run(_kill_during_load(url, replica_pid(FAILOVER_APP, TINY_MODEL)))
         _wait_until_ready(url, timeout_s=90)
         response = httpx.post(url + SYNC, params=params(TINY_MODEL), json=body(), timeout=60)
         assert response.status_code == 200, response.text
     finally:
-        serve.delete(FAILOVER_APP)
+        delete_app(FAILOVER_APP)
 
 
-async def _kill_during_load(url: str) -> None:
-    [replica] = replica_processes(FAILOVER_APP)
+async def _kill_during_load(url: str, pid: int) -> None:
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=64)) as client:
         first_events = asyncio.Event()
         num_started = 0
@@ -187,7 +185,7 @@ async def _kill_during_load(url: str) -> None:
         streams = [asyncio.create_task(stream(i)) for i in range(8)]
         syncs = [asyncio.create_task(sync(i)) for i in range(24)]
         await asyncio.wait_for(first_events.wait(), 30)
-        os.kill(replica.pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
         killed_at = time.monotonic()
         stream_results = await asyncio.wait_for(asyncio.gather(*streams), 30)
         sync_statuses = await asyncio.wait_for(asyncio.gather(*syncs), 30)

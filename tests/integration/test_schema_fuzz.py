@@ -4,7 +4,8 @@ The app is the real ingress and engine on the tiny random-weight model, with a 4
 that every generated request that reaches the model costs at most 48 tokens (a chat request without
 `max_tokens` generates up to the context): the bounds in the schema stay as published and are fuzzed
 in full. Schemathesis 4.32 runs as its CLI: its coverage phase (deterministic boundary and invalid
-values of every field) and its fuzzing phase (50 random cases per operation), checks
+values of every field) and its fuzzing phase (50 random cases per operation in the full
+test profile, 15 in the default one), checks
 `not_a_server_error` and `response_schema_conformance` (JSON bodies and each SSE event), and no
 operation is excluded. The served model name is supplied by `schema_fuzz_hooks.py`. Reusing ids
 from earlier responses is off (`extra-data-sources`): with it, DELETE of a file drew from the few
@@ -23,17 +24,19 @@ from pathlib import Path
 
 import httpx
 import pytest
-from ray import serve
 
 from deployments.app import build_app_from_configs
 from deployments.config import DeploymentSettings, EngineSettings, ModelConfig
 from tests.integration import schema_fuzz_hooks
 from tests.integration.tiny_app import TINY_MODEL
-from tests.serve_fixtures import run_app
+from tests.serve_fixtures import delete_app, run_app
+from tests.suite_profile import sized
 
 APP = "fuzz"
 FUZZ_MAX_MODEL_LEN = 48
-MIN_CASES_PER_OPERATION = 50  # for operations that take input (a body or parameters)
+# random cases of each operation that takes input (a body or parameters), after the deterministic
+# coverage phase: 50 in the full test profile, fewer in the default one (tests/suite_profile.py)
+MIN_CASES_PER_OPERATION = int(sized(quick=15, full=50))
 SEED = int(os.environ.get("LLMSERVE_FUZZ_SEED", "1"))  # fixed in CI; set another to explore
 RUN_TIMEOUT_S = 840
 CONFIG = """
@@ -53,7 +56,7 @@ def fuzz_app_url(serve_port: int, tiny_model_dir: Path) -> Iterator[str]:
         deployment=DeploymentSettings(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32),
     )
     yield run_app(build_app_from_configs([model]), name=APP, route_prefix=f"/{APP}", port=serve_port)
-    serve.delete(APP)
+    delete_app(APP)
 
 
 def operations_with_input(schema: dict) -> set[str]:

@@ -1,6 +1,7 @@
-"""A 30-second soak against the tiny-model app: mixed load, nothing unexpected, nothing left running.
+"""A soak against the tiny-model app: mixed load, nothing unexpected, nothing left running.
 
-Select it with `-m soak`; the 10-minute run on the default app is `python benchmarks/soak.py`.
+10 s in the default test profile, 30 s in the full one (tests/suite_profile.py). Select it with `-m soak`;
+the 10-minute run on the default app is `python benchmarks/soak.py`.
 """
 
 import asyncio
@@ -11,12 +12,13 @@ from ray import serve
 
 from benchmarks.soak import SoakConfig, run_soak
 from tests.integration.tiny_app import TINY_MODEL
+from tests.suite_profile import sized
 
-SOAK_S = 30.0
+SOAK_S = float(sized(quick=10, full=30))
 
 
 @pytest.mark.soak
-async def test_thirty_second_soak(tiny_app_url: str):
+async def test_soak(tiny_app_url: str):
     config = SoakConfig(
         url=tiny_app_url,
         model=TINY_MODEL,

@@ -57,11 +57,13 @@ def replica_node_ids() -> dict[str, str]:
 
 def main() -> None:
     use_readme_serve_env()  # as the suite's Serve, with HAProxy files and ports of its own
+    # Ports of its own (another Ray may run on this machine: a test session, a pytest-xdist worker)
+    own_ports = {"include_dashboard": False, "dashboard_port": free_port()}
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 1, "resources": {"head-node": 1}, "include_dashboard": False},
+        head_node_args={"num_cpus": 1, "resources": {"head-node": 1}, **own_ports},
     )
-    worker = cluster.add_node(num_cpus=2, resources={"worker-node": 1})
+    worker = cluster.add_node(num_cpus=2, resources={"worker-node": 1}, **own_ports)
     try:
         ray.init(address=cluster.address)
         cluster.wait_for_nodes()
