@@ -126,7 +126,7 @@ def model_costs(model: torch.nn.Module, lm_head: torch.nn.Module, shape: Shape, 
     layers = [m for m in model.modules() if isinstance(m, PackedLinear) and m is not lm_head]
     layer_params = sum(m.in_features * m.out_features for m in layers)
     head_params = lm_head.in_features * lm_head.out_features
-    weight_bytes = (layer_params + head_params) * _weight_bytes(layers[0])
+    weight_bytes = sum(_weight_bytes(m) for m in [*layers, lm_head])
     flops = 2 * layer_params * shape.tokens + 2 * head_params * shape.logits_rows
     num_heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
@@ -139,8 +139,10 @@ def model_costs(model: torch.nn.Module, lm_head: torch.nn.Module, shape: Shape, 
     return flops, weight_bytes + kv_read + kv_write
 
 
-def _weight_bytes(linear: PackedLinear) -> float:
-    return linear.weight.element_size()
+def _weight_bytes(linear: PackedLinear) -> int:
+    """Bytes of the weight as the step reads it: 1 a weight for int8, else its dtype's size."""
+    size = 1 if linear.is_int8 else linear.weight.element_size()
+    return linear.in_features * linear.out_features * size
 
 
 def decode_core(loaded, num_seqs: int, prompt_words: int, engine_switches: dict) -> EngineCore:

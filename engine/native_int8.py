@@ -1,11 +1,13 @@
 """Matrix products with int8 weights and int8 activations on the CPU (csrc/linear_int8.c), bf16 in and out.
 
 Each weight row (output column) is quantized once at load to int8 with its own float32 scale
-(max |w| / 127); each input row is quantized at every call with its own scale (max |x| / 127). The
-int32 sums are exact, so every instruction-set path gives the same bits and a row's bits never depend
-on the batch. With AVX512-VNNI (vpdpbusd: 64 byte products an instruction) the products run at about
-twice the float32 FMA peak of a CPU without a bf16 dot product, on half the weight bytes of bf16.
-Accuracy is an approximation of the bf16 product: measured in docs (greedy agreement, perplexity).
+(max |w| / 127); each input row is quantized at every call in groups of `GROUP` consecutive inputs, each
+with its own scale (max |x| / 127 over the group). Each group's sum is exact in int32 and the groups are
+added in float32 in a fixed order, so every instruction-set path gives the same bits and a row's bits
+never depend on the batch. With AVX512-VNNI (vpdpbusd: 64 byte products an instruction) the
+products run at about twice the float32 FMA peak of a CPU without a bf16 dot product, on half the
+weight bytes of bf16. Accuracy is an approximation of the bf16 product's: measured by
+benchmarks/quant_quality.py (greedy agreement, perplexity).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from engine import native_build
 logger = logging.getLogger("engine")
 
 BLOCK = 16  # output columns per packed block (csrc/linear_int8.c)
-MAX_K = 65536  # the int32 sums stay exact up to this input size
+GROUP = 32  # inputs per activation scale (csrc/linear_int8.c: GROUP); the weight's k is padded to it
+MAX_K = 65536
 # -ffp-contract=off: the scaling of the int32 sums (a product, then the bias) must round the same in
 # every path; a fused multiply-add would not.
 _FLAGS = ("-ffp-contract=off",)
@@ -38,16 +41,17 @@ def supports(weight: torch.Tensor) -> bool:
 def load(variant: native_build.IsaVariant = native_build.NATIVE) -> Int8Kernel | None:
     """The compiled kernel, or None (logged once) when it cannot be built here."""
     library = native_build.build("linear_int8", _FLAGS, variant)
+    if library is not None and library.linear_int8_group() != GROUP:
+        raise RuntimeError(f"csrc/linear_int8.c groups {library.linear_int8_group()} inputs, not {GROUP}")
     return Int8Kernel(library) if library is not None else None
 
 
 @dataclass(frozen=True, slots=True)
 class Int8Weight:
-    """A weight packed for the kernel: (blocks, K/4, 16, 4) int8, per-column scales and int8 sums."""
+    """A weight packed for the kernel: (blocks, Kp/4, 16, 4) uint8 = int8 + 128, per-column scales."""
 
     packed: torch.Tensor
     scales: torch.Tensor  # float32 (N padded to 16)
-    colsum: torch.Tensor  # int32 (N padded to 16)
     in_features: int
     out_features: int
 
@@ -62,14 +66,17 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def pack(weight: torch.Tensor) -> Int8Weight:
+    """(N, K) -> blocks of 16 columns, k in fours, stored as int8 + 128 (VNNI's unsigned operand); N padded
+    to 16 and K to GROUP with zero weights."""
     out_features, in_features = weight.shape
     q, scales = quantize(weight)
-    rows, cols = -(-out_features // BLOCK) * BLOCK, -(-in_features // 4) * 4
-    q = torch.nn.functional.pad(q, (0, cols - in_features, 0, rows - out_features))
-    blocks = q.reshape(rows // BLOCK, BLOCK, cols // 4, 4).permute(0, 2, 1, 3).contiguous()
+    rows, cols = -(-out_features // BLOCK) * BLOCK, -(-in_features // GROUP) * GROUP
+    q = torch.nn.functional.pad(
+        q.to(torch.int16) + 128, (0, cols - in_features, 0, rows - out_features), value=128
+    )
+    blocks = q.to(torch.uint8).reshape(rows // BLOCK, BLOCK, cols // 4, 4).permute(0, 2, 1, 3).contiguous()
     scales = torch.nn.functional.pad(scales, (0, rows - out_features)).contiguous()
-    colsum = q.to(torch.int32).sum(dim=1, dtype=torch.int32).contiguous()
-    return Int8Weight(blocks, scales, colsum, in_features, out_features)
+    return Int8Weight(blocks, scales, in_features, out_features)
 
 
 class Int8Kernel:
@@ -80,7 +87,7 @@ class Int8Kernel:
     def __init__(self, library: ctypes.CDLL) -> None:
         self.isa = native_build.isa_of(library, "linear_int8")
         self._fn = library.linear_int8
-        self._fn.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i64]
+        self._fn.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _i64]
         self._fn.restype = ctypes.c_int
 
     def __call__(self, x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None) -> torch.Tensor:
@@ -100,7 +107,6 @@ class Int8Kernel:
             x.stride(0),
             weight.packed.data_ptr(),
             weight.scales.data_ptr(),
-            weight.colsum.data_ptr(),
             weight.out_features,
             bias.data_ptr() if bias is not None else None,
             out.data_ptr(),

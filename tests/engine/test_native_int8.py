@@ -30,15 +30,23 @@ def case(out_features, in_features, num_rows, seed=0):
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The kernel's contract in torch: rows quantized with 127 / max|x| (a true float32 division), exact
-    integer sums, float32 scaling, one rounding to bf16."""
+    """The kernel's contract in torch: rows quantized in groups of GROUP inputs with 127 / max|x_g| (a
+    true float32 division), each group's integer sum exact, the groups added in order by float32 fused
+    multiply-adds, then the column's scale, the bias, and one rounding to bf16."""
     q, sw = native_int8.quantize(weight)
-    xf = x.float()
-    top = xf.abs().amax(dim=1)
+    group, (rows, k) = native_int8.GROUP, x.shape
+    padded = -(-k // group) * group
+    xf = torch.nn.functional.pad(x.float(), (0, padded - k)).view(rows, -1, group)
+    top = xf.abs().amax(dim=2)
     inv = torch.where(top > 0, torch.full_like(top, 127.0) / top, torch.zeros_like(top))
-    xq = torch.round(xf * inv[:, None]).clamp(-127, 127)
-    sums = (xq.double() @ q.double().T).float()
-    y = sums * ((top / 127)[:, None] * sw[None, :])
+    xq = torch.round(xf * inv[..., None]).clamp(-127, 127)
+    wq = torch.nn.functional.pad(q.float(), (0, padded - k)).view(len(q), -1, group)
+    sums = torch.einsum("rgk,ngk->rng", xq.double(), wq.double()).float()  # exact integers
+    scales = (top / 127).double()
+    acc = torch.zeros(rows, len(q), dtype=torch.float64)
+    for g in range(sums.shape[2]):  # a float32 fma: the double product of two floats is exact
+        acc = (sums[:, :, g].double() * scales[:, g, None] + acc).float().double()
+    y = acc.float() * sw[None, :]
     return (y + bias if bias is not None else y).bfloat16()
 
 
