@@ -1,13 +1,12 @@
 """Matrix products with int8 weights and int8 activations on the CPU (csrc/linear_int8.c), bf16 in and out.
 
-Each weight row (output column) is quantized once at load to int8 with its own float32 scale
-(max |w| / 127); each input row is quantized at every call in groups of `GROUP` consecutive inputs, each
-with its own scale (max |x| / 127 over the group). Each group's sum is exact in int32 and the groups are
-added in float32 in a fixed order, so every instruction-set path gives the same bits and a row's bits
-never depend on the batch. With AVX512-VNNI (vpdpbusd: 64 byte products an instruction) the
-products run at about twice the float32 FMA peak of a CPU without a bf16 dot product, on half the
-weight bytes of bf16. Accuracy is an approximation of the bf16 product's: measured by
-benchmarks/quant_quality.py (greedy agreement, perplexity).
+Weights and inputs are quantized to int8 in groups of `GROUP` consecutive inputs, each group with its
+own float32 scale (max |group| / 127): the weights once at load, each input row at every call. Each
+group's sum is exact in int32 and the groups are added in float32 in a fixed order, so every
+instruction-set path gives the same bits and a row's bits never depend on the batch. With AVX512-VNNI
+(vpdpbusd: 64 byte products an instruction) the products run at about twice the float32 FMA peak of
+a CPU without a bf16 dot product, on half the weight bytes of bf16. Accuracy is an approximation of
+the bf16 product's: measured by benchmarks/quant_quality.py (greedy agreement, perplexity).
 """
 
 from __future__ import annotations
@@ -48,21 +47,26 @@ def load(variant: native_build.IsaVariant = native_build.NATIVE) -> Int8Kernel |
 
 @dataclass(frozen=True, slots=True)
 class Int8Weight:
-    """A weight packed for the kernel: (blocks, Kp/4, 16, 4) uint8 = int8 + 128, per-column scales."""
+    """A weight packed for the kernel: (blocks, Kp/4, 16, 4) uint8 = int8 + 128, and its scales."""
 
     packed: torch.Tensor
-    scales: torch.Tensor  # float32 (N padded to 16)
+    scales: torch.Tensor  # float32 (Kp / GROUP, N padded to 16): group g's scale of column n at [g, n]
     in_features: int
     out_features: int
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K) -> int8 (N, K) and float32 scales (N,): symmetric, one scale per output column."""
-    w = weight.detach().float()
-    top = w.abs().amax(dim=1)
+    """(N, K) -> int8 (N, Kp) and float32 scales (N, Kp / GROUP): symmetric, one scale per output column
+    and group of GROUP inputs; K padded to Kp, a multiple of GROUP, with zeros."""
+    out_features, in_features = weight.shape
+    padded = -(-in_features // GROUP) * GROUP
+    w = torch.nn.functional.pad(weight.detach().float(), (0, padded - in_features))
+    w = w.view(out_features, -1, GROUP)
+    top = w.abs().amax(dim=2)
     scales = top / 127
     safe = torch.where(top > 0, scales, torch.ones_like(scales))
-    return torch.round(w / safe[:, None]).clamp(-127, 127).to(torch.int8), scales
+    q = torch.round(w / safe[..., None]).clamp(-127, 127).to(torch.int8)
+    return q.view(out_features, padded), scales
 
 
 def pack(weight: torch.Tensor) -> Int8Weight:
@@ -70,12 +74,10 @@ def pack(weight: torch.Tensor) -> Int8Weight:
     to 16 and K to GROUP with zero weights."""
     out_features, in_features = weight.shape
     q, scales = quantize(weight)
-    rows, cols = -(-out_features // BLOCK) * BLOCK, -(-in_features // GROUP) * GROUP
-    q = torch.nn.functional.pad(
-        q.to(torch.int16) + 128, (0, cols - in_features, 0, rows - out_features), value=128
-    )
+    rows, cols = -(-out_features // BLOCK) * BLOCK, q.shape[1]
+    q = torch.nn.functional.pad(q.to(torch.int16) + 128, (0, 0, 0, rows - out_features), value=128)
     blocks = q.to(torch.uint8).reshape(rows // BLOCK, BLOCK, cols // 4, 4).permute(0, 2, 1, 3).contiguous()
-    scales = torch.nn.functional.pad(scales, (0, rows - out_features)).contiguous()
+    scales = torch.nn.functional.pad(scales, (0, 0, 0, rows - out_features)).T.contiguous()
     return Int8Weight(blocks, scales, in_features, out_features)
 
 

@@ -5,12 +5,12 @@
    peak. AVX512-VNNI's vpdpbusd multiplies 64 byte pairs an instruction, twice the float32 FMA's 32
    products a cycle here, and int8 weights are half the bytes of bf16 for the memory-bound one-row steps.
 
-   Numbers: each weight row n (output column) is quantized once at load, symmetric, to int8 with one
-   float32 scale sw[n] = max|W[n,:]| / 127 (engine/native_int8.py: pack). Each input row is quantized
-   here at every call in groups of GROUP consecutive k, each group with its own scale s = max|x_g| / 127:
-   q = rint(x * (127 / max|x_g|)) in [-127, 127] (a scale per row alone lost too much: one large
-   activation flattens the rest of its row). Then
-       y[r][n] = (sum over groups g, in order, of float(sum_{k in g} q[r][k] * wq[n][k]) * s[r][g]) * sw[n]
+   Numbers: weights and inputs are quantized in groups of GROUP consecutive k, symmetric, each group
+   with its own float32 scale max|group| / 127: the weights once at load (engine/native_int8.py: pack;
+   sw[g][n] for column n), each input row here at every call, q = rint(x * (127 / max|x_g|)) in
+   [-127, 127] with scale sx[r][g] (one scale per row, or per column, lost too much: one large value
+   flattens the rest of its row to a few levels). Then
+       y[r][n] = sum over groups g, in order, of float(sum_{k in g} q[r][k] * wq[n][k]) * (sx[r][g] * sw[g][n])
                  (+ bias[n]),
    each group's sum exact in int32, the float sum over the groups by fused multiply-adds in ascending
    order, then rounded to bf16 as torch rounds. Every path below (VNNI, AVX2, plain C) computes exactly
@@ -21,7 +21,8 @@
 
    Layouts: x (M, K) bf16 with row stride ldx; y (M, N) bf16 with row stride ldy; bias float32 (N) or
    NULL. The weight: [ceil(N/16) blocks][Kp/4][16 columns][4 k] uint8 = wq + 128, with K padded to Kp, a
-   multiple of GROUP, and N to a multiple of 16 (padding: 128, a zero weight); scales float32 (N padded).
+   multiple of GROUP, and N to a multiple of 16 (padding: 128, a zero weight); scales float32
+   (Kp / GROUP, Np) with Np = N padded to 16.
    Work is split in units of UNIT column blocks taken by the threads as they come free, tiles of up to
    ROWS rows x TILE_BLOCKS blocks inside. */
 
@@ -88,10 +89,7 @@ static int quantize_rows(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, r
 }
 
 /* y[r][n] from the float sum over the groups */
-static inline float finish(float acc, float sw, const float *bias, int64_t n) {
-    const float v = acc * sw;
-    return bias ? v + bias[n] : v;
-}
+static inline float finish(float acc, const float *bias, int64_t n) { return bias ? acc + bias[n] : acc; }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
@@ -125,8 +123,8 @@ static inline void store_bf16x16(__m512 v, uint16_t *y, int64_t n, int64_t N) {
 
 static inline __attribute__((always_inline)) void tile(const int R, const int C, const rows_t *rows, int64_t m0,
                                                        const uint8_t *w, int64_t K4, const float *sw,
-                                                       const float *bias, uint16_t *y, int64_t ldy, int64_t n0,
-                                                       int64_t N) {
+                                                       int64_t ldw, const float *bias, uint16_t *y, int64_t ldy,
+                                                       int64_t n0, int64_t N) {
     __m512 acc[ROWS][MAX_BLOCKS];
     const int64_t block_stride = K4 * 4 * BLOCK;
 #pragma GCC unroll 4
@@ -157,10 +155,12 @@ static inline __attribute__((always_inline)) void tile(const int R, const int C,
         for (int r = 0; r < R; r++) {
             const int64_t i = (m0 + r) * rows->groups + g;
             const __m512i comp = _mm512_set1_epi32(rows->comp[i]);
-            const __m512 scale = _mm512_set1_ps(rows->scale[i]);
+            const __m512 sx = _mm512_set1_ps(rows->scale[i]);
 #pragma GCC unroll 6
-            for (int c = 0; c < C; c++)
+            for (int c = 0; c < C; c++) {
+                const __m512 scale = _mm512_mul_ps(sx, _mm512_loadu_ps(sw + g * ldw + n0 + c * BLOCK));
                 acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sums[r][c], comp)), scale, acc[r][c]);
+            }
         }
     }
 #pragma GCC unroll 4
@@ -171,7 +171,7 @@ static inline __attribute__((always_inline)) void tile(const int R, const int C,
             if (n >= N) break;
             const int64_t left = N - n;
             const __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
-            __m512 v = _mm512_mul_ps(acc[r][c], _mm512_loadu_ps(sw + n));
+            __m512 v = acc[r][c];
             if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + n));
             store_bf16x16(v, y + r * ldy, n, N);
         }
@@ -191,8 +191,8 @@ static inline __attribute__((always_inline)) void tile(const int R, const int C,
 
 static inline __attribute__((always_inline)) void tile(const int R, const int C, const rows_t *rows, int64_t m0,
                                                        const uint8_t *w, int64_t K4, const float *sw,
-                                                       const float *bias, uint16_t *y, int64_t ldy, int64_t n0,
-                                                       int64_t N) {
+                                                       int64_t ldw, const float *bias, uint16_t *y, int64_t ldy,
+                                                       int64_t n0, int64_t N) {
     (void)C; /* one block a tile */
     __m256 acc[ROWS][2];
     const __m256i low = _mm256_set1_epi16(0xff), offset = _mm256_set1_epi16(128);
@@ -219,9 +219,11 @@ static inline __attribute__((always_inline)) void tile(const int R, const int C,
             }
         }
         for (int r = 0; r < R; r++) {
-            const __m256 scale = _mm256_set1_ps(rows->scale[(m0 + r) * rows->groups + g]);
-            for (int h = 0; h < 2; h++) /* no offset to undo: the weights were widened without it */
+            const __m256 sx = _mm256_set1_ps(rows->scale[(m0 + r) * rows->groups + g]);
+            for (int h = 0; h < 2; h++) { /* no offset to undo: the weights were widened without it */
+                const __m256 scale = _mm256_mul_ps(sx, _mm256_loadu_ps(sw + g * ldw + n0 + 8 * h));
                 acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r][h]), scale, acc[r][h]);
+            }
         }
     }
     for (int r = 0; r < R; r++)
@@ -230,7 +232,7 @@ static inline __attribute__((always_inline)) void tile(const int R, const int C,
             _mm256_storeu_ps(out, acc[r][h]);
             for (int j = 0; j < 8; j++) {
                 const int64_t n = n0 + 8 * h + j;
-                if (n < N) y[r * ldy + n] = f32_to_bf16(finish(out[j], sw[n], bias, n));
+                if (n < N) y[r * ldy + n] = f32_to_bf16(finish(out[j], bias, n));
             }
         }
     (void)K4;
@@ -243,7 +245,7 @@ static inline __attribute__((always_inline)) void tile(const int R, const int C,
 #define TILE_BLOCKS_1 1
 
 static void tile(const int R, const int C, const rows_t *rows, int64_t m0, const uint8_t *w, int64_t K4,
-                 const float *sw, const float *bias, uint16_t *y, int64_t ldy, int64_t n0, int64_t N) {
+                 const float *sw, int64_t ldw, const float *bias, uint16_t *y, int64_t ldy, int64_t n0, int64_t N) {
     const int64_t block_stride = K4 * 4 * BLOCK;
     for (int r = 0; r < R; r++) {
         const int8_t *q = rows->q + (m0 + r) * rows->ld;
@@ -257,9 +259,9 @@ static void tile(const int R, const int C, const rows_t *rows, int64_t m0, const
                     int32_t sum = 0;
                     for (int64_t k = g * GROUP; k < (g + 1) * GROUP; k++)
                         sum += (int32_t)q[k] * ((int32_t)wb[(k / 4) * 4 * BLOCK + k % 4] - 128);
-                    acc = fmaf((float)sum, rows->scale[(m0 + r) * rows->groups + g], acc);
+                    acc = fmaf((float)sum, rows->scale[(m0 + r) * rows->groups + g] * sw[g * ldw + n], acc);
                 }
-                y[r * ldy + n] = f32_to_bf16(finish(acc, sw[n], bias, n));
+                y[r * ldy + n] = f32_to_bf16(finish(acc, bias, n));
             }
     }
 }
@@ -270,12 +272,12 @@ static void tile(const int R, const int C, const rows_t *rows, int64_t m0, const
     do {                                                                                               \
         int64_t b = b0;                                                                                \
         for (; b + (B) <= b1; b += (B))                                                                \
-            tile(R, B, rows, m0, w + b * K4 * 4 * BLOCK, K4, sw, bias, y, ldy, b * BLOCK, N);         \
-        for (; b < b1; b++) tile(R, 1, rows, m0, w + b * K4 * 4 * BLOCK, K4, sw, bias, y, ldy, b * BLOCK, N); \
+            tile(R, B, rows, m0, w + b * K4 * 4 * BLOCK, K4, sw, ldw, bias, y, ldy, b * BLOCK, N);    \
+        for (; b < b1; b++) tile(R, 1, rows, m0, w + b * K4 * 4 * BLOCK, K4, sw, ldw, bias, y, ldy, b * BLOCK, N); \
     } while (0)
 
 static void unit_rows(int R, const rows_t *rows, int64_t m0, const uint8_t *w, int64_t K4, const float *sw,
-                      const float *bias, uint16_t *y, int64_t ldy, int64_t b0, int64_t b1, int64_t N) {
+                      int64_t ldw, const float *bias, uint16_t *y, int64_t ldy, int64_t b0, int64_t b1, int64_t N) {
     switch (R) {
 #if ROWS >= 4
     case 1: TILES(1, TILE_BLOCKS_1); break;
@@ -301,7 +303,7 @@ int linear_int8(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint
     if (M < 0 || N < 0 || K < 1 || K > MAX_K) return -1;
     if (M == 0 || N == 0) return 0;
     const int64_t K4 = (K + GROUP - 1) / GROUP * GROUP / 4, num_blocks = (N + BLOCK - 1) / BLOCK;
-    const int64_t num_units = (num_blocks + UNIT - 1) / UNIT;
+    const int64_t num_units = (num_blocks + UNIT - 1) / UNIT, ldw = num_blocks * BLOCK;
     rows_t rows = {0};
     if (quantize_rows(x, M, K, ldx, &rows) != 0) {
         release_rows(&rows);
@@ -312,7 +314,7 @@ int linear_int8(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint
         const int64_t b0 = unit * UNIT, b1 = b0 + UNIT < num_blocks ? b0 + UNIT : num_blocks;
         for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
             const int R = M - m0 < ROWS ? (int)(M - m0) : ROWS;
-            unit_rows(R, &rows, m0, w, K4, sw, bias, y + m0 * ldy, ldy, b0, b1, N);
+            unit_rows(R, &rows, m0, w, K4, sw, ldw, bias, y + m0 * ldy, ldy, b0, b1, N);
         }
     }
     release_rows(&rows);

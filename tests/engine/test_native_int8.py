@@ -32,21 +32,19 @@ def case(out_features, in_features, num_rows, seed=0):
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The kernel's contract in torch: rows quantized in groups of GROUP inputs with 127 / max|x_g| (a
     true float32 division), each group's integer sum exact, the groups added in order by float32 fused
-    multiply-adds, then the column's scale, the bias, and one rounding to bf16."""
-    q, sw = native_int8.quantize(weight)
+    multiply-adds of the sum and (row scale x weight scale), then the bias and one rounding to bf16."""
+    q, sw = native_int8.quantize(weight)  # (N, Kp), (N, groups)
     group, (rows, k) = native_int8.GROUP, x.shape
-    padded = -(-k // group) * group
-    xf = torch.nn.functional.pad(x.float(), (0, padded - k)).view(rows, -1, group)
+    xf = torch.nn.functional.pad(x.float(), (0, q.shape[1] - k)).view(rows, -1, group)
     top = xf.abs().amax(dim=2)
     inv = torch.where(top > 0, torch.full_like(top, 127.0) / top, torch.zeros_like(top))
     xq = torch.round(xf * inv[..., None]).clamp(-127, 127)
-    wq = torch.nn.functional.pad(q.float(), (0, padded - k)).view(len(q), -1, group)
-    sums = torch.einsum("rgk,ngk->rng", xq.double(), wq.double()).float()  # exact integers
-    scales = (top / 127).double()
+    sums = torch.einsum("rgk,ngk->rng", xq.double(), q.double().view(len(q), -1, group)).float()  # exact
     acc = torch.zeros(rows, len(q), dtype=torch.float64)
     for g in range(sums.shape[2]):  # a float32 fma: the double product of two floats is exact
-        acc = (sums[:, :, g].double() * scales[:, g, None] + acc).float().double()
-    y = acc.float() * sw[None, :]
+        scale = ((top[:, g, None] / 127) * sw[None, :, g]).double()
+        acc = (sums[:, :, g].double() * scale + acc).float().double()
+    y = acc.float()
     return (y + bias if bias is not None else y).bfloat16()
 
 
