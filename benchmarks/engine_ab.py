@@ -1,8 +1,8 @@
 """Two engine configurations in one process, level by level in turn (A, B, A, B, ...): an A/B that a
 shared machine's drift hits alike on both sides.
 
-    python benchmarks/engine_ab.py --b "--int8-weights" --levels 1:8 16:64 64:128 --rounds 3
-    python benchmarks/engine_ab.py --a "--max-num-seqs 32" --b "--max-num-seqs 64" --levels 64:128
+    python benchmarks/engine_ab.py --b=--int8-weights --levels 1:8 16:64 64:128 --rounds 3
+    python benchmarks/engine_ab.py --a="--max-num-seqs 32" --b="--max-num-seqs 64" --levels 64:128
 
 `--a` and `--b` take engine_switches.py's flags (`--no-native-linear`, `--int8-weights`, ...) and
 `--max-num-seqs N`. Both engines load the model (each its own copy, its own thread); each level runs

@@ -108,7 +108,7 @@ def measure_machine(repeat: int, dtype: torch.dtype) -> Machine:
     print(f"| read 256 MiB (sum) | {read / 1e9:.1f} GB/s |")
     print(f"| copy 256 MiB (read + write) | {copy / 1e9:.1f} GB/s |")
     peak = max(rates["float32"], rates.get("engine", 0.0) if dtype == torch.bfloat16 else 0.0)
-    return Machine(peak_flops=peak, bandwidth=read)
+    return Machine(peak_flops=peak, bandwidth=max(read, copy))
 
 
 @dataclass(frozen=True, slots=True)
