@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/engines_bench.sh [serve_bench.py arguments, e.g. --concurrency 1 16 32 --rounds 3]
 #
-# Needs the vLLM venv (bash scripts/install_vllm.sh). Serves SmolLM2-135M-Instruct three ways, through
+# Needs the vLLM venv (llmserve vllm-env). Serves SmolLM2-135M-Instruct three ways, through
 # HTTP on this machine: (1) this app, model smollm2-vllm on vLLM (engine kind vllm); (2) vLLM's own
 # OpenAI server alone (same venv, same dtype, same cores and KV cache); (3) this app, model
 # smollm2-135m-instruct on this project's engine (configs/smollm2-135m-instruct.yaml). serve_bench.py
@@ -20,7 +20,7 @@ VLLM_PY="${LLMSERVE_VLLM_PYTHON:-$REPO/.venv-vllm/bin/python}"
 BENCH_DIR="${BENCH_DIR:-$HOME/.cache/llmserve-engines-bench}"
 APP_PORT="${APP_PORT:-8000}"; VLLM_PORT="${VLLM_PORT:-8100}"
 mkdir -p "$BENCH_DIR"
-[ -x "$VLLM_PY" ] || { echo "no vLLM venv at $VLLM_PY: bash scripts/install_vllm.sh" >&2; exit 1; }
+[ -x "$VLLM_PY" ] || { echo "no vLLM venv at $VLLM_PY: llmserve vllm-env" >&2; exit 1; }
 # SmolLM2 as the Hugging Face folder this project's loader converts its packaged GGUF into (cached)
 MODEL_DIR=$("$PY" - <<'PY'
 from model_zoo import resolve

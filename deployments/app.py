@@ -5,12 +5,13 @@
 
 from __future__ import annotations
 
+import tempfile
 from typing import Any
 
 from ray import serve
 
 from deployments.batch.config import BatchSettings
-from deployments.batch.service import BatchContext
+from deployments.batch.service import BatchContext, factory_path
 from deployments.config import AppConfig, EndpointSettings, IngressSettings, ModelConfig, parse_app_config
 from deployments.engines.placement import deployment_for
 from deployments.ingress import Ingress
@@ -29,6 +30,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         auth=config.auth,
         batch=config.batch,
         endpoints=config.endpoints,
+        state_root=config.state_root,
     )
 
 
@@ -40,8 +42,11 @@ def build_app_from_configs(
     auth: AuthSettings | None = None,
     batch: BatchSettings | None = None,
     endpoints: EndpointSettings | None = None,
+    state_root: str | None = None,
 ) -> serve.Application:
-    """The application for already-validated model configs; tests pass a fake `engine_factory`."""
+    """The application for already-validated model configs; tests pass a fake `engine_factory` (which
+    runtime endpoints get too). Without `state_root`, records go to a new temporary folder: they last
+    as long as it does (serve_config.yaml's `state_root` has a lasting default)."""
     model_server = serve.deployment(ModelServer)
     handles = {
         m.name: model_server.options(name=f"ModelServer:{m.name}", **options).bind(m, factory)
@@ -52,7 +57,9 @@ def build_app_from_configs(
     wait_timeouts_s = {m.name: m.replica_wait_timeout_s for m in models}
     ingress_options = (ingress or IngressSettings()).to_options()
     configs_json = {m.name: m.model_dump_json() for m in models}
-    batch_context = BatchContext(batch or BatchSettings(), configs_json, limits or LimitSettings())
+    batch_context = BatchContext(
+        batch or BatchSettings(), configs_json, limits or LimitSettings(), factory_path(engine_factory)
+    )
     api_keys = (auth or AuthSettings()).resolve_keys()  # the env var is read here, where the app is built
     return (
         serve.deployment(Ingress)
@@ -65,6 +72,8 @@ def build_app_from_configs(
             wait_timeouts_s,
             batch=batch_context,
             endpoints=endpoints or EndpointSettings(),
+            state_root=state_root or tempfile.mkdtemp(prefix="llmserve-state-"),
+            engine_factory=engine_factory,
         )
     )
 

@@ -6,6 +6,7 @@ splicing, its stats and metrics ports on loopback). Ray reads these settings whe
 starts, so they cannot live in a Serve config: plain `serve run` runs Serve's Python proxy instead.
 `llmserve env` prints the same settings as `export` lines, for `ray start` on a cluster's nodes.
 A variable already set in the environment wins (`RAY_SERVE_ENABLE_HA_PROXY=0 llmserve serve`).
+`llmserve vllm-env [PATH]` builds the venv that `engine: vllm` replicas run in (docs/engines.md).
 """
 
 from __future__ import annotations
@@ -152,6 +153,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help="a Serve config file")
     serve.add_argument("--address", help="a running Ray to join (`serve run --address`); default: a new one")
     commands.add_parser("env", help="print Serve's settings as `export` lines, for `ray start`")
+    vllm_env = commands.add_parser("vllm-env", help="build the venv that vLLM-backed replicas run in")
+    vllm_env.add_argument("path", nargs="?", type=Path, help="where (default: .venv-vllm in the repository)")
+    vllm_env.add_argument("--target", choices=["cpu", "cuda"], help="default: cuda where nvidia-smi answers")
     return parser
 
 
@@ -160,6 +164,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
     args = _parser().parse_args(argv)
     environ = dict(os.environ if environ is None else environ)
+    if args.command == "vllm-env":
+        from deployments.engines import DEFAULT_VLLM_VENV, vllm_env
+
+        return vllm_env.main(args.path or DEFAULT_VLLM_VENV, args.target)
     try:
         settings = serve_settings(environ)
     except LauncherNotFoundError as exc:

@@ -17,6 +17,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # DeploymentSettings.with_engine_defaults. Ray Serve LLM's default (1e9) never scales up.
 TARGET_BATCH_FRACTION = 0.75
 _ENGINE_DEFAULTS = EngineConfig()
+# Outside /tmp so that records outlive a reboot; `~` is the home of the user that runs `serve run`.
+DEFAULT_STATE_ROOT = "~/.local/state/llmserve"
 
 
 class ConfigError(ValueError):
@@ -36,7 +38,7 @@ class EngineSettings(BaseModel):
     kind: EngineKind = Field(
         "auto",
         description="Which engine runs the model: 'llmserve' (this project's), 'vllm' (vLLM's AsyncLLM, in "
-        "the venv scripts/install_vllm.sh builds), or 'auto': vLLM when the replica has a GPU "
+        "the venv `llmserve vllm-env` builds), or 'auto': vLLM when the replica has a GPU "
         "(ray_actor_options.num_gpus > 0) and the vLLM venv exists, this project's engine otherwise.",
     )
     tensor_parallel_size: int = Field(
@@ -263,6 +265,11 @@ class EndpointSettings(BaseModel):
     replica_wait_timeout_s: float = Field(
         300.0, gt=0, description="Longest wait of a request for a replica (cold start from 0), then 503."
     )
+    checkpoint_roots: list[str] = Field(
+        default_factory=list,
+        description="Local folders under which a create's `checkpoint_path` may lie (symlinks resolved, "
+        "no '..'); none = `checkpoint_path` is refused (400) and only zoo models can be created.",
+    )
 
 
 class AppConfig(BaseModel):
@@ -280,6 +287,12 @@ class AppConfig(BaseModel):
         default_factory=EndpointSettings, description="Endpoints created at runtime (docs/endpoints.md)."
     )
     batch: BatchSettings = Field(default_factory=BatchSettings, description="Batch jobs (docs/batch.md).")
+    state_root: str = Field(
+        DEFAULT_STATE_ROOT,
+        min_length=1,
+        description="Folder or fsspec URL (file://, s3://...) where the app keeps the records it must not "
+        "lose across restarts (runtime endpoints: docs/endpoints.md). Shared storage on multi-node clusters.",
+    )
 
     @field_validator("models", mode="before")
     @classmethod

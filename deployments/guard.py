@@ -1,8 +1,10 @@
 """The ingress's front door, as ASGI middleware: API keys (401) and the body-size limit (413).
 
 It runs before FastAPI reads or parses anything, so a stranger's or an oversized request costs no
-parsing and no more than `max_body_bytes` of memory. Health routes (exact paths) stay open; without its
-settings (the Ingress did not set them) the guard refuses every other request with 503.
+parsing and no more than `max_body_bytes` of memory. A route with a limit of its own (uploads) reads
+its body as a stream that the guard counts (413 past the limit). Health routes (exact paths) stay
+open; without its settings (the Ingress did not set them) the guard refuses every other request with
+503.
 """
 
 from __future__ import annotations
@@ -35,8 +37,12 @@ class GuardSettings:
 
     max_body_bytes: int = LimitSettings().max_body_bytes
     api_keys: tuple[SecretStr, ...] = ()
-    # (route path, limit, setting name): a path with its own body limit (batch file uploads).
+    # (route path, limit, setting name): a route with its own body limit that reads its body as a stream
+    # (batch file uploads): the guard counts the body as the route reads it, and stops it past the limit.
     path_body_limits: tuple[tuple[str, int, str], ...] = ()
+
+    def is_streamed(self, path: str) -> bool:
+        return any(path == limit_path for limit_path, _, _ in self.path_body_limits)
 
     def body_limit(self, path: str) -> tuple[int, str]:
         """The body limit of a route path and the setting that sets it."""
@@ -107,6 +113,8 @@ class RequestGuard:
         )
         if _content_length(scope) > max_body_bytes:
             return await error_json(path, too_large)(scope, receive, send)
+        if guard.is_streamed(route_path(scope)):
+            return await self.app(scope, _counted(receive, max_body_bytes, too_large), send)
         first = await _read_body(receive, max_body_bytes)
         if first is None:
             return await error_json(path, too_large)(scope, receive, send)
@@ -161,6 +169,23 @@ async def _read_body(receive: Receive, max_bytes: int) -> Message | None:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+
+def _counted(receive: Receive, max_bytes: int, too_large: PayloadTooLargeError) -> Receive:
+    """`receive` that raises `too_large` (413) once the body passes `max_bytes`: the body streams to the
+    route, which never holds more than it reads at a time."""
+    num_bytes = 0
+
+    async def counted() -> Message:
+        nonlocal num_bytes
+        message = await receive()
+        if message["type"] == "http.request":
+            num_bytes += len(message.get("body", b""))
+            if num_bytes > max_bytes:
+                raise too_large
+        return message
+
+    return counted
 
 
 def _replay(first: Message, receive: Receive) -> Receive:

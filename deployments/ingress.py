@@ -26,15 +26,19 @@ from starlette.exceptions import HTTPException
 
 from deployments.batch.routes import router as batch_router
 from deployments.batch.service import BatchContext
-from deployments.config import EndpointSettings
+from deployments.config import DEFAULT_STATE_ROOT, EndpointSettings
+from deployments.endpoints.client import ControllerClient
 from deployments.endpoints.routes import router as endpoints_router
 from deployments.endpoints.service import EndpointService
+from deployments.endpoints.snapshot import Attachment
 from deployments.errors import as_serving_error, http_error
 from deployments.guard import GuardSettings, RequestGuard
 from deployments.haproxy_launcher import serve_env_warning
 from deployments.health import probe_models, readiness
 from deployments.http_metrics import HttpErrorMetrics
 from deployments.limits import LimitSettings
+from deployments.loop_lag import sample_loop_lag
+from deployments.model_server import EngineFactory
 from deployments.openapi_responses import (
     LLM_ENGINE_STREAM,
     LLM_ENGINE_SYNC,
@@ -189,6 +193,8 @@ class Ingress:
         replica_wait_timeouts_s: dict[str, float] | None = None,
         batch: BatchContext | None = None,
         endpoints: EndpointSettings | None = None,
+        state_root: str | None = None,
+        engine_factory: EngineFactory | None = None,
     ) -> None:
         forward_library_logs_in_replica()  # so that `serve run` shows the warning below
         if warning := serve_env_warning(os.environ):  # as `serve run` or `ray start` got it
@@ -203,9 +209,15 @@ class Ingress:
         self._stream_handles = {name: h.options(stream=True) for name, h in self._handles.items()}
         self._model_names = dict(model_names or {})
         self._created_s = int(time.time())
-        # Runtime endpoints (Model.create), kept in Ray's KV store: docs/endpoints.md.
+        # Runtime endpoints (Model.create): records under the state root, owned by the endpoint
+        # controller; this replica routes from its copy of them (docs/endpoints.md).
         configured = {n: self._model_names.get(n, n) for n in self._handles}
-        self._endpoints = EndpointService(serve.get_replica_context().app_name, configured, endpoints)
+        app_name = serve.get_replica_context().app_name
+        attachment = Attachment(
+            app_name, state_root or DEFAULT_STATE_ROOT, endpoints or EndpointSettings(), engine_factory
+        )
+        self._endpoints = EndpointService(configured, ControllerClient(attachment))
+        self._endpoints.attach_blocking()  # before the first request: routes known from the start
         app.state.endpoints = self._endpoints
 
     def _check_model(self, name: str | None) -> str:
@@ -341,6 +353,11 @@ class Ingress:
     @app.get("/healthcheck")
     async def healthcheck(self) -> dict[str, str]:
         return {"status": "ok"}
+
+    async def loop_lag(self, duration_s: float, interval_s: float = 0.01) -> list[float]:
+        """How late a timer fired on this replica's serving loop, once per `interval_s` for `duration_s`
+        (seconds late; through a Serve handle only, for benchmarks/loop_lag_bench.py)."""
+        return await sample_loop_lag(duration_s, interval_s)
 
     @app.get("/readyz", responses=READINESS)
     async def readyz(self) -> JSONResponse:

@@ -185,6 +185,9 @@ class ModelServer:
         return self._engine.stats()
 
     async def ready(self) -> bool:
+        """True once the replica loaded its model (Serve holds the call until then); EngineDeadError
+        once its engine has stopped, so /readyz reports the model unavailable (503)."""
+        self._engine.check_health()
         return True
 
     async def pid(self) -> int:

@@ -14,7 +14,7 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,16 +24,17 @@ from engine.core import EngineCore
 from engine.device import default_num_threads
 from engine.errors import (
     EngineDeadError,
-    InvalidRequestError,
     OverloadedError,
     RequestFailedError,
     ServingError,
 )
 from engine.guided import CompiledGuide, GuidedCompiler
+from engine.guided_pool import GuideCompilePool
 from engine.guided_spec import GuidedSpec
 from engine.types import EngineConfig, EngineStats, GenerationRequest, TokenDelta
 
 logger = logging.getLogger("engine")
+NUM_COMPILE_WORKERS = 2  # guided-decoding compiles at once, off the engine thread (engine/guided_pool.py)
 
 
 class RequestStream:
@@ -130,7 +131,7 @@ class AsyncEngine:
         self._lock = threading.Lock()  # guards _streams and _dead
         self._wakeup = threading.Event()
         self._dead: EngineDeadError | None = None  # set once, when the engine loop ends for any reason
-        self._compile_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="guide-compile")
+        self._guides = GuideCompilePool(self._compile, NUM_COMPILE_WORKERS, config.guided_compile_timeout_s)
         self._compiler: GuidedCompiler | None = None
         self._compiler_lock = threading.Lock()
         self._background: set[asyncio.Future] = set()
@@ -143,7 +144,7 @@ class AsyncEngine:
         self.device = self.core.device
         # The guided-decoding compiler walks the whole vocabulary (~0.4 s): build it now, beside the
         # idle engine, rather than on the first guided request's path.
-        self._compile_pool.submit(self._guided_compiler).add_done_callback(_log_failure)
+        self._guides.submit(self._guided_compiler).add_done_callback(_log_failure)
 
     @property
     def tokenizer(self):
@@ -187,17 +188,11 @@ class AsyncEngine:
         return RequestStream(self, request.request_id, out)
 
     async def _compile_and_add(self, request: GenerationRequest) -> None:
-        loop = asyncio.get_running_loop()
-        timeout_s = self.config.guided_compile_timeout_s
+        spec = request.params.guided
         try:
-            compiled = loop.run_in_executor(self._compile_pool, self._compile, request.params.guided)
-            guide = await asyncio.wait_for(compiled, timeout_s)
-        except TimeoutError:
-            error = InvalidRequestError(
-                f"guided decoding: compiling the constraint took over {timeout_s:g} s"
-            )
-            self._deliver_error(request.request_id, error)
-        except ServingError as exc:
+            cached = self._compiler.cached(spec) if self._compiler is not None else None
+            guide = cached or await self._guides.compile(spec)
+        except ServingError as exc:  # 400: a bad or too costly constraint; 503: every worker busy
             self._deliver_error(request.request_id, exc)
         except Exception as exc:  # a library failure, not the request's fault: still end the request
             logger.exception("guided decoding: compiling failed")
@@ -219,7 +214,7 @@ class AsyncEngine:
             return self._compiler
 
     def _compile(self, spec: GuidedSpec) -> CompiledGuide:
-        """Runs in the compile pool."""
+        """Runs on a compile worker."""
         return self._guided_compiler().compile(spec)
 
     def abort(self, request_id: str) -> None:
@@ -250,6 +245,7 @@ class AsyncEngine:
             raise EngineDeadError("the engine thread has stopped")
 
     def shutdown(self) -> None:
+        self._guides.shutdown()
         self._send(None)
         self._thread.join(timeout=10)
 

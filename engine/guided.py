@@ -155,6 +155,11 @@ class GuidedCompiler:
         self._cache: OrderedDict[GuidedSpec, CompiledGuide] = OrderedDict()
         self._lock = threading.Lock()
 
+    def cached(self, spec: GuidedSpec) -> CompiledGuide | None:
+        """The compiled guide for `spec` if it is in the cache (never compiles: safe on an event loop)."""
+        with self._lock:
+            return self._cache.get(spec)
+
     def compile(self, spec: GuidedSpec) -> CompiledGuide:
         """The compiled guide for `spec`; raises InvalidRequestError with the library's reason."""
         with self._lock:

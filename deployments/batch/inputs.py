@@ -47,7 +47,9 @@ def load_rows(spec: JobSpec) -> tuple[JobKind, Rows, str | None]:
 
 
 def _read(spec: JobSpec) -> bytes:
-    location = DataRoot(spec.data_root).resolve(spec.input_path, field="input_data_path")
+    is_stored_file = spec.kind == JobKind.OPENAI  # an uploaded file, in the root's own files/ folder
+    root = DataRoot(spec.data_root)
+    location = root.resolve(spec.input_path, field="input_data_path", is_internal=is_stored_file)
     try:
         return location.read_bytes()
     except FileNotFoundError:

@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from deployments.batch.files import FileStore
-from deployments.batch.storage import BatchPath, DataRoot
+from deployments.batch.storage import JOBS_FOLDER, BatchPath, DataRoot
 from deployments.batch.types import JobKind, JobSpec
 
 PARTS_SUFFIX = ".parts"
@@ -22,7 +22,7 @@ ERRORS_SUFFIX = ".errors.jsonl"
 def parts_folder(spec: JobSpec) -> BatchPath:
     root = DataRoot(spec.data_root)
     if spec.kind == JobKind.OPENAI:
-        return root.internal("jobs", spec.job_id)
+        return root.internal(JOBS_FOLDER, spec.job_id)
     return root.resolve(spec.output_path + PARTS_SUFFIX, field="output_data_path")
 
 

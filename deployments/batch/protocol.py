@@ -94,6 +94,7 @@ class BatchJob(BaseModel):
     metadata: dict[str, str] | None
     progress: dict[str, int]
     error: str | None = None
+    queue_reason: str | None = Field(None, description="While queued: what the job waits for.")
 
 
 class GetJobResponse(BaseModel):

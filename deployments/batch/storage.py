@@ -1,7 +1,8 @@
 """Paths under the configured data root, read and written through fsspec (local, file://, s3://...).
 
 Every user-given path goes through `DataRoot.resolve`: relative paths are taken under the root; absolute
-paths and URLs must lie inside it. `..` segments and local symlinks that lead out are refused (400).
+paths and URLs must lie inside it. `..` segments, local symlinks that lead out and the server's own
+folders under the root (`RESERVED_FOLDERS`: uploaded files, job parts, job records) are refused (400).
 """
 
 from __future__ import annotations
@@ -15,6 +16,18 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from engine.errors import InvalidRequestError
+
+FILES_FOLDER = "files"  # uploaded and produced files (deployments/batch/files.py)
+JOBS_FOLDER = "jobs"  # OpenAI batches' parts (deployments/batch/outputs.py)
+STATE_FOLDER = "state"  # job records (deployments/batch/registry.py, a RecordStore)
+RESERVED_FOLDERS = (FILES_FOLDER, JOBS_FOLDER, STATE_FOLDER)
+
+
+def root_key(root: str) -> str:
+    """The data root in one spelling (a local folder's real path): two spellings, one root."""
+    if "://" not in root or root.startswith("file://"):
+        return os.path.realpath(os.path.expanduser(root.removeprefix("file://")))
+    return root.rstrip("/")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,8 +69,9 @@ class DataRoot:
         self._protocol = root.split("://", 1)[0] if "://" in root else "file"
         self.url = root
 
-    def resolve(self, given: str, *, field: str) -> BatchPath:
-        """The location `given` names, or InvalidRequestError (400) naming `field` when it is outside."""
+    def resolve(self, given: str, *, field: str, is_internal: bool = False) -> BatchPath:
+        """The location `given` names, or InvalidRequestError (400) naming `field` when it is outside the
+        root or, unless `is_internal` (a path the server chose), inside one of its reserved folders."""
         if not given or "\x00" in given:
             raise InvalidRequestError(f"{field}: a path is required")
         try:
@@ -67,7 +81,19 @@ class DataRoot:
         if ".." in given.replace("\\", "/").split("/"):
             raise InvalidRequestError(f"{field}: '..' is not allowed in batch paths ({given!r})")
         path = self._local_path(given, field) if self._is_local else self._remote_path(given, field)
+        if not is_internal:
+            self._check_not_reserved(path, given, field)
         return BatchPath(self._fs, path, self._display(path))
+
+    def _check_not_reserved(self, path: str, given: str, field: str) -> None:
+        sep = os.sep if self._is_local else "/"
+        first = path[len(self._root) :].lstrip(sep).split(sep, 1)[0]
+        if first in RESERVED_FOLDERS:
+            raise InvalidRequestError(
+                f"{field}: {given!r} lies in {first}/, a folder the server keeps for itself under the batch "
+                f"data root (its own folders: {', '.join(f + '/' for f in RESERVED_FOLDERS)}); "
+                "name a path elsewhere under the root"
+            )
 
     def _local_path(self, given: str, field: str) -> str:
         if "://" in given and not given.startswith("file://"):

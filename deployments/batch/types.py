@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from engine.errors import ServingError
 
@@ -12,6 +14,12 @@ class BatchNotFoundError(ServingError):
     """No batch job or stored file has this id (HTTP 404)."""
 
     status_code = 404
+
+
+class TooManyUploadsError(ServingError):
+    """batch.max_concurrent_uploads uploads are in progress (HTTP 429)."""
+
+    status_code = 429
 
 
 class JobKind(StrEnum):
@@ -49,11 +57,15 @@ class JobSpec:
     limits_json: str  # deployments.limits.LimitSettings, checked on every row
     v1_content_json: str | None = None  # v1: the sampling settings shared by every prompt
     inline_input_json: str | None = None  # content sent in the request instead of an input file
+    # "module:function" of the app's EngineFactory when it was built with one (tests: a fake engine); set
+    # only by Python code that builds the app, never from a request or the YAML config.
+    engine_factory: str | None = None
 
 
-@dataclass(slots=True)
-class JobRecord:
-    """A job's state in the registry: what its status routes report."""
+class JobRecord(BaseModel):
+    """A job's state: what its status routes report, and what the registry persists (one JSON file)."""
+
+    model_config = ConfigDict(extra="ignore")
 
     spec: JobSpec
     created_at: float
@@ -64,11 +76,12 @@ class JobRecord:
     num_total: int = 0
     num_done: int = 0
     num_failed: int = 0
-    worker_ids: list[str] = field(default_factory=list)
+    worker_ids: list[str] = Field(default_factory=list)
     error: str | None = None
+    queue_reason: str | None = None  # while queued: what the job waits for
     output_file_id: str | None = None  # openai
     error_file_id: str | None = None  # openai
-    metadata: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, str] = Field(default_factory=dict)
     request_json: str = "{}"  # the create request as the client sent it (model_config, labels...)
 
 

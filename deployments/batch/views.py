@@ -40,6 +40,7 @@ def batch_job(record: JobRecord) -> BatchJob:
         metadata={**record.metadata, "workers": ",".join(record.worker_ids)},
         progress=progress_of(record),
         error=record.error,
+        queue_reason=record.queue_reason,
     )
 
 

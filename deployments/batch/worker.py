@@ -9,6 +9,7 @@ the same node win the CPU when both want it.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from deployments.batch.rows import RowParser, render_error, render_result
 from deployments.batch.types import JobKind
 from deployments.config import ModelConfig
 from deployments.limits import LimitSettings
-from deployments.model_server import ModelServer
+from deployments.model_server import EngineFactory, ModelServer
 
 logger = logging.getLogger("ray.data")
 
@@ -47,6 +48,7 @@ class EngineWorker:
         num_threads: int | None,
         is_idle: bool = False,
         limits_json: str | None = None,
+        engine_factory: str | None = None,
     ) -> None:
         lower_priority(nice, is_idle)  # before the engine's threads start: they inherit it
         config = ModelConfig.model_validate_json(model_config_json)
@@ -57,7 +59,8 @@ class EngineWorker:
         self._kind = JobKind(kind)
         self._model = config.name
         # Its own metrics label, so batch load does not show up as the online model's.
-        self._server = ModelServer(config.model_copy(update={"name": f"{config.name}-batch"}))
+        batch_config = config.model_copy(update={"name": f"{config.name}-batch"})
+        self._server = ModelServer(batch_config, _import_factory(engine_factory))
         v1_content = json.loads(v1_content_json) if v1_content_json else None
         limits = LimitSettings.model_validate_json(limits_json) if limits_json else LimitSettings()
         self._parser = RowParser(self._kind, config.name, v1_content, limits)
@@ -92,3 +95,11 @@ class EngineWorker:
             return render_result(self._kind, self._model, row, result), None
         except Exception as exc:  # one bad row fails alone: it goes to the error records
             return None, render_error(self._kind, index, payload, exc)
+
+
+def _import_factory(path: str | None) -> EngineFactory | None:
+    """The app's engine factory by its "module:function" name (set only where the app is built in Python)."""
+    if path is None:
+        return None
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)

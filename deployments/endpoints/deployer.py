@@ -3,7 +3,7 @@
 Each endpoint is a Serve application of one `ModelServer` deployment with no HTTP route (the ingress
 reaches it by handle), deployed imperatively (like `serve.run`): a later `serve deploy` of a config
 replaces only the applications deployed from configs, so runtime endpoints survive it.
-These calls block on the Serve controller; the service runs them in a worker thread.
+These calls block on the Serve controller; the endpoint controller runs them in a worker thread.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.config import EndpointSettings, ModelConfig
 from deployments.endpoints.resources import Resources, code_version
 from deployments.engines.placement import deployment_for
-from deployments.model_server import ModelServer
+from deployments.model_server import EngineFactory, ModelServer
 
 MAX_REASON_CHARS = 2000
 
@@ -31,15 +31,23 @@ class AppState:
     message: str  # Serve's reason (app or deployment message), shortened
     num_running: int  # replicas RUNNING
     num_other: int  # replicas starting, stopping, pending placement
+    deployment_names: tuple[str, ...] = ()
 
 
-def deploy(app_name: str, deployment_name: str, config: ModelConfig, settings: EndpointSettings) -> None:
+def deploy(
+    app_name: str,
+    deployment_name: str,
+    config: ModelConfig,
+    settings: EndpointSettings,
+    engine_factory: EngineFactory | None = None,
+) -> None:
     """(Re)deploy `config` as application `app_name`; returns once Serve has the new target.
 
     Serve's default is 20 constructor failures in a row before DEPLOY_FAILED (minutes for a big model);
     `settings.max_start_attempts` (3) is enough: a model that fails to load three times will not load.
+    `engine_factory`: the app's own (tests serve a fake engine); None = the real engine.
     """
-    options, engine_factory = deployment_for(config)  # by its engine: vLLM runs in its own venv
+    options, factory = deployment_for(config, engine_factory)  # by its engine: vLLM runs in its own venv
     deployment = serve.deployment(ModelServer).options(
         name=deployment_name,
         version=code_version(config),
@@ -48,7 +56,7 @@ def deploy(app_name: str, deployment_name: str, config: ModelConfig, settings: E
         _internal=True,  # `version` is internal in Ray 2.60; with it a scaling change does not restart
         **options,
     )
-    target = RunTarget(target=deployment.bind(config, engine_factory), name=app_name, route_prefix=None)
+    target = RunTarget(target=deployment.bind(config, factory), name=app_name, route_prefix=None)
     serve.run_many([target], wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
 
 
@@ -78,7 +86,8 @@ def _app_state(app) -> AppState:
             counts[_name(state)] = counts.get(_name(state), 0) + count
     num_running = counts.pop("RUNNING", 0)
     message = next((m for m in messages if m), "")
-    return AppState(_name(app.status), shorten(message), num_running, sum(counts.values()))
+    names = tuple(app.deployments)
+    return AppState(_name(app.status), shorten(message), num_running, sum(counts.values()), names)
 
 
 def _name(status) -> str:

@@ -1,22 +1,30 @@
-"""The runtime endpoints of one app, kept in Ray's internal key-value store (in the GCS).
+"""The records of runtime endpoints, one JSON file per endpoint under the app's state root.
 
-Not in the ingress's memory: a replaced ingress replica, and every other ingress replica, read the
-same records. Keys are `endpoints/<ingress app>/<endpoint name>` in the `llmserve` namespace.
+`<state_root>/endpoints/<ingress app>/<name>.json` (deployments/state/store.py): outside Ray, so they
+outlive the cluster. Only the endpoint controller writes them (deployments/endpoints/controller.py).
+Reading is tolerant: fields that this release does not know, at any depth, are dropped rather than
+making the record unreadable (a downgrade after an upgrade keeps every endpoint).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from datetime import UTC, datetime
+from typing import Any
 
-from pydantic import BaseModel, Field
-from ray.experimental import internal_kv
+from pydantic import BaseModel, Field, field_validator
 
 from deployments.config import ModelConfig
 from deployments.endpoints.wire import Quantity, Status
+from deployments.state.store import RecordStore
 
-NAMESPACE = "llmserve"
-PENDING, READY, FAILED = "UPDATE_PENDING", "READY", "UPDATE_FAILED"
+logger = logging.getLogger("ray")
+
+SCHEMA_VERSION = 1
+PENDING, READY, FAILED, DELETING = "UPDATE_PENDING", "READY", "UPDATE_FAILED", "DELETE_IN_PROGRESS"
+KV_NAMESPACE = "llmserve"  # where releases before the state root kept records (Ray's internal KV)
 
 
 class EndpointRecord(BaseModel):
@@ -41,47 +49,55 @@ class EndpointRecord(BaseModel):
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     last_updated_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
+    @field_validator("config", "previous_config", mode="before")
+    @classmethod
+    def _known_fields_only(cls, value: Any) -> Any:
+        return known_fields(ModelConfig, value) if isinstance(value, dict) else value
 
-class EndpointRegistry:
-    """Records of one ingress app's runtime endpoints. Each call is one small GCS round trip."""
 
-    def __init__(self, ingress_app: str) -> None:
-        self._prefix = f"endpoints/{ingress_app}/"
+def known_fields(model: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
+    """`data` without the keys `model` (and its nested models) does not declare: ModelConfig forbids
+    extra keys, and a record written by a later release must still be read."""
+    kept = {}
+    for key, value in data.items():
+        field = model.model_fields.get(key)
+        if field is None:
+            continue
+        nested = field.annotation
+        if isinstance(nested, type) and issubclass(nested, BaseModel) and isinstance(value, dict):
+            value = known_fields(nested, value)
+        kept[key] = value
+    return kept
 
-    def _key(self, name: str) -> bytes:
-        return (self._prefix + name).encode()
 
-    def add(self, record: EndpointRecord) -> bool:
-        """Store a new record; False if the name is taken (atomic: two creates, one wins)."""
-        exists = internal_kv._internal_kv_put(
-            self._key(record.name), record.model_dump_json().encode(), overwrite=False, namespace=NAMESPACE
-        )
-        return not exists
+def open_store(state_root: str, ingress_app: str) -> RecordStore[EndpointRecord]:
+    """The records of the runtime endpoints of `ingress_app` (blocks: file I/O)."""
+    return RecordStore(state_root, f"endpoints/{ingress_app}", EndpointRecord, SCHEMA_VERSION)
 
-    def put(self, record: EndpointRecord) -> None:
-        record.last_updated_at = datetime.now(UTC)
-        internal_kv._internal_kv_put(
-            self._key(record.name), record.model_dump_json().encode(), overwrite=True, namespace=NAMESPACE
-        )
 
-    def replace(self, record: EndpointRecord) -> None:
-        """`put`, unless the record was deleted or changed by a newer create/update meanwhile (a settle
-        must not bring a deleted endpoint back). Read-then-write: it narrows the race, it is not atomic."""
-        current = self.get(record.name)
-        if current is not None and current.task_id == record.task_id:
-            self.put(record)
+def migrate_from_ray_kv(store: RecordStore[EndpointRecord], ingress_app: str) -> list[str]:
+    """Move the records that earlier releases kept in Ray's internal KV into `store`; their names.
 
-    def get(self, name: str) -> EndpointRecord | None:
-        raw = internal_kv._internal_kv_get(self._key(name), namespace=NAMESPACE)
-        return EndpointRecord.model_validate_json(raw) if raw is not None else None
+    Those records live as long as the Ray cluster, so there is something to move only when new code is
+    deployed onto a running cluster. A name already in the store keeps the store's record."""
+    from ray.experimental import internal_kv
 
-    def remove(self, name: str) -> None:
-        internal_kv._internal_kv_del(self._key(name), namespace=NAMESPACE)
-
-    def names(self) -> list[str]:
-        keys = internal_kv._internal_kv_list(self._prefix.encode(), namespace=NAMESPACE)
-        return sorted(k.decode().removeprefix(self._prefix) for k in keys)
-
-    def all(self) -> list[EndpointRecord]:
-        records = (self.get(name) for name in self.names())
-        return [r for r in records if r is not None]
+    prefix = f"endpoints/{ingress_app}/"
+    try:
+        keys = internal_kv._internal_kv_list(prefix.encode(), namespace=KV_NAMESPACE)
+    except Exception:  # no KV here (not in a Ray worker), or a Ray without it: nothing to move
+        return []
+    moved = []
+    for key in keys:
+        name = key.decode().removeprefix(prefix)
+        raw = internal_kv._internal_kv_get(key, namespace=KV_NAMESPACE)
+        try:
+            record = EndpointRecord.model_validate(json.loads(raw)) if raw is not None else None
+        except ValueError as exc:
+            logger.warning("endpoint record %r in Ray's KV is unreadable, not migrated: %s", name, exc)
+            record = None
+        if record is not None and store.get(name) is None:
+            store.put(name, record)
+            moved.append(name)
+        internal_kv._internal_kv_del(key, namespace=KV_NAMESPACE)
+    return moved

@@ -6,7 +6,9 @@ Pure functions: they raise `InvalidRequestError` (400) naming the field and the 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,26 +145,58 @@ def autoscaling(min_workers: int, max_workers: int, per_worker: int) -> dict[str
     }
 
 
-def check_model(model_name: str, checkpoint_path: str | None) -> str:
-    """The `ModelConfig.model` to serve: the checkpoint folder, else the zoo name; 400 if neither."""
+def check_model(model_name: str, checkpoint_path: str | None, checkpoint_roots: Sequence[str] = ()) -> str:
+    """The `ModelConfig.model` to serve: the checkpoint folder, else the zoo name; 400 if neither.
+
+    A checkpoint folder must lie under one of `checkpoint_roots` (endpoints.checkpoint_roots) once
+    symlinks are resolved: the API cannot make the server read any folder of its host."""
     if checkpoint_path is not None:
-        try:  # "~nobody/x" raises RuntimeError, a name past the OS's limit OSError
-            folder = Path(checkpoint_path).expanduser()
-            is_folder = "://" not in checkpoint_path and (folder / "config.json").is_file()
-        except (OSError, RuntimeError, ValueError):
+        folder = _allowed_folder(checkpoint_path, checkpoint_roots)
+        try:  # a name past the OS's limit raises OSError
+            is_folder = (folder / "config.json").is_file()
+        except (OSError, ValueError):
             is_folder = False
         if not is_folder:
             raise InvalidRequestError(
                 f"checkpoint_path: {checkpoint_path[:200]!r} is not a local Hugging Face folder (one holding "
-                "config.json) on the ingress's node; remote paths (s3://, gs://) are not supported"
+                "config.json) on the server's node; remote paths (s3://, gs://) are not supported"
             )
-        return str(folder.resolve())
+        return str(folder)
     if model_name not in CATALOGUE:
         raise InvalidRequestError(
             f"model_name: {model_name[:200]!r} is not in the model zoo (or give checkpoint_path, a local "
             f"Hugging Face folder); zoo names: {', '.join(sorted(CATALOGUE))}"
         )
     return model_name
+
+
+def _allowed_folder(checkpoint_path: str, roots: Sequence[str]) -> Path:
+    """The real path of `checkpoint_path` if it lies under one of `roots`; 400 otherwise."""
+    shown = repr(checkpoint_path[:200])
+    if not roots:
+        raise InvalidRequestError(
+            f"checkpoint_path: {shown} is refused: this server allows no checkpoint folder "
+            "(endpoints.checkpoint_roots is empty); create the endpoint from a zoo model_name"
+        )
+    if "://" in checkpoint_path or "\x00" in checkpoint_path or ".." in checkpoint_path.split("/"):
+        raise InvalidRequestError(
+            f"checkpoint_path: {shown} must be a local folder path without '..' (remote paths such as "
+            "s3:// are not supported)"
+        )
+    try:  # "~nobody/x" raises RuntimeError
+        given = Path(checkpoint_path).expanduser()
+        if not given.is_absolute():
+            raise InvalidRequestError(f"checkpoint_path: {shown} must be an absolute path")
+        real = Path(os.path.realpath(given))
+        allowed = [Path(os.path.realpath(Path(root).expanduser())) for root in roots]
+    except (OSError, RuntimeError, ValueError):
+        real, allowed = None, []
+    if real is None or not any(real == root or root in real.parents for root in allowed):
+        raise InvalidRequestError(
+            f"checkpoint_path: {shown} is not under an allowed folder (endpoints.checkpoint_roots: "
+            f"{', '.join(roots)})"
+        )
+    return real
 
 
 def engine_for(engine: EngineSettings, *, image_tag: str | None, num_shards: int | None) -> EngineSettings:

@@ -55,8 +55,17 @@ class _EndpointFields(BaseModel):
         description="Devices one replica spans; above 1 on vLLM only (tensor parallel).",
     )
     quantize: Literal["bitsandbytes", "awq"] | None = Field(None, description="Not supported: null.")
-    checkpoint_path: str | None = Field(None, description="A local Hugging Face folder with config.json.")
-    max_model_len: int | None = Field(None, ge=1, description="Prompt + generated tokens per sequence.")
+    checkpoint_path: str | None = Field(
+        None,
+        description="An absolute path to a local Hugging Face folder (config.json) under one of the "
+        "server's endpoints.checkpoint_roots; refused when none is configured.",
+    )
+    max_model_len: int | None = Field(
+        None,
+        ge=1,
+        description="Prompt + generated tokens per sequence: at most the model's context, and one "
+        "sequence must fit the server's KV cache (endpoints.engine.kv_cache_bytes).",
+    )
     max_num_seqs: int | None = Field(None, ge=1, description="Sequences decoded together.")
     metadata: dict[str, Any] | None = Field(None, description="Free-form, returned in spec.metadata.")
     post_inference_hooks: list[str] | None = Field(None, description="Not supported: null or empty.")

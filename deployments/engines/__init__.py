@@ -2,8 +2,9 @@
 
 `llmserve` is this project's engine (engine/), in the project's venv. `vllm` is vLLM's AsyncLLM
 (deployments/engines/vllm_engine.py), whose replicas run in a venv of their own that
-scripts/install_vllm.sh builds: vLLM's pins conflict with the project's, so it cannot be installed
-beside it. Nothing in this package imports vllm at module level: the default install never needs it.
+`llmserve vllm-env` builds (deployments/engines/vllm_env.py): vLLM's pins conflict with the
+project's, so it cannot be installed beside it. Nothing in this package imports vllm at module level:
+the default install never needs it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from deployments.config import REPO_ROOT, ConfigError, ModelConfig
 ResolvedKind = Literal["llmserve", "vllm"]
 VLLM_PYTHON_ENV = "LLMSERVE_VLLM_PYTHON"  # the vLLM venv's python; default: .venv-vllm in the repository
 DEFAULT_VLLM_VENV = REPO_ROOT / ".venv-vllm"
-INSTALL_COMMAND = "bash scripts/install_vllm.sh"
+INSTALL_COMMAND = "llmserve vllm-env"
 
 
 class EngineUnavailableError(ConfigError):

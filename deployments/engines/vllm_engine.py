@@ -1,6 +1,6 @@
 """vLLM's async engine (AsyncLLM) behind the Engine protocol of deployments/model_server.py.
 
-It runs in the vLLM venv (scripts/install_vllm.sh), in a replica whose runtime_env names that venv's
+It runs in the vLLM venv (`llmserve vllm-env`), in a replica whose runtime_env names that venv's
 python. AsyncLLM keeps tokenization-free output processing in the replica and runs its EngineCore
 (and on CPU a worker) in child processes. Requests arrive validated (deployments/request_validation.py):
 prompt token ids, normalized settings. Every `vllm` import is inside a function, so this module imports

@@ -6,6 +6,7 @@ import pytest
 
 from deployments.app import build_app_from_configs
 from deployments.config import DeploymentSettings, ModelConfig
+from tests.deployments.endpoint_fakes import serve_fake  # noqa: F401 (a fixture of the endpoint tests)
 from tests.deployments.fake_engine import FAKE_MODELS, fake_factory
 from tests.serve_fixtures import delete_app, run_app, serve_session
 

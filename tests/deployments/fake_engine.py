@@ -3,12 +3,16 @@
 Tokens are the prompt's UTF-8 bytes. The completion is "w0 w1 w2 ..." (one word per token).
 Markers in the prompt: "[slow]" 0.2 s per token, "[fail-after-2]" a failure of that request alone
 (500) after two tokens, "[crash]" a plain RuntimeError before the first token, "[overload]" a
-refusal (429), "[stop]" ends with finish reason STOP after 3 tokens.
+refusal (429), "[stop]" ends with finish reason STOP after 3 tokens, "[kill-worker]" ends the whole
+process at once (a worker that dies: a segfault, the OOM killer), "[wait-for:<path>]" holds the first
+token until a file exists at <path> (an event the test controls, not a timing).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -20,6 +24,8 @@ from engine.types import EngineStats, FinishReason, GenerationRequest, TokenDelt
 FAKE_MODELS = ("fake", "fake-chat.v1:2024-01-01")  # the second name has the characters fine-tunes use
 MAX_MODEL_LEN = 256
 SLOW_TOKEN_S = 0.2
+WAIT_FOR = re.compile(r"\[wait-for:([^\]]+)\]")
+GATE_POLL_S = 0.02
 
 
 @dataclass(slots=True)
@@ -64,6 +70,11 @@ class FakeEngine:
         try:
             if "[crash]" in prompt:
                 raise RuntimeError("fake engine crashed")
+            if "[kill-worker]" in prompt:
+                os._exit(17)
+            if gate := WAIT_FOR.search(prompt):
+                while not os.path.exists(gate.group(1)):
+                    await asyncio.sleep(GATE_POLL_S)
             for i in range(num_tokens):
                 await asyncio.sleep(SLOW_TOKEN_S if "[slow]" in prompt else 0.001)
                 if request.request_id not in self._running:

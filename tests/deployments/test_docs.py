@@ -142,11 +142,12 @@ def ray_serve_settings() -> str:
 
 @cache
 def our_settings() -> str:
+    """The project's sources, the tests' (test settings such as LLMSERVE_TEST_PROFILE) and .ci/run."""
     return "".join(
         p.read_text(encoding="utf-8")
-        for d in ("deployments", "engine", "model_zoo")
+        for d in ("deployments", "engine", "model_zoo", "tests")
         for p in (REPO_ROOT / d).rglob("*.py")
-    )
+    ) + (REPO_ROOT / ".ci" / "run").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("page", CHECKED, ids=page_ids(CHECKED))

@@ -141,10 +141,11 @@ def test_scaling_keeps_the_code_version_and_the_engine_changes_it():
 
 
 def test_model_is_a_zoo_name_or_a_local_folder(tiny_model_dir):
+    roots = [str(tiny_model_dir.parent)]
     assert check_model("smollm2-135m-instruct", None) == "smollm2-135m-instruct"
-    assert check_model("anything", str(tiny_model_dir)) == str(tiny_model_dir.resolve())
+    assert check_model("anything", str(tiny_model_dir), roots) == str(tiny_model_dir.resolve())
     with pytest.raises(InvalidRequestError, match="model_name"):
         check_model("gpt-9", None)
     for path in ("s3://bucket/model", "/no/such/folder", "~nobody-here/x", "x" * 5000, "a\x00b"):
         with pytest.raises(InvalidRequestError, match="checkpoint_path"):
-            check_model("anything", path)
+            check_model("anything", path, roots)

@@ -129,3 +129,24 @@ def test_lone_surrogates_are_a_400_naming_the_field(server, is_raw: bool):
 
 async def test_the_replica_reports_its_pid(server):
     assert await server.pid() == os.getpid()
+
+
+async def test_a_dead_engine_is_not_ready_and_fails_the_health_check(server, monkeypatch):
+    from deployments.health import UNAVAILABLE, model_state, readiness
+    from engine.errors import EngineDeadError
+
+    assert await server.ready() is True
+    dead = EngineDeadError("the model's engine has stopped (a test); the replica is being replaced")
+
+    def check_health() -> None:
+        raise dead
+
+    monkeypatch.setattr(server._engine, "check_health", check_health)
+    for probe in (server.ready, server.check_health):
+        with pytest.raises(EngineDeadError):
+            await probe()
+    try:
+        await server.ready()
+    except EngineDeadError as exc:
+        state = model_state(exc)
+    assert state == UNAVAILABLE and readiness({"fake": state})[0] == 503

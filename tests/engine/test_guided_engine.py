@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import threading
 
 import jsonschema
 import pytest
@@ -125,4 +126,41 @@ async def test_a_failing_compiler_ends_the_request_with_an_error(tiny, monkeypat
         assert caught.value.status_code == 500
         assert [d.text async for d in eng.add_request(request(tokenizer, "hi", "free"))]  # still serves
     finally:
+        eng.shutdown()
+
+
+async def test_compiles_past_their_limit_are_400_and_a_pool_they_fill_answers_503(tiny, monkeypatch):
+    """Two constraints whose compiles never end (until released) each get their 400 at the limit and
+    keep their worker; the next guided request is refused at once with 503 naming why, not queued
+    behind them and blamed with a 400; once they end, guided requests are served again."""
+    model, tokenizer = tiny
+    config = EngineConfig(max_model_len=256, kv_cache_bytes=8 * 2**20, guided_compile_timeout_s=0.05)
+    eng = AsyncEngine(model, tokenizer, config)
+    release = threading.Event()
+    real_compile = eng._compile
+
+    def compile_blocking_on_slow_regexes(spec):
+        if spec.value.startswith("slow"):
+            release.wait()  # a compile that runs on until the test lets it end
+        return real_compile(spec)
+
+    monkeypatch.setattr(eng, "_compile", compile_blocking_on_slow_regexes)
+    eng._guides._compile = compile_blocking_on_slow_regexes
+    try:
+        await wait_until(lambda: eng._compiler is not None)
+        for i in range(2):
+            slow = request(tokenizer, "hi", f"slow{i}", guided=GuidedSpec.regex(f"slow{i}[a-z]+"))
+            with pytest.raises(InvalidRequestError, match=r"took over 0\.05 s"):
+                await asyncio.wait_for(anext(eng.add_request(slow)), 30)
+        refused = request(tokenizer, "hi", "refused", guided=GuidedSpec.choice(["a", "b"]))
+        with pytest.raises(ServingError, match="compile workers are busy") as caught:
+            await asyncio.wait_for(anext(eng.add_request(refused)), 30)
+        assert caught.value.status_code == 503
+        release.set()
+        await wait_until(lambda: eng._guides.num_abandoned == 0)
+        eng._guides._timeout_s = 30.0  # the served request below is not a race against the clock
+        served = request(tokenizer, "hi", "served", max_new_tokens=4, guided=GuidedSpec.choice(["ab", "cd"]))
+        assert text_of([d async for d in eng.add_request(served)]) in ("ab", "cd")
+    finally:
+        release.set()
         eng.shutdown()

@@ -40,6 +40,28 @@ def test_local_paths_stay_under_the_root(root: DataRoot, tmp_path: Path):
             root.resolve(outside, field="f")
 
 
+def test_the_roots_own_folders_are_out_of_reach(root: DataRoot, tmp_path: Path):
+    """files/ (uploads), jobs/ (OpenAI parts) and state/ (job records) are the server's: a user path
+    there is a 400 naming the field, however it is spelled; the server's own paths pass."""
+    base = tmp_path / "root"
+    (base / "link").symlink_to(base / "files")
+    for inside in (
+        "files/file-0",
+        f"{base}/jobs/x",
+        f"file://{base}/state/jobs/a.json",
+        "files",
+        "link/x",
+        "./state",
+    ):
+        with pytest.raises(InvalidRequestError, match=r"^f: .*keeps for itself"):
+            root.resolve(inside, field="f")
+    assert root.resolve("filesx/a.json", field="f").path == str(base / "filesx/a.json")
+    assert root.resolve("files/file-0", field="f", is_internal=True).path == str(base / "files/file-0")
+    remote = DataRoot("memory://bucket/batch")
+    with pytest.raises(InvalidRequestError, match="keeps for itself"):
+        remote.resolve("memory://bucket/batch/files/x", field="f")
+
+
 def test_remote_root_paths(tmp_path: Path):
     root = DataRoot("memory://bucket/batch")
     relative, absolute = (

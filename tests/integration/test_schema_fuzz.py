@@ -26,6 +26,7 @@ import httpx
 import pytest
 
 from deployments.app import build_app_from_configs
+from deployments.batch.config import BatchSettings
 from deployments.config import DeploymentSettings, EngineSettings, ModelConfig
 from tests.integration import schema_fuzz_hooks
 from tests.integration.tiny_app import TINY_MODEL
@@ -46,7 +47,9 @@ responses = false
 
 
 @pytest.fixture(scope="module")
-def fuzz_app_url(serve_port: int, tiny_model_dir: Path) -> Iterator[str]:
+def fuzz_app_url(
+    serve_port: int, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     model = ModelConfig(
         name=TINY_MODEL,
         model=str(tiny_model_dir),
@@ -55,7 +58,9 @@ def fuzz_app_url(serve_port: int, tiny_model_dir: Path) -> Iterator[str]:
         ),
         deployment=DeploymentSettings(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32),
     )
-    yield run_app(build_app_from_configs([model]), name=APP, route_prefix=f"/{APP}", port=serve_port)
+    batch = BatchSettings(data_root=str(tmp_path_factory.mktemp("fuzz_batch_root")))  # its jobs and files
+    app = build_app_from_configs([model], batch=batch)
+    yield run_app(app, name=APP, route_prefix=f"/{APP}", port=serve_port)
     delete_app(APP)
 
 

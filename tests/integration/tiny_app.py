@@ -29,6 +29,9 @@ def build_tiny_app(model_dir: Path, engine_factory: EngineFactory | None = None)
         ),
     )
     # Endpoints created at runtime (test_model_endpoints.py) get the same small engine; a replica that
-    # fails to start once fails the change (the broken-weights test needs no retries).
-    endpoints = EndpointSettings(engine=model.engine, max_start_attempts=1)
+    # fails to start once fails the change (the broken-weights test needs no retries). Checkpoints may
+    # come from pytest's temporary folders (the tiny model's and the tests' own).
+    endpoints = EndpointSettings(
+        engine=model.engine, max_start_attempts=1, checkpoint_roots=[str(model_dir.parent)]
+    )
     return build_app_from_configs([model], engine_factory=engine_factory, endpoints=endpoints)

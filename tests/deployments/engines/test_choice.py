@@ -51,7 +51,7 @@ def test_auto_takes_vllm_only_on_a_gpu_replica_with_vllm_installed(vllm_venv):
 def test_auto_without_vllm_is_this_projects_engine_and_vllm_is_refused_naming_the_command(no_vllm):
     assert resolve_engine_kind(model("auto", num_gpus=1)) == "llmserve"
     assert vllm_version() is None
-    with pytest.raises(EngineUnavailableError, match=r"bash scripts/install_vllm\.sh") as refused:
+    with pytest.raises(EngineUnavailableError, match=r"llmserve vllm-env") as refused:
         require_engine(model("vllm"))
     assert isinstance(refused.value, ConfigError)  # `serve run` shows it as a config error
 
@@ -59,7 +59,7 @@ def test_auto_without_vllm_is_this_projects_engine_and_vllm_is_refused_naming_th
 def test_building_the_app_refuses_vllm_without_its_venv(no_vllm):
     from deployments.app import build_app
 
-    with pytest.raises(EngineUnavailableError, match="install_vllm"):
+    with pytest.raises(EngineUnavailableError, match="llmserve vllm-env"):
         build_app({"models": [{"name": "m", "model": "m", "engine": "vllm"}]})
 
 
@@ -93,7 +93,5 @@ def test_create_refuses_what_cannot_run_here(vllm_venv, monkeypatch):
     with pytest.raises(InvalidRequestError, match="inference_framework_image_tag"):
         endpoint_config("tgi-1.0")
     monkeypatch.setenv(engines.VLLM_PYTHON_ENV, "/nowhere/python")
-    with pytest.raises(
-        InvalidRequestError, match=r"inference_framework_image_tag: .*bash scripts/install_vllm\.sh"
-    ):
+    with pytest.raises(InvalidRequestError, match=r"inference_framework_image_tag: .*llmserve vllm-env"):
         endpoint_config("vllm")
