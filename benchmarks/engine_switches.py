@@ -1,5 +1,6 @@
 """The engine's A/B switches as command-line flags, shared by engine_bench.py and step_profile.py:
-each `--no-<field>` turns off one `EngineConfig` field that is on by default."""
+each `--no-<field>` turns off one `EngineConfig` field that is on by default, each `--<field>` turns on
+one that is off by default."""
 
 from __future__ import annotations
 
@@ -11,14 +12,21 @@ SWITCHES = {
     "native_linear": "bf16 products on oneDNN, not the C kernel",
     "native_norm": "torch's RMSNorm ops, not the C kernel",
 }
+OPT_IN = {  # EngineConfig field (off by default) -> what turning it on runs
+    "int8_weights": "bf16 products with int8 weights and rows (engine/native_int8.py)",
+}
 
 
 def add_switch_flags(parser: argparse.ArgumentParser) -> None:
     for field, instead in SWITCHES.items():
         flag = "--no-" + field.replace("_", "-")
         parser.add_argument(flag, action="store_true", help=f"{instead} (A/B)")
+    for field, instead in OPT_IN.items():
+        parser.add_argument("--" + field.replace("_", "-"), action="store_true", help=f"{instead} (A/B)")
 
 
 def switches(args: argparse.Namespace) -> dict[str, bool]:
     """EngineConfig keyword arguments from the parsed flags."""
-    return {field: not getattr(args, f"no_{field}") for field in SWITCHES}
+    return {field: not getattr(args, f"no_{field}") for field in SWITCHES} | {
+        field: getattr(args, field) for field in OPT_IN
+    }

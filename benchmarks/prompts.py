@@ -30,3 +30,15 @@ def unique_prompt_texts(n: int, run_id: str, extra_words: int = 0) -> list[str]:
         filler = " ".join(FILLER[(i + j * 7) % len(FILLER)] for j in range(extra_words))
         prompts.append(f"[{run_id}-{i}] {filler + ' ' if filler else ''}{text}")
     return prompts
+
+
+def shared_header(words: int) -> str:
+    """A fixed header of `words` words, the same in every run: a deployment's long system prompt."""
+    return " ".join(FILLER[(j * 7 + j // len(FILLER)) % len(FILLER)] for j in range(words))
+
+
+def shared_prefix_prompt_texts(n: int, run_id: str, prefix_words: int, extra_words: int = 0) -> list[str]:
+    """`unique_prompt_texts` behind one shared header of `prefix_words` words: every request starts with
+    the same tokens (a prefix cache can serve them), and differs from its tag on."""
+    header = shared_header(prefix_words)
+    return [f"{header}\n{text}" for text in unique_prompt_texts(n, run_id, extra_words)]

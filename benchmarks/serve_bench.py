@@ -43,8 +43,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import bench_setup
 import cpu_accounting  # benchmarks/ is on sys.path as a script
-from prompts import prompt_texts, unique_prompt_texts
+from prompts import prompt_texts, shared_prefix_prompt_texts, unique_prompt_texts
 
 
 @dataclass(slots=True)
@@ -230,10 +231,15 @@ async def run_all(args: argparse.Namespace, alone: EngineAlone | None) -> dict[s
     batches = itertools.count()
 
     def prompts(n: int) -> list[str]:
-        return unique_prompt_texts(n, f"{run_id}.{next(batches)}", args.prompt_words)
+        tag = f"{run_id}.{next(batches)}"
+        if args.shared_prefix_words:
+            return shared_prefix_prompt_texts(n, tag, args.shared_prefix_words, args.prompt_words)
+        return unique_prompt_texts(n, tag, args.prompt_words)
 
     levels: dict[str, list[LevelResult]] = {url: [] for url in urls}
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
+        if args.peer:
+            await print_setup(client, args)
         for url, api in apis.items():
             warm = await asyncio.gather(*(send(client, api, p) for p in prompts(2)))
             if not all(r.is_ok for r in warm):
@@ -266,6 +272,18 @@ async def run_all(args: argparse.Namespace, alone: EngineAlone | None) -> dict[s
                 levels[url].append(await run_poisson(client, api, args.request_rate, batch))
                 print(_label(levels[url][-1].row(), url, urls), flush=True)
     return levels
+
+
+async def print_setup(client: aiohttp.ClientSession, args: argparse.Namespace) -> None:
+    """With --peer: the CPU kind, this server's settings and each peer's, printed before the tables."""
+    lines = [
+        f"CPU: {bench_setup.cpu_kind()}",
+        f"this server: {bench_setup.this_server(args.model_config)} (as --model-config reads it)",
+    ]
+    for i, spec in enumerate(args.peer, 1):
+        url, model = parse_peer(spec, args.model)
+        lines.append(f"peer {i}: {url}@{model}: {await bench_setup.peer_server(client, url)}")
+    print("\n".join(lines) + "\n", flush=True)
 
 
 def parse_peer(spec: str, default_model: str) -> tuple[str, str]:
@@ -457,6 +475,12 @@ def main() -> None:
     )
     parser.add_argument("--prompt-words", type=int, default=0, help="filler words added to each prompt")
     parser.add_argument(
+        "--shared-prefix-words",
+        type=int,
+        default=0,
+        help="start every prompt with one fixed header of this many words (a shared system prompt)",
+    )
+    parser.add_argument(
         "--rounds",
         type=int,
         default=1,
@@ -472,9 +496,10 @@ def main() -> None:
 
     peers = ", ".join(f"peer {i} {p}" for i, p in enumerate(args.peer, 1))
     peer = f"; {peers} (OpenAI API), same prompts after each level" if args.peer else ""
+    shared = f", behind a shared {args.shared_prefix_words}-word header" if args.shared_prefix_words else ""
     print(
         f"{args.api} API at {args.url}, model {args.model}, max tokens {args.max_tokens}, temperature 0, "
-        f"prompts unique per request (+{args.prompt_words} filler words){peer}\n"
+        f"prompts unique per request (+{args.prompt_words} filler words){shared}{peer}\n"
     )
     print(TABLE_HEADER, flush=True)
     alone = EngineAlone.load(args.model_config, args.api) if args.compare_engine else None

@@ -91,6 +91,7 @@ class EngineCore:
             config.fast_forward,
             config.native_linear,
             config.native_norm,
+            config.int8_weights,
         )
         self.scheduler = Scheduler(
             max_num_seqs=config.max_num_seqs,

@@ -9,6 +9,9 @@
   and down_proj would otherwise stay unpacked), else
   oneDNN's packed layout instead of repacking the weight inside each call (small-batch products
   about 1.3-2x (bf16) and 1.5-3.5x (float32) faster than torch's default path here).
+- With `int8=True`, bf16 CPU products take int8 weights (one scale per output column) and int8 rows
+  (one scale per row, at each call) on engine/native_int8.py's kernel instead, except the layers named
+  in `INT8_SKIP`.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import native_int8
 from engine import native_linear as native_linear_kernel
 
 logger = logging.getLogger("engine")
 
 _GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+INT8_SKIP = ("lm_head",)  # child names whose products stay in bf16 with int8 on
 
 
 def _can_pack(weight: torch.Tensor) -> bool:
@@ -63,16 +68,30 @@ def padded_rows(num_rows: int) -> int:
     return -(-num_rows // step) * step
 
 
-class PackedLinear(nn.Module):
-    """y = x W^T + b with W packed once: for the native bf16 kernel, for oneDNN, or left plain."""
+def _int8_kernel(weight: torch.Tensor, int8: bool) -> native_int8.Int8Kernel | None:
+    """The int8 kernel for a bf16 CPU weight when asked for and built here, else None."""
+    if not int8 or weight.dtype != torch.bfloat16 or not native_int8.supports(weight):
+        return None
+    return native_int8.load()
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, native: bool = True) -> None:
+
+class PackedLinear(nn.Module):
+    """y = x W^T + b with W packed once: as int8 for the int8 kernel, for the native bf16 kernel, for
+    oneDNN, or left plain."""
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, native: bool = True, int8: bool = False
+    ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        kernel = _native_kernel(weight, native)
+        self._int8 = _int8_kernel(weight, int8)
+        kernel = _native_kernel(weight, native) if self._int8 is None else None
         self._kernel = kernel
-        self.is_packed = kernel is None and _can_pack(weight)
-        if kernel is not None:
+        self.is_packed = kernel is None and self._int8 is None and _can_pack(weight)
+        if self._int8 is not None:
+            self.weight = self._int8.pack(weight)  # an Int8Weight: int8 blocks, scales, column sums
+            self.bias = bias.detach().float().contiguous() if bias is not None else None
+        elif kernel is not None:
             self.weight = kernel.pack(weight)
             self.bias = bias.detach().float().contiguous() if bias is not None else None
         else:
@@ -83,8 +102,14 @@ class PackedLinear(nn.Module):
     def is_native(self) -> bool:
         return self._kernel is not None
 
+    @property
+    def is_int8(self) -> bool:
+        return self._int8 is not None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)  # (M, K)
+        if self._int8 is not None:
+            return self._int8(flat, self.weight, self.bias).view(*x.shape[:-1], self.out_features)
         if self._kernel is not None:
             y = self._kernel(flat, self.weight, self.out_features, self.bias)
             return y.view(*x.shape[:-1], self.out_features)
@@ -103,13 +128,13 @@ class PackedLinear(nn.Module):
 class FusedProjection(nn.Module):
     """One product for several sibling projections; `member(i)` stands in for the i-th."""
 
-    def __init__(self, linears: list[nn.Linear], native: bool = True) -> None:
+    def __init__(self, linears: list[nn.Linear], native: bool = True, int8: bool = False) -> None:
         super().__init__()
         weight = torch.cat([lin.weight.detach() for lin in linears])
         biases = [lin.bias for lin in linears]
         bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
         self.sizes = [lin.out_features for lin in linears]
-        self.linear = PackedLinear(weight, bias, native)
+        self.linear = PackedLinear(weight, bias, native, int8)
         # [input, outputs]: a plain list, because nn.Module.__setattr__ costs ~5 us a call on the hot path
         self._last: list = [None, ()]
 
@@ -133,16 +158,17 @@ class _Member(nn.Module):
         return self._group[0].output(self.index, x)
 
 
-def optimize_model(model: nn.Module, native_linear: bool = True) -> int:
+def optimize_model(model: nn.Module, native_linear: bool = True, int8: bool = False) -> int:
     """Fuse sibling projections and pack linear weights in place; returns the modules replaced.
 
-    `native_linear`: bf16 products on the engine's own kernel where it runs (else oneDNN)."""
+    `native_linear`: bf16 products on the engine's own kernel where it runs (else oneDNN).
+    `int8`: bf16 products with int8 weights and rows (engine/native_int8.py), but `INT8_SKIP`'s."""
     replaced = 0
     for parent in list(model.modules()):
         for names in _GROUPS:
             linears = [getattr(parent, n, None) for n in names]
             if all(isinstance(lin, nn.Linear) for lin in linears):
-                group = FusedProjection(linears, native_linear)
+                group = FusedProjection(linears, native_linear, int8)
                 parent.add_module("fused_" + "_".join(n.split("_")[0] for n in names), group)
                 for index, name in enumerate(names):
                     setattr(parent, name, _Member(group, index))
@@ -150,17 +176,20 @@ def optimize_model(model: nn.Module, native_linear: bool = True) -> int:
         for name, child in list(parent.named_children()):
             if type(child) is not nn.Linear:
                 continue
+            quantize = int8 and name not in INT8_SKIP
             if _can_pack(child.weight) or _native_kernel(child.weight, native_linear) is not None:
-                setattr(parent, name, PackedLinear(child.weight.detach(), child.bias, native_linear))
+                packed = PackedLinear(child.weight.detach(), child.bias, native_linear, quantize)
+                setattr(parent, name, packed)
                 replaced += 1
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
-    num_native = sum(m.is_native for m in packed)
+    num_native, num_int8 = sum(m.is_native for m in packed), sum(m.is_int8 for m in packed)
     logger.info(
-        "optimized %d linear modules (fused siblings, packed CPU weights); %d of %d products on the "
-        "engine's bf16 kernel, the rest on %s",
+        "optimized %d linear modules (fused siblings, packed CPU weights); of %d products %d on the "
+        "engine's int8 kernel, %d on its bf16 kernel, the rest on %s",
         replaced,
-        num_native,
         len(packed),
+        num_int8,
+        num_native,
         "oneDNN" if any(m.is_packed for m in packed) else "torch",
     )
     return replaced

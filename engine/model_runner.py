@@ -30,6 +30,7 @@ class ModelRunner:
         fast_forward: bool = True,
         native_linear: bool = True,
         native_norm: bool = True,
+        int8_weights: bool = False,
     ) -> None:
         """Takes the model over: its attention becomes the paged one and, if `optimize`, its linears fused.
 
@@ -37,10 +38,11 @@ class ModelRunner:
         and dtype.
         `fast_forward`: the architectures `engine/fast_forward.py` knows (fused) run through it.
         `native_linear`: CPU bf16 products in the C kernel where the CPU has AVX512-BF16 or AVX2 + FMA.
-        `native_norm`: the fast forward's bf16 CPU norms in the C kernel that gives torch's bits."""
+        `native_norm`: the fast forward's bf16 CPU norms in the C kernel that gives torch's bits.
+        `int8_weights`: bf16 CPU products on the int8 kernel (engine/native_int8.py), if `optimize`."""
         model.set_attn_implementation(attention.register())
         if optimize:
-            optimize_model(model, native_linear)
+            optimize_model(model, native_linear, int8_weights)
         use_fast_forward = fast_forward and FastForward.supports(model)
         self.fast_forward = FastForward(model, native_norm) if use_fast_forward else None
         path = "the engine's fast forward" if self.fast_forward is not None else "transformers' modules"

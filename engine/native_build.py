@@ -54,6 +54,8 @@ class IsaVariant:
 NATIVE = IsaVariant("native")
 VARIANTS = (
     NATIVE,  # everything this CPU has (-march=native): what the server runs
+    # AVX-512F/BW/VL without AVX512-BF16 (Skylake-SP to Ice Lake): forced on CPUs that have BF16 too
+    IsaVariant("avx512f", ("-mno-avx512bf16",), ("avx512f", "avx512bw", "avx512vl"), x86_only=True),
     IsaVariant("avx2", ("-mno-avx512f",), ("avx2", "fma"), x86_only=True),  # AVX2 + FMA, no AVX-512
     IsaVariant("generic", ("-mno-avx512f", "-mno-avx2", "-mno-fma"), (), x86_only=True),  # plain C paths
 )

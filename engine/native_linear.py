@@ -4,8 +4,8 @@ Why: the products are most of a decode step, and oneDNN's packed bf16 kernels ar
 counts decoding has (1-32 rows): on a 2-core EPYC Zen 4, SmolLM2's products take 10.5 ms a step for one
 row and 16.5 ms for 16 in oneDNN, 6.0 and 13.8 ms here (and no worse at prefill sizes). Every output
 is one float32 sum over k in a fixed order, so a row's bits are the same whatever else is in the
-batch, without padding rows. Needs AVX512-BF16, or AVX2 + FMA, where the bf16 pairs are widened to
-float32 in registers (`linear_bf16_supported()` in the built library). On an AVX2-only EPYC, where
+batch, without padding rows. Needs AVX512-BF16, or AVX-512F or AVX2 + FMA, where the bf16 pairs are
+widened to float32 in registers (`linear_bf16_supported()` in the built library). On an AVX2-only EPYC, where
 torch has no fast bf16 product at all, a batch-16 decode step runs 2.7-4x faster with it and the
 engine alone 5x (docs/performance.md).
 Elsewhere, and for other dtypes, `engine/fusion.py` keeps oneDNN.

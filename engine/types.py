@@ -107,6 +107,9 @@ class EngineConfig:
     optimize_model: bool = True  # fuse q/k/v and gate/up products, prepack CPU weights for oneDNN
     native_attention: bool = True  # CPU attention, decode and prefill, in C (engine/native_attention.py)
     native_linear: bool = True  # CPU bf16 products in the C kernel (engine/native_linear.py), else oneDNN
+    # bf16 CPU products with int8 weights (per output column) and int8 rows (per row) on the C kernel of
+    # engine/native_int8.py: ~2x the bf16 kernel where the CPU has AVX512-VNNI but no bf16 dot product
+    int8_weights: bool = False
     native_norm: bool = True  # the fast forward's bf16 CPU RMSNorms in C, same bits (engine/native_norm.py)
     fast_forward: bool = True  # Llama/Mistral/Gemma 3 skip transformers' module tree (engine/fast_forward.py)
     enable_prefix_caching: bool = True  # reuse the KV blocks of shared prefixes (docs/kv_cache.md)

@@ -1,5 +1,5 @@
-/* y = x W^T (+ bias) in bfloat16 on x86 CPUs, for every row count: with AVX512-BF16 (below), or with
-   AVX2 + FMA (the second half of this file).
+/* y = x W^T (+ bias) in bfloat16 on x86 CPUs, for every row count: with AVX512-BF16 (below), with
+   AVX-512F (bf16 widened to float32 in 512-bit registers), or with AVX2 + FMA (the last path).
 
    Why: oneDNN's packed bf16 product loses most at the row counts a decode step has (1-32 rows: it
    runs at ~25 % of this CPU's bf16 peak for one row and ~65 % at 16), and its sums run in an order
@@ -22,11 +22,12 @@
 #include "bf16.h"
 
 #define BLOCK 16 /* output columns per packed block (see engine/native_linear.py: pack) */
-#define UNIT 6   /* column blocks per unit of work */
-#define ROWS 4   /* rows per tile */
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
+
+#define UNIT 6 /* column blocks per unit of work */
+#define ROWS 4 /* rows per tile */
 
 static inline __attribute__((always_inline)) void tile(const int R, const int C, const uint16_t *x,
                                                        int64_t ldx, const uint16_t *w, int64_t K2,
@@ -88,6 +89,106 @@ static const row_t *tile_rows(const uint16_t *x, int64_t M, int64_t K, int64_t l
 static void release_rows(const row_t *rows) { (void)rows; }
 
 #define HAVE_LINEAR_BF16 1
+#define ISA_NAME "avx512bf16"
+
+#elif defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+/* AVX-512F without the bf16 dot product (e.g. Intel Skylake-SP to Ice Lake, AMD before Zen 4): the
+   AVX2 path's arithmetic in 512-bit registers. A 512-bit load holds one block's 16 columns for a pair
+   of k; a shift left by 16 gives the even k as float32, a mask the odd k. The rows are widened to
+   float32 once a call. Every output is one float32 sum over k in ascending order (two FMAs per pair),
+   the AVX2 path's very sums: a row's bits never depend on the batch, and match the AVX2 build's. */
+#include <immintrin.h>
+#include <stdlib.h>
+
+#ifndef UNIT
+#define UNIT 4 /* column blocks per unit of work */
+#endif
+#ifndef ROWS
+#define ROWS 8 /* rows per tile */
+#endif
+#define MAX_VECS 8
+
+/* y[n .. n + 16) from a float32 vector: bias, round to nearest even as torch does, NaN kept NaN */
+static inline void store_bf16x16(__m512 v, const float *bias, uint16_t *y, int64_t n, int64_t N) {
+    const int64_t left = N - n;
+    if (left <= 0) return;
+    const __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
+    if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + n));
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet);
+    _mm256_mask_storeu_epi16(y + n, mask, _mm512_cvtepi32_epi16(rounded));
+}
+
+/* R rows x V blocks of 16 columns (one vector each) from float32 rows xf (row stride K) */
+static inline __attribute__((always_inline)) void tile(const int R, const int V, const float *xf,
+                                                       int64_t K, const uint16_t *w, int64_t K2,
+                                                       const float *bias, uint16_t *y, int64_t ldy,
+                                                       int64_t n0, int64_t N) {
+    __m512 acc[ROWS][MAX_VECS];
+    const int64_t block_stride = K2 * 2 * BLOCK;
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 8
+        for (int c = 0; c < V; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int64_t k2 = 0; k2 < K2; k2++) {
+        /* the V blocks' weights widened once (2V registers), then each row's pair broadcast once:
+           V loads and 2V shifts/masks for 2RV products, R x V sums in flight */
+        __m512 even[MAX_VECS], odd[MAX_VECS];
+#pragma GCC unroll 8
+        for (int c = 0; c < V; c++) {
+            const __m512i v = _mm512_loadu_si512(w + c * block_stride + k2 * 2 * BLOCK);
+            even[c] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+            odd[c] = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            const __m512 xe = _mm512_set1_ps(xf[r * K + 2 * k2]);
+            const __m512 xo = _mm512_set1_ps(xf[r * K + 2 * k2 + 1]);
+#pragma GCC unroll 8
+            for (int c = 0; c < V; c++) {
+                acc[r][c] = _mm512_fmadd_ps(xe, even[c], acc[r][c]);
+                acc[r][c] = _mm512_fmadd_ps(xo, odd[c], acc[r][c]);
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 8
+        for (int c = 0; c < V; c++) store_bf16x16(acc[r][c], bias, y + r * ldy, n0 + c * BLOCK, N);
+}
+
+/* Tiles of R rows x TILE_BLOCKS_R blocks of 16 columns (one vector each). */
+#define VECS_PER_BLOCK 1
+#ifndef TILE_BLOCKS_1
+#define TILE_BLOCKS_1 4
+#define TILE_BLOCKS_2 4
+#define TILE_BLOCKS_3 4
+#define TILE_BLOCKS_4 4
+#define TILE_BLOCKS_5 2
+#define TILE_BLOCKS_6 2
+#define TILE_BLOCKS_7 2
+#define TILE_BLOCKS_8 2
+#endif
+
+typedef float row_t; /* the tiles read the rows widened to float32, once a call */
+
+static const row_t *tile_rows(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, int64_t *ld) {
+    float *xf = malloc((size_t)(M * K) * sizeof *xf);
+    if (!xf) return NULL;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k++) xf[m * K + k] = bf16_to_f32(x[m * ldx + k]);
+    *ld = K;
+    return xf;
+}
+
+static void release_rows(const row_t *rows) { free((void *)rows); }
+
+#define HAVE_LINEAR_BF16 1
+#define ISA_NAME "avx512f"
 
 #elif defined(__AVX2__) && defined(__FMA__)
 /* AVX2 + FMA, no bf16 dot product (e.g. AMD Zen 2/3, Intel before Cooper Lake): the same packed
@@ -99,6 +200,8 @@ static void release_rows(const row_t *rows) { (void)rows; }
 #include <immintrin.h>
 #include <stdlib.h>
 
+#define UNIT 6 /* column blocks per unit of work */
+#define ROWS 4 /* rows per tile */
 #define MAX_VECS 6
 
 /* y[r][n0 .. n0 + 8) from a float32 vector: bias, round to nearest even as torch does, NaN kept NaN */
@@ -188,6 +291,7 @@ static const row_t *tile_rows(const uint16_t *x, int64_t M, int64_t K, int64_t l
 static void release_rows(const row_t *rows) { free((void *)rows); }
 
 #define HAVE_LINEAR_BF16 1
+#define ISA_NAME "avx2"
 
 #endif
 
@@ -210,19 +314,21 @@ static void unit_rows(int R, const row_t *rows, int64_t ld, const uint16_t *w, i
     case 1: TILES(1, TILE_BLOCKS_1); break;
     case 2: TILES(2, TILE_BLOCKS_2); break;
     case 3: TILES(3, TILE_BLOCKS_3); break;
+#if ROWS > 4
+    case 4: TILES(4, TILE_BLOCKS_4); break;
+    case 5: TILES(5, TILE_BLOCKS_5); break;
+    case 6: TILES(6, TILE_BLOCKS_6); break;
+    case 7: TILES(7, TILE_BLOCKS_7); break;
+    default: TILES(8, TILE_BLOCKS_8); break;
+#else
     default: TILES(4, TILE_BLOCKS_4); break;
+#endif
     }
 }
 
 int linear_bf16_supported(void) { return 1; }
 
-const char *linear_bf16_isa(void) {
-#if defined(__AVX512BF16__)
-    return "avx512bf16";
-#else
-    return "avx2";
-#endif
-}
+const char *linear_bf16_isa(void) { return ISA_NAME; }
 
 /* Returns 0, -1 for shapes it does not take, -2 when memory for the widened rows ran out. */
 int linear_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *w, int64_t N,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine import fusion, native_linear
+from engine import fusion, native_build, native_linear
 from engine.fusion import PackedLinear, _can_pack
 from tests.engine.conftest import ISA_VARIANTS, kernel_of, make_core, request, run_to_completion, text_of
 
@@ -39,7 +39,7 @@ def test_products_match_a_float64_reference(kernel, out_features, in_features, b
     weight, x, b = case(out_features, in_features, 37, bias=bias)
     packed = kernel.pack(weight)
     expected = x.double() @ weight.double().T + (b.double() if bias else 0)
-    for num_rows in (1, 2, 3, 4, 5, 16, 37):  # every tile height, and several tiles
+    for num_rows in (*range(1, 10), 16, 37):  # every tile height (up to 8 rows), and several tiles
         got = kernel(x[:num_rows], packed, out_features, b)
         assert got.dtype == torch.bfloat16 and got.shape == (num_rows, out_features)
         # float32 sums, then one rounding to bf16 (8 bits of mantissa)
@@ -144,3 +144,16 @@ def test_outputs_round_to_bf16_as_torch_does(kernel, bias):
     want = exact.bfloat16()
     assert torch.equal(got[2:], want[2:])
     assert torch.equal(got[0].isinf(), want[0].isinf()) and torch.isnan(got[1]).all()
+
+
+def test_the_avx512f_and_avx2_builds_give_the_same_bits():
+    """Both paths sum each output over k in ascending order with two FMAs a pair: one build's bits are
+    the other's (so a cluster of mixed CPUs without AVX512-BF16 decodes alike)."""
+    variants = {v.name: v for v in native_build.runnable_variants()}
+    if not {"avx512f", "avx2"} <= variants.keys():
+        pytest.skip("this CPU runs no AVX-512F build")
+    wide, narrow = (kernel_of(native_linear.load, "linear_bf16", variants[n]) for n in ("avx512f", "avx2"))
+    for out_features, in_features in SHAPES:
+        weight, x, b = case(out_features, in_features, 37, seed=5, bias=True)
+        packed = wide.pack(weight)
+        assert torch.equal(wide(x, packed, out_features, b), narrow(x, packed, out_features, b))
