@@ -222,10 +222,11 @@ def test_resources_no_node_has_are_update_failed_at_once(tiny_model_dir: Path):
         ({"name": "x-unknown", "model": "gpt-9"}, "model_name"),
         ({"name": TINY_MODEL}, "already exists"),
         ({"name": "Bad Name!"}, "name"),
-        ({"name": "x-shards", "num_shards": 2}, "num_shards"),
+        # more than one device: refused on this project's engine (tensor parallelism is vLLM's)
+        ({"name": "x-shards", "num_shards": 2, "inference_framework_image_tag": "llmserve"}, "num_shards"),
         ({"name": "x-cpus", "cpus": -1}, "cpus"),
         ({"name": "x-memory", "memory": "lots"}, "memory"),
-        ({"name": "x-gpus", "gpus": 2}, "gpus"),
+        ({"name": "x-gpus", "gpus": 2, "inference_framework_image_tag": "llmserve"}, "gpus"),
         ({"name": "x-workers", "min_workers": 3, "max_workers": 1}, "max_workers"),
         ({"name": "x-tgi", "inference_framework": LLMInferenceFramework.TEXT_GENERATION_INFERENCE}, "vllm"),
         ({"name": "x-remote", "checkpoint_path": "s3://bucket/model"}, "checkpoint_path"),
@@ -234,11 +235,16 @@ def test_resources_no_node_has_are_update_failed_at_once(tiny_model_dir: Path):
     ],
 )
 def test_bad_create_is_400_naming_the_field(tiny_model_dir: Path, kwargs: dict, field: str):
-    arguments = {"model": "tiny-llama", "checkpoint_path": str(tiny_model_dir), **kwargs}
+    arguments = {
+        "model": "tiny-llama",
+        "checkpoint_path": str(tiny_model_dir),
+        "inference_framework_image_tag": "latest",
+        **kwargs,
+    }
     if arguments["model"] == "gpt-9":
         del arguments["checkpoint_path"]
     with pytest.raises(BadRequestError, match=field):
-        Model.create(inference_framework_image_tag="latest", **arguments)
+        Model.create(**arguments)
     assert kwargs["name"] not in {e.name for e in Model.list().model_endpoints} - {TINY_MODEL}
 
 
