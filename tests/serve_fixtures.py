@@ -96,9 +96,10 @@ def use_readme_serve_env() -> None:
 
 
 def launcher_path() -> str:
-    """The installed `llmserve-haproxy`: on the PATH, or beside this Python (a venv not activated)."""
+    """The installed `llmserve-haproxy`: beside this Python (its venv, activated or not), else on the PATH.
+    Beside first: another Python's install of this project on the PATH may point at another checkout."""
     beside = Path(sysconfig.get_path("scripts")) / HAPROXY_LAUNCHER
-    found = shutil.which(HAPROXY_LAUNCHER) or (str(beside) if beside.is_file() else None)
+    found = str(beside) if beside.is_file() else shutil.which(HAPROXY_LAUNCHER)
     if found is None:
         raise FileNotFoundError(f"{HAPROXY_LAUNCHER} is not installed: pip install -e .")
     return found
