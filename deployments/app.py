@@ -13,6 +13,7 @@ from ray import serve
 from deployments.batch.config import BatchSettings
 from deployments.batch.service import BatchContext, factory_path
 from deployments.config import AppConfig, EndpointSettings, IngressSettings, ModelConfig, parse_app_config
+from deployments.endpoints.views import framework_tag
 from deployments.engines.placement import deployment_for
 from deployments.ingress import Ingress
 from deployments.limits import AuthSettings, LimitSettings
@@ -74,6 +75,7 @@ def build_app_from_configs(
             endpoints=endpoints or EndpointSettings(),
             state_root=state_root or tempfile.mkdtemp(prefix="llmserve-state-"),
             engine_factory=engine_factory,
+            framework_tags={m.name: framework_tag(m) for m in models},
         )
     )
 

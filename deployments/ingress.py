@@ -195,6 +195,7 @@ class Ingress:
         endpoints: EndpointSettings | None = None,
         state_root: str | None = None,
         engine_factory: EngineFactory | None = None,
+        framework_tags: dict[str, str] | None = None,
     ) -> None:
         forward_library_logs_in_replica()  # so that `serve run` shows the warning below
         if warning := serve_env_warning(os.environ):  # as `serve run` or `ray start` got it
@@ -216,7 +217,7 @@ class Ingress:
         attachment = Attachment(
             app_name, state_root or DEFAULT_STATE_ROOT, endpoints or EndpointSettings(), engine_factory
         )
-        self._endpoints = EndpointService(configured, ControllerClient(attachment))
+        self._endpoints = EndpointService(configured, ControllerClient(attachment), framework_tags)
         self._endpoints.attach_blocking()  # before the first request: routes known from the start
         app.state.endpoints = self._endpoints
 

@@ -40,8 +40,14 @@ class Controller(Protocol):
 class EndpointService:
     """Configured models (served name → model name) plus the controller's runtime endpoints."""
 
-    def __init__(self, configured: Mapping[str, str], controller: Controller) -> None:
+    def __init__(
+        self,
+        configured: Mapping[str, str],
+        controller: Controller,
+        framework_tags: Mapping[str, str] | None = None,
+    ) -> None:
         self._configured = dict(configured)
+        self._framework_tags = dict(framework_tags or {})  # served name -> framework_tag(config)
         self._controller = controller
         self._routes = RouteTable(self._configured)
 
@@ -94,7 +100,7 @@ class EndpointService:
 
     async def get(self, name: str) -> ModelEndpoint:
         if name in self._configured:
-            return configured_view(name, self._configured[name])
+            return self._configured_view(name)
         view, snapshot = await self._controller.view(name)
         self._routes.apply(snapshot)  # what the caller sees READY routes here from now on
         if view is None:
@@ -104,11 +110,16 @@ class EndpointService:
         return view
 
     async def list(self) -> ListModelEndpointsResponse:
-        views = [configured_view(n, m) for n, m in self._configured.items()]
+        views = [self._configured_view(n) for n in self._configured]
         runtime, snapshot = await self._controller.views()
         self._routes.apply(snapshot)
         views += runtime
         return ListModelEndpointsResponse(model_endpoints=sorted(views, key=lambda v: v.name))
+
+    def _configured_view(self, name: str) -> ModelEndpoint:
+        if tag := self._framework_tags.get(name):
+            return configured_view(name, self._configured[name], tag)
+        return configured_view(name, self._configured[name])
 
     def _check_runtime(self, name: str, verb: str) -> None:
         if name in self._configured:

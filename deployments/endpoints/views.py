@@ -36,14 +36,15 @@ def framework_tag(config: ModelConfig) -> str:
     return FRAMEWORK_TAG
 
 
-def configured_view(name: str, model_name: str) -> ModelEndpoint:
-    """A model of the app's config: READY while the app runs (Serve owns its lifecycle)."""
+def configured_view(name: str, model_name: str, tag: str = FRAMEWORK_TAG) -> ModelEndpoint:
+    """A model of the app's config: READY while the app runs (Serve owns its lifecycle). `tag` is
+    `framework_tag(config)`, computed where the app is built (the ingress has no model configs)."""
     return ModelEndpoint(
         id=name,
         name=name,
         model_name=model_name,
         inference_framework=FRAMEWORK,
-        inference_framework_tag=FRAMEWORK_TAG,
+        inference_framework_tag=tag,
     )
 
 

