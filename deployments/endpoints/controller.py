@@ -288,7 +288,9 @@ class EndpointController(VersionedOwner):
             return
         states = await asyncio.to_thread(deployer.states)
         for (app_name, name), task_id in tasks.items():
-            if app_name not in states:  # its ingress app is down (serve shutdown): frozen until it attaches
+            # Its ingress app down or going (serve shutdown deletes every app at once, and an endpoint's
+            # small app can be gone while the ingress's is still DELETING): frozen until it attaches.
+            if app_name not in states or states[app_name].status == "DELETING":
                 continue
             app = self._apps[app_name]
             async with app.locks[name]:

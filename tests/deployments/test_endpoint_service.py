@@ -193,6 +193,23 @@ async def test_a_ready_endpoint_whose_app_is_gone_is_reported_by_the_watcher(ser
     assert gone.status == "UPDATE_FAILED" and "is gone" in gone.spec["metadata"]["status_reason"]
 
 
+async def test_a_shutdown_that_removes_an_endpoint_app_before_the_ingress_app_fails_nothing(
+    serve_fake: FakeServe, tmp_path
+):
+    """serve shutdown (`serve run` stopped) deletes every app at once; the endpoint's small app can be
+    gone while the ingress's is still DELETING. The records stay as they were, for the next start (a
+    READY endpoint failed here was not deployed again after a restart)."""
+    clock = Clock()
+    endpoints, controller = await make_service(tmp_path, make_controller(clock))
+    await endpoints.create(request())
+    serve_fake.run("ep")
+    await settled(controller, clock)
+    serve_fake.apps[INGRESS_APP] = AppState("DELETING", "", 1, 0, ("Ingress",))
+    serve_fake.apps.pop("app.ep")
+    await settled(controller, clock)
+    assert (await endpoints.get("ep")).status == "READY"
+
+
 async def test_changes_answers_at_once_when_a_record_changed(serve_fake: FakeServe, tmp_path):
     endpoints, controller = await make_service(tmp_path)
     first = await controller.changes(INGRESS_APP, (0, 0), timeout_s=10)  # another version: at once

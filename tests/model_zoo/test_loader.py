@@ -73,7 +73,7 @@ def test_unreachable_hub_names_the_repo(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 @pytest.mark.slow
-def test_packaged_smollm2_converts_and_answers(tmp_path: Path) -> None:
+def test_packaged_smollm2_converts_and_answers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     loaded = load_model(resolve(DEFAULT_MODEL), dtype=torch.float32, cache_dir=tmp_path)
     (converted,) = tmp_path.iterdir()
     assert converted.name.startswith(f"{DEFAULT_MODEL}-")
@@ -85,5 +85,11 @@ def test_packaged_smollm2_converts_and_answers(tmp_path: Path) -> None:
     out = loaded.model.generate(**ids, max_new_tokens=20, do_sample=False)
     answer = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
+
+    def convert_again(gguf_path, out_dir):
+        raise AssertionError(f"converted {gguf_path.name} again instead of reusing {converted}")
+
+    monkeypatch.setattr("model_zoo.gguf_cache.convert_gguf", convert_again)
     reloaded = load_model(resolve(DEFAULT_MODEL), dtype=torch.float32, cache_dir=tmp_path)
-    assert reloaded.load_time_s < loaded.load_time_s / 3  # the converted folder is reused
+    assert [p.name for p in tmp_path.iterdir()] == [converted.name]  # the converted folder is reused
+    assert reloaded.model.config.num_hidden_layers == loaded.model.config.num_hidden_layers
