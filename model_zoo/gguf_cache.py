@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from model_zoo.errors import ModelZooError
@@ -66,11 +67,20 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "llmserve" / "converted"
 
 
+_KEY_SPAN = 1 << 20  # bytes read from each end of the file for its key
+
+
 def cache_key(gguf_path: Path) -> str:
-    """12 hex digits that change when the GGUF file is replaced (name, size and mtime; no full read)."""
-    stat = gguf_path.stat()
-    fingerprint = f"{gguf_path.name}:{stat.st_size}:{stat.st_mtime_ns}"
-    return hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
+    """12 hex digits from the GGUF file's name, size and content at both ends (its header, which lists
+    every tensor, and the last MiB of data): the same file reinstalled in a fresh venv (new mtime) keeps
+    its converted folder; another file gets another key. Reads 2 MiB, not the whole file."""
+    size = gguf_path.stat().st_size
+    digest = hashlib.sha256(f"{gguf_path.name}:{size}".encode())
+    with open(gguf_path, "rb") as f:
+        digest.update(f.read(_KEY_SPAN))
+        f.seek(max(size - _KEY_SPAN, 0))
+        digest.update(f.read(_KEY_SPAN))
+    return digest.hexdigest()[:12]
 
 
 def converted_dir(model_name: str, gguf_path: Path, cache_dir: Path | None = None) -> Path:
@@ -79,11 +89,18 @@ def converted_dir(model_name: str, gguf_path: Path, cache_dir: Path | None = Non
 
 
 def ensure_converted(gguf_path: Path, target: Path, convert: Converter | None = None) -> Path:
-    """Convert `gguf_path` into `target` unless done already; concurrent callers never see half a folder."""
+    """Convert `gguf_path` into `target` unless done already; concurrent callers never see half a folder,
+    and wait for one conversion instead of each doing its own (a file lock beside the target)."""
     if (target / "config.json").is_file():
         return target
-    convert = convert or convert_gguf
     target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(target.parent / f".{target.name}.lock"):
+        if (target / "config.json").is_file():  # converted by the process that held the lock
+            return target
+        return _convert_into(gguf_path, target, convert or convert_gguf)
+
+
+def _convert_into(gguf_path: Path, target: Path, convert: Converter) -> Path:
     # Build next to the target so the final rename stays on one file system and is atomic.
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared by several users

@@ -3,12 +3,19 @@
 import importlib.util
 import logging
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from model_zoo import ModelZooError, gguf_cache
 from model_zoo.gguf_cache import cache_key, converted_dir, ensure_converted, find_gguf, find_package_dir
+
+
+def entries(folder: Path) -> list[str]:
+    """The folder's entries but the conversion lock files."""
+    return sorted(name for name in os.listdir(folder) if not name.endswith(".lock"))
 
 
 def _fake_convert(gguf_path: Path, out_dir: Path) -> None:
@@ -48,11 +55,24 @@ def test_find_gguf_by_name_or_the_only_one(gguf: Path) -> None:
         find_gguf(gguf.parent, None)
 
 
-def test_cache_key_changes_when_the_file_changes(gguf: Path) -> None:
+def test_cache_key_follows_the_content_not_the_mtime(gguf: Path) -> None:
+    """A fresh install rewrites the file's mtime: the key (and the converted folder) stay; another file
+    of the same name and size gets another key."""
     key = cache_key(gguf)
     assert len(key) == 12 and key == cache_key(gguf)
     stat = gguf.stat()
     os.utime(gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert cache_key(gguf) == key
+    gguf.write_bytes(b"GGUF fakf")
+    assert cache_key(gguf) != key
+
+
+def test_the_key_reads_both_ends_of_a_large_file(gguf: Path) -> None:
+    gguf.write_bytes(b"GGUF" + bytes(3 << 20))
+    key = cache_key(gguf)
+    with open(gguf, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        f.write(b"\x01")  # the last tensor's data changed
     assert cache_key(gguf) != key
 
 
@@ -77,7 +97,7 @@ def test_converts_once_and_leaves_no_temp(gguf: Path, tmp_path: Path, caplog: py
         assert ensure_converted(gguf, target, convert) == target
     assert calls == [gguf]
     assert (target / "weights.bin").read_bytes() == b"GGUF fake"
-    assert os.listdir(target.parent) == ["m-key"]
+    assert entries(target.parent) == ["m-key"]
     assert f"converting {gguf} to {target}" in caplog.text
 
 
@@ -91,7 +111,7 @@ def test_a_folder_finished_meanwhile_is_kept(gguf: Path, tmp_path: Path) -> None
 
     assert ensure_converted(gguf, target, racing_convert) == target
     assert (target / "config.json").read_text() == '{"winner": true}'
-    assert os.listdir(target.parent) == ["m-key"]
+    assert entries(target.parent) == ["m-key"]
 
 
 def test_a_failed_conversion_leaves_nothing(gguf: Path, tmp_path: Path) -> None:
@@ -101,4 +121,26 @@ def test_a_failed_conversion_leaves_nothing(gguf: Path, tmp_path: Path) -> None:
 
     with pytest.raises(RuntimeError, match="boom"):
         ensure_converted(gguf, tmp_path / "cache" / "m-key", broken_convert)
-    assert os.listdir(tmp_path / "cache") == []
+    assert entries(tmp_path / "cache") == []
+
+
+def test_concurrent_callers_wait_for_one_conversion(gguf: Path, tmp_path: Path) -> None:
+    """Several processes (replicas, test workers) asking at once: one converts, the rest wait and reuse."""
+    target = tmp_path / "cache" / "m-key"
+    calls: list[Path] = []
+    inside = threading.Event()
+    release = threading.Event()
+
+    def slow_convert(src: Path, out: Path) -> None:
+        calls.append(src)
+        inside.set()
+        assert release.wait(10)
+        _fake_convert(src, out)
+
+    with ThreadPoolExecutor(3) as pool:
+        results = [pool.submit(ensure_converted, gguf, target, slow_convert)]
+        assert inside.wait(10)  # the first holds the lock, converting
+        results += [pool.submit(ensure_converted, gguf, target, slow_convert) for _ in range(2)]
+        release.set()
+        assert [r.result(10) for r in results] == [target] * 3
+    assert calls == [gguf]
