@@ -75,7 +75,7 @@ def test_unreachable_hub_names_the_repo(monkeypatch: pytest.MonkeyPatch) -> None
 @pytest.mark.slow
 def test_packaged_smollm2_converts_and_answers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     loaded = load_model(resolve(DEFAULT_MODEL), dtype=torch.float32, cache_dir=tmp_path)
-    (converted,) = tmp_path.iterdir()
+    (converted,) = [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")]
     assert converted.name.startswith(f"{DEFAULT_MODEL}-")
     tokenizer = loaded.tokenizer
     messages = [{"role": "user", "content": "What is the capital of France?"}]
@@ -91,5 +91,5 @@ def test_packaged_smollm2_converts_and_answers(tmp_path: Path, monkeypatch: pyte
 
     monkeypatch.setattr("model_zoo.gguf_cache.convert_gguf", convert_again)
     reloaded = load_model(resolve(DEFAULT_MODEL), dtype=torch.float32, cache_dir=tmp_path)
-    assert [p.name for p in tmp_path.iterdir()] == [converted.name]  # the converted folder is reused
+    assert [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == [converted]  # reused
     assert reloaded.model.config.num_hidden_layers == loaded.model.config.num_hidden_layers
