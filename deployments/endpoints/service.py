@@ -12,7 +12,7 @@ from typing import Protocol
 
 from deployments.endpoints.routing import Route, RouteTable
 from deployments.endpoints.snapshot import Snapshot
-from deployments.endpoints.views import configured_view
+from deployments.endpoints.views import FRAMEWORK_TAG, configured_view
 from deployments.endpoints.wire import (
     CreateLLMEndpointRequest,
     CreateLLMEndpointResponse,
@@ -117,9 +117,7 @@ class EndpointService:
         return ListModelEndpointsResponse(model_endpoints=sorted(views, key=lambda v: v.name))
 
     def _configured_view(self, name: str) -> ModelEndpoint:
-        if tag := self._framework_tags.get(name):
-            return configured_view(name, self._configured[name], tag)
-        return configured_view(name, self._configured[name])
+        return configured_view(name, self._configured[name], self._framework_tags.get(name, FRAMEWORK_TAG))
 
     def _check_runtime(self, name: str, verb: str) -> None:
         if name in self._configured:
