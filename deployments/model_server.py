@@ -72,7 +72,13 @@ def load_serving_model(config: ModelConfig) -> ServingModel:
         loaded = load_model(spec, dtype=dtype, device=device)
         return loaded.model, loaded.tokenizer
 
-    engine = AsyncEngine.from_loader(load, engine_config, device)
+    return serving_model(AsyncEngine.from_loader(load, engine_config, device), spec, config)
+
+
+def serving_model(engine: Any, spec: Any, config: ModelConfig) -> ServingModel:
+    """A started engine (this project's or vLLM's: both expose `tokenizer`, `max_model_len` and
+    `vocab_size`) as a ServingModel; the config's `use_chat_template` wins over the zoo entry's. An
+    engine whose tokenizer has no chat template while one is asked for is shut down: ValueError."""
     use_chat_template = (
         spec.use_chat_template if config.use_chat_template is None else config.use_chat_template
     )

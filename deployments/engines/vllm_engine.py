@@ -21,7 +21,7 @@ from deployments.config import ModelConfig
 from deployments.engines.placement import num_devices
 from deployments.engines.reaper import start_reaper
 from deployments.engines.vllm_convert import VLLMStream, to_vllm_params
-from deployments.model_server import ServingModel
+from deployments.model_server import ServingModel, serving_model
 from deployments.replica_logging import LOADING_LOGGER
 from engine.errors import EngineDeadError, InvalidRequestError, OverloadedError
 from engine.types import EngineStats, GenerationRequest
@@ -219,14 +219,4 @@ def load_vllm_model(config: ModelConfig) -> ServingModel:
         log_requests=False,
         stat_loggers=[stat_logger_for(stats)],
     )
-    engine = VLLMEngine(llm, stats, config, start_reaper())
-    use_chat_template = (
-        spec.use_chat_template if config.use_chat_template is None else config.use_chat_template
-    )
-    return ServingModel(
-        engine=engine,
-        tokenizer=engine.tokenizer,
-        use_chat_template=use_chat_template,
-        max_model_len=engine.max_model_len,
-        vocab_size=engine.vocab_size,
-    )
+    return serving_model(VLLMEngine(llm, stats, config, start_reaper()), spec, config)
