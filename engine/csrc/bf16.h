@@ -21,4 +21,22 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+
+/* y[n .. min(n + 16, N)) = v rounded to bf16 as f32_to_bf16 rounds (nearest even, NaN kept NaN), for
+   CPUs without AVX512-BF16's conversion; nothing when n >= N. */
+static inline void f32x16_store_bf16(__m512 v, uint16_t *y, int64_t n, int64_t N) {
+    const int64_t left = N - n;
+    if (left <= 0) return;
+    const __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet);
+    _mm256_mask_storeu_epi16(y + n, mask, _mm512_cvtepi32_epi16(rounded));
+}
+#endif
+
 #endif

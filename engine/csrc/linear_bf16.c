@@ -114,12 +114,7 @@ static inline void store_bf16x16(__m512 v, const float *bias, uint16_t *y, int64
     if (left <= 0) return;
     const __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
     if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + n));
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-    const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet);
-    _mm256_mask_storeu_epi16(y + n, mask, _mm512_cvtepi32_epi16(rounded));
+    f32x16_store_bf16(v, y, n, N);
 }
 
 /* R rows x V blocks of 16 columns (one vector each) from float32 rows xf (row stride K) */

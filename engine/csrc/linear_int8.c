@@ -109,18 +109,6 @@ static inline float finish(float acc, const float *bias, int64_t n) { return bia
 #define TILE_BLOCKS_4 3
 #endif
 
-static inline void store_bf16x16(__m512 v, uint16_t *y, int64_t n, int64_t N) {
-    const int64_t left = N - n;
-    if (left <= 0) return;
-    const __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-    const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet);
-    _mm256_mask_storeu_epi16(y + n, mask, _mm512_cvtepi32_epi16(rounded));
-}
-
 static inline __attribute__((always_inline)) void tile(const int R, const int C, const rows_t *rows, int64_t m0,
                                                        const uint8_t *w, int64_t K4, const float *sw,
                                                        int64_t ldw, const float *bias, uint16_t *y, int64_t ldy,
@@ -173,7 +161,7 @@ static inline __attribute__((always_inline)) void tile(const int R, const int C,
             const __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
             __m512 v = acc[r][c];
             if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + n));
-            store_bf16x16(v, y + r * ldy, n, N);
+            f32x16_store_bf16(v, y + r * ldy, n, N);
         }
 }
 
