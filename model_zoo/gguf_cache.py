@@ -10,10 +10,13 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import gguf
 import torch
 from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -104,7 +107,7 @@ def _convert_into(gguf_path: Path, target: Path, convert: Converter) -> Path:
     # Build next to the target so the final rename stays on one file system and is atomic.
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared by several users
-    logger.info("converting %s to %s (one time, ~20 s)", gguf_path, target)
+    logger.info("converting %s to %s (one time, 15-60 s)", gguf_path, target)
     start = time.perf_counter()
     try:
         convert(gguf_path, tmp)
@@ -123,11 +126,42 @@ def _convert_into(gguf_path: Path, target: Path, convert: Converter) -> Path:
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Dequantize a GGUF through transformers and save it as float32 safetensors plus its tokenizer."""
     folder, name = gguf_path.parent, gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    with one_reader_per_file():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     # transformers refuses to save a model it still marks as GGUF-quantized; the weights are plain now.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)  # the chat template is saved as chat_template.jinja
+
+
+@contextmanager
+def one_reader_per_file() -> Iterator[None]:
+    """Within the block, every `gguf.GGUFReader(path)` returns one shared reader per file.
+
+    transformers opens the GGUF three times for one conversion (tokenizer, config, weights), and each
+    `GGUFReader` parses the whole metadata into numpy views: Gemma 3's 262k-string vocabulary takes
+    ~15 s a time on one core. The reader is read-only (a memory map), so sharing it is safe; transformers
+    looks `gguf.GGUFReader` up at each call, so replacing the module's attribute reaches it. Conversions
+    enter the block one thread at a time, so a swap is always undone to the real class.
+    """
+    with _READER_SWAP:
+        original = gguf.GGUFReader
+        readers: dict[tuple[str, str], gguf.GGUFReader] = {}
+
+        def shared_reader(path: os.PathLike | str, mode: str = "r") -> gguf.GGUFReader:
+            key = (os.fspath(path), mode)
+            if key not in readers:
+                readers[key] = original(path, mode)
+            return readers[key]
+
+        gguf.GGUFReader = shared_reader
+        try:
+            yield
+        finally:
+            gguf.GGUFReader = original
+
+
+_READER_SWAP = threading.Lock()

@@ -4,6 +4,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
+import gguf
 import pytest
 import torch
 
@@ -74,7 +75,18 @@ def test_unreachable_hub_names_the_repo(monkeypatch: pytest.MonkeyPatch) -> None
 
 @pytest.mark.slow
 def test_packaged_smollm2_converts_and_answers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    opened: list[str] = []
+    real_reader = gguf.GGUFReader
+
+    def counting_reader(path, mode="r"):
+        opened.append(Path(path).name)
+        return real_reader(path, mode)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting_reader)
     loaded = load_model(resolve(DEFAULT_MODEL), dtype=torch.float32, cache_dir=tmp_path)
+    # transformers opens the file for the tokenizer, the config and the weights: one parse serves all
+    assert len(opened) == 1, f"one conversion parsed the GGUF {len(opened)} times: {opened}"
+    assert gguf.GGUFReader is counting_reader  # the swap was undone
     (converted,) = [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")]
     assert converted.name.startswith(f"{DEFAULT_MODEL}-")
     tokenizer = loaded.tokenizer
