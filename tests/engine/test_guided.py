@@ -207,8 +207,8 @@ def test_ascii_classes(pattern, expected):
 
 
 def test_guided_decoding_leaves_llguidance_torch_unimported() -> None:
-    """llguidance.torch applies @torch.compile at import (torch._dynamo and inductor, ~2 s of every
-    model replica's start); engine/guided.py fills bitmasks without it."""
+    """llguidance.torch applies @torch.compile at import (torch._dynamo and inductor, ~1 s of a model
+    replica's start); engine/guided.py fills bitmasks without it."""
     code = "import sys, engine.guided; print('llguidance.torch' in sys.modules)"
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
