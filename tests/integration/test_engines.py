@@ -42,10 +42,7 @@ def wait_for_vllm_env_build() -> None:
     if not (status := os.environ.get(VLLM_ENV_STATUS)):
         return
     path = Path(status)
-    deadline = time.monotonic() + VLLM_ENV_BUILD_TIMEOUT_S
-    while not path.exists():
-        assert time.monotonic() < deadline, f"`llmserve vllm-env` has not ended (no {path})"
-        time.sleep(1)
+    wait_until(path.exists, VLLM_ENV_BUILD_TIMEOUT_S, what=f"`llmserve vllm-env` ended (wrote {path})")
     if (code := path.read_text().strip()) != "0":
         log = path.with_suffix(".log")
         output = log.read_text(errors="replace")[-4000:] if log.exists() else "(no log)"
@@ -267,10 +264,10 @@ def model_stats(model: str):
     return model_handle(model).stats.remote().result()
 
 
-def wait_until(condition, timeout_s: float = 60.0) -> None:
+def wait_until(condition, timeout_s: float = 60.0, what: str = "the condition") -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
-        assert time.monotonic() < deadline, "the condition did not come true in time"
+        assert time.monotonic() < deadline, f"{what} did not come true in {timeout_s:g} s"
         time.sleep(0.1)
 
 
