@@ -41,6 +41,20 @@ def tiny_reference(tiny_model_dir: Path):
 
 
 @pytest.fixture(scope="session")
+def gemma3_float32():
+    """Gemma 3 270M in float32, loaded once per test process: the engine's copy and a deep copy of it left
+    as transformers loads it, for reference generations (one tokenizer load: ~3 s for its 262k vocabulary)."""
+    import copy
+
+    from model_zoo import resolve
+    from model_zoo.catalogue import GEMMA3_270M
+    from model_zoo.loader import load_model
+
+    engine_copy = load_model(resolve(GEMMA3_270M.name), dtype=torch.float32)
+    return engine_copy, copy.deepcopy(engine_copy.model).eval()
+
+
+@pytest.fixture(scope="session")
 def tiny_eos(tmp_path_factory: pytest.TempPathFactory):
     """A tiny model whose EOS logit is boosted, so generations end early."""
     folder = build_tiny_model(tmp_path_factory.mktemp("tiny_eos"), eos_bias=5.0)

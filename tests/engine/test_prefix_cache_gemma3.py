@@ -8,9 +8,7 @@ import torch
 
 from engine.core import EngineCore
 from engine.types import EngineConfig, GenerationRequest, SamplingParams
-from model_zoo import resolve
 from model_zoo.catalogue import GEMMA3_270M
-from model_zoo.loader import load_model
 from tests.engine.conftest import run_to_completion
 from tests.engine.test_prefix_cache import record_outputs
 
@@ -27,9 +25,8 @@ STORY = "The lighthouse keeper counted the ships that passed each night and wrot
 ENDINGS = ["In the end, the keeper", "The ships were named"]
 
 
-def test_cached_prefix_across_the_sliding_window_matches_transformers() -> None:
-    spec = resolve(GEMMA3_270M.name)
-    engine_copy, reference = load_model(spec, dtype=torch.float32), load_model(spec, dtype=torch.float32)
+def test_cached_prefix_across_the_sliding_window_matches_transformers(gemma3_float32) -> None:
+    engine_copy, reference = gemma3_float32
     tokenizer = engine_copy.tokenizer
     config = EngineConfig(max_num_seqs=4, max_model_len=1024, kv_cache_bytes=64 * 2**20, dtype="float32")
     core = EngineCore(engine_copy.model, tokenizer, config, torch.device("cpu"))
@@ -42,7 +39,7 @@ def test_cached_prefix_across_the_sliding_window_matches_transformers() -> None:
     assert core.scheduler.allocator.num_hits > 512
     for ending, ids in prompts.items():
         with torch.inference_mode():
-            want = reference.model.generate(
+            want = reference.generate(
                 torch.tensor([ids]), max_new_tokens=NUM_TOKENS, min_new_tokens=NUM_TOKENS, do_sample=False
             )
         assert out[ending] == want[0, len(ids) :].tolist(), ending
