@@ -5,7 +5,7 @@ import os
 # OpenMP's idle threads sleep instead of spinning (set before torch loads libgomp; Ray's processes inherit
 # it). Two test processes and a Ray share 2 cores: spinning torch threads took the cores from the rest
 # (tests/engine + tests/model_zoo on two workers: 148-178 s and 275-335 CPU-s spinning, 68 s and 108 CPU-s
-# sleeping). `OMP_WAIT_POLICY=ACTIVE python -m pytest` runs the suite with the default.
+# sleeping). Set OMP_WAIT_POLICY to run it another way (empty: libgomp's default, with its warning).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import json

@@ -75,8 +75,10 @@ def after_call(context: schemathesis.HookContext, case: schemathesis.Case, respo
 # the 400/404 of a bad path or model: the responses of success would never be checked against the schema.
 # So the first cases of each such operation get a real id (a resource made for it, again for every case
 # that consumes one) or a valid body; the rest stay as generated. Jobs made here are cancelled at once
-# and endpoints scale from zero (no replica), so the budget holds. The test checks that each of these
-# operations answered 2xx at least once.
+# and endpoints scale to zero, so the budget holds (each still costs a process: a job's runner starts
+# before its cancel lands, and an endpoint starts one replica even with min_workers 0, so that a model
+# that cannot load is reported; then it scales to zero). The test checks that each of these operations
+# answered 2xx at least once.
 FIXTURES_ENV = "LLMSERVE_FUZZ_FIXTURES"  # JSON: {"url": app URL, "model": served name, "checkpoint": folder}
 
 _lock = threading.Lock()
@@ -120,7 +122,7 @@ def _new_endpoint(fixtures: dict[str, str]) -> str:
 
 
 def _endpoint_body(fixtures: dict[str, str], name: str) -> dict[str, Any]:
-    """A runtime endpoint of the tiny model that scales from zero: deployed, no replica started."""
+    """A runtime endpoint of the tiny model that scales to zero (after the replica every create starts)."""
     return {"name": name, "model_name": "tiny-llama", "checkpoint_path": fixtures["checkpoint"],
             "min_workers": 0, "max_workers": 1}  # fmt: skip
 
@@ -180,7 +182,7 @@ def _ready_endpoint(fixtures: dict[str, str]) -> str:
 
 def _update_endpoint(fixtures: dict[str, str], case: Any) -> None:
     _set_path("model_endpoint_name", _ready_endpoint)(fixtures, case)
-    case.body = {"max_workers": 2}  # still from zero: the update deploys no replica
+    case.body = {"max_workers": 2}  # a scaling change: it restarts no replica
 
 
 # operation label -> (success cases, how to make one)

@@ -10,7 +10,7 @@ each SSE event), and no operation is excluded.
 
 `schema_fuzz_hooks.py` supplies the served model name (three generated names in four), and reaches the
 success paths: the first cases of every operation on a runtime endpoint, file, batch or job get a real
-one (made for the case; jobs cancelled at once, endpoints scaled from zero), and the first cases of the
+one (made for the case; jobs cancelled at once, endpoints scaled to zero), and the first cases of the
 creates a valid body; the test checks each of those operations answered 2xx. Reusing ids from earlier
 responses is off in both phases (`extra-data-sources`): with it, DELETE of a file drew from the few
 real ids and stopped after ~18 distinct cases, and a completion reached an endpoint still starting
