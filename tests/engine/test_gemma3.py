@@ -33,11 +33,6 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def gemma(gemma3_float32):
-    return gemma3_float32
-
-
 _HF_GREEDY: dict[tuple[int, ...], list[int]] = {}  # the reference's tokens, the same for every engine config
 
 
@@ -52,15 +47,15 @@ def hf_greedy(model, ids: list[int]) -> list[int]:
     return _HF_GREEDY[key]
 
 
-def test_sliding_window_is_configured(gemma) -> None:
-    config = gemma[0].model.config
+def test_sliding_window_is_configured(gemma3_float32) -> None:
+    config = gemma3_float32[0].model.config
     assert config.sliding_window == 512
     assert "sliding_attention" in config.layer_types and "full_attention" in config.layer_types
 
 
 @pytest.mark.parametrize("max_num_batched_tokens", [2048, 96])  # whole prompts, and chunked prefill
-def test_greedy_matches_transformers(gemma, max_num_batched_tokens: int) -> None:
-    engine_copy, reference = gemma
+def test_greedy_matches_transformers(gemma3_float32, max_num_batched_tokens: int) -> None:
+    engine_copy, reference = gemma3_float32
     tokenizer = engine_copy.tokenizer
     config = EngineConfig(
         max_num_seqs=8,
