@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import gguf
 import torch
 from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -145,8 +144,11 @@ def one_reader_per_file() -> Iterator[None]:
     `GGUFReader` parses the whole metadata into numpy views: Gemma 3's 262k-string vocabulary takes
     ~15 s a time on one core. The reader is read-only (a memory map), so sharing it is safe; transformers
     looks `gguf.GGUFReader` up at each call, so replacing the module's attribute reaches it. Conversions
-    enter the block one thread at a time, so a swap is always undone to the real class.
+    enter the block one thread at a time, so a swap is always undone to the real class. `gguf` is imported
+    here, not at the top: only a conversion uses it, and every replica start imports this module.
     """
+    import gguf
+
     with _READER_SWAP:
         original = gguf.GGUFReader
         readers: dict[tuple[str, str], gguf.GGUFReader] = {}
