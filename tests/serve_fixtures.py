@@ -37,10 +37,33 @@ class _SessionState:
 _state = _SessionState()  # test-process state: which fixture started Ray, and its HTTP port
 
 
+# Single ports for servers that bind later (Serve's HTTP port, HAProxy's stats and metrics ports) come
+# from outside the kernel's ephemeral range: a port the kernel handed out (bind to 0) goes back to the pool
+# and can be taken by any outgoing connection or by Ray's own ports before the server binds it (HAProxy's
+# stats port was, once: "cannot bind socket (Address already in use)"). Also outside Ray's worker ports
+# (10002-19999) and the ingress ranges below (20000-29999).
+SINGLE_PORTS = range(30000, 65536)
+
+
+def ephemeral_ports() -> range:
+    """The kernel's range for outgoing connections and port 0 (Linux: 32768-60999 unless changed)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port free now, at a random place in SINGLE_PORTS outside the ephemeral range."""
+    ephemeral = ephemeral_ports()
+    candidates = [port for port in SINGLE_PORTS if port not in ephemeral]
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.choice(candidates)
+        if _is_free(port):
+            return port
+    raise RuntimeError(f"no free port in {SINGLE_PORTS} outside the ephemeral range {ephemeral}")
 
 
 def serve_session() -> Iterator[int]:

@@ -6,7 +6,6 @@ Prints one line "TWO_NODE_RESULT <json>":
 """
 
 import json
-import socket
 import sys
 import tempfile
 import time
@@ -21,18 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from deployments.app import build_app_from_configs
 from deployments.config import DeploymentSettings, EngineSettings, ModelConfig
-from tests.serve_fixtures import use_readme_serve_env
+from tests.serve_fixtures import free_port, use_readme_serve_env
 from tests.tiny_model import build_tiny_model
 
 RESULT_PREFIX = "TWO_NODE_RESULT "  # Ray also logs to stdout
 # A custom resource per node pins each model to one of them.
 PLACEMENT = {"on-head": "head-node", "on-worker": "worker-node"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def model(name: str, folder: Path) -> ModelConfig:
