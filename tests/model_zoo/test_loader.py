@@ -7,6 +7,7 @@ from pathlib import Path
 import gguf
 import pytest
 import torch
+from gguf.gguf_reader import GGUFReader
 
 from model_zoo import DEFAULT_MODEL, ModelZooError, loader, resolve
 from model_zoo.loader import LoadedModel, load_model
@@ -75,18 +76,19 @@ def test_unreachable_hub_names_the_repo(monkeypatch: pytest.MonkeyPatch) -> None
 
 @pytest.mark.slow
 def test_packaged_smollm2_converts_and_answers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    opened: list[str] = []
-    real_reader = gguf.GGUFReader
+    parsed: list[str] = []
+    real_build_fields = GGUFReader._build_fields
 
-    def counting_reader(path, mode="r"):
-        opened.append(Path(path).name)
-        return real_reader(path, mode)
+    def counting_build_fields(reader, offs, count):
+        parsed.append(type(reader).__name__)
+        return real_build_fields(reader, offs, count)
 
-    monkeypatch.setattr(gguf, "GGUFReader", counting_reader)
+    monkeypatch.setattr(GGUFReader, "_build_fields", counting_build_fields)
     loaded = load_model(resolve(DEFAULT_MODEL), dtype=torch.float32, cache_dir=tmp_path)
-    # transformers opens the file for the tokenizer, the config and the weights: one parse serves all
-    assert len(opened) == 1, f"one conversion parsed the GGUF {len(opened)} times: {opened}"
-    assert gguf.GGUFReader is counting_reader  # the swap was undone
+    # transformers opens the file for the tokenizer, the config and the weights: one parse serves all,
+    # over a plain array (model_zoo/gguf_cache.py: one_reader_per_file)
+    assert parsed == ["PlainArrayReader"], f"one conversion parsed the GGUF {len(parsed)} times: {parsed}"
+    assert gguf.GGUFReader is GGUFReader  # the swap was undone
     (converted,) = [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")]
     assert converted.name.startswith(f"{DEFAULT_MODEL}-")
     tokenizer = loaded.tokenizer
