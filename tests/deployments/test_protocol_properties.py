@@ -16,6 +16,7 @@ from deployments.protocol.bounds import GREEDY_TEMPERATURE, SEED_MAX, SEED_MIN, 
 from engine.errors import InvalidRequestError
 from engine.params import normalize_params
 from engine.types import SamplingParams
+from tests.suite_profile import sized
 
 VOCAB_SIZE = 400  # the tiny test model's
 LIMITS = LimitSettings()
@@ -79,7 +80,10 @@ def check(model: type[BaseModel], body: dict[str, Any]) -> SamplingParams | None
     return normalized
 
 
-PROPERTY_SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# 400 examples a property in the full profile, 150 in the default one (~12 -> ~5 CPU-s for the four)
+PROPERTY_SETTINGS = settings(
+    max_examples=int(sized(quick=150, full=400)), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 NUMBERS = st.sampled_from(EDGE_INTS) | st.sampled_from(EDGE_FLOATS) | JSON
 
 

@@ -21,6 +21,8 @@ import httpx
 import schemathesis
 from hypothesis.internal import lambda_sources
 
+from tests.suite_profile import sized
+
 MODELS_ENV = "LLMSERVE_FUZZ_MODELS"  # comma-separated served names
 
 
@@ -185,23 +187,31 @@ def _update_endpoint(fixtures: dict[str, str], case: Any) -> None:
     case.body = {"max_workers": 2}  # a scaling change: it restarts no replica
 
 
+# Reads of a job, batch or endpoint take no input but the id, so one real id reaches their success path;
+# each such id costs a process (a job's runner, an endpoint's replica: ~2 and ~7 CPU-s), so the default
+# profile makes one per read and the full profile two (files cost no process: two in both).
+PROCESS_CASES = int(sized(quick=1, full=2))
+
 # operation label -> (success cases, how to make one)
 SUCCESS_PATHS: dict[str, tuple[int, Callable[[dict[str, str], Any], None]]] = {
     "GET /v1/files/{file_id}": (2, _set_path("file_id", _new_file)),
     "GET /v1/files/{file_id}/content": (2, _set_path("file_id", _new_file)),
     "DELETE /v1/files/{file_id}": (2, _set_path("file_id", _new_file)),
-    "GET /v1/batches/{batch_id}": (2, _set_path("batch_id", _new_batch)),
+    "GET /v1/batches/{batch_id}": (PROCESS_CASES, _set_path("batch_id", _new_batch)),
     "POST /v1/batches/{batch_id}/cancel": (1, _set_path("batch_id", _new_batch)),
     "POST /v1/batches": (
         1,
         _set_body(lambda f: {"input_file_id": _new_file(f), "endpoint": "/v1/completions"}),
     ),
-    "GET /v1/llm/batch-completions/{job_id}": (2, _set_path("job_id", _new_job)),
-    "GET /v2/batch-completions/{job_id}": (2, _set_path("job_id", _new_job)),
+    "GET /v1/llm/batch-completions/{job_id}": (PROCESS_CASES, _set_path("job_id", _new_job)),
+    "GET /v2/batch-completions/{job_id}": (PROCESS_CASES, _set_path("job_id", _new_job)),
     "POST /v2/batch-completions/{job_id}/actions/cancel": (1, _set_path("job_id", _new_job)),
     "POST /v1/llm/batch-completions": (1, _set_body(_job_body)),
     "POST /v2/batch-completions": (1, _set_body(_job_body)),
-    "GET /v1/llm/model-endpoints/{model_endpoint_name}": (2, _set_path("model_endpoint_name", _new_endpoint)),
+    "GET /v1/llm/model-endpoints/{model_endpoint_name}": (
+        PROCESS_CASES,
+        _set_path("model_endpoint_name", _new_endpoint),
+    ),
     "PUT /v1/llm/model-endpoints/{model_endpoint_name}": (1, _update_endpoint),
     "DELETE /v1/llm/model-endpoints/{model_endpoint_name}": (
         1,

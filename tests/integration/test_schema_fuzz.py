@@ -39,6 +39,7 @@ from tests.serve_fixtures import delete_app, run_app
 from tests.suite_profile import sized
 
 APP = "fuzz"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 FUZZ_MAX_MODEL_LEN = 48
 # random cases of each operation that takes input (a body or parameters), after the deterministic
 # coverage phase: 50 in the full test profile, fewer in the default one (tests/suite_profile.py)
@@ -139,6 +140,8 @@ def _fuzz(
     env = {
         **os.environ,
         "SCHEMATHESIS_HOOKS": schema_fuzz_hooks.__file__,
+        # the hooks import tests.suite_profile: the repository on the path, as in this process
+        "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO_ROOT), os.environ.get("PYTHONPATH")))),
         schema_fuzz_hooks.MODELS_ENV: TINY_MODEL,
         schema_fuzz_hooks.CALLS_ENV: str(calls_file),
         schema_fuzz_hooks.FIXTURES_ENV: json.dumps(fixtures),
