@@ -14,7 +14,7 @@ import socket
 import sysconfig
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,13 +57,7 @@ def ephemeral_ports() -> range:
 def free_port() -> int:
     """A port free now, at a random place in SINGLE_PORTS outside the ephemeral range."""
     ephemeral = ephemeral_ports()
-    candidates = [port for port in SINGLE_PORTS if port not in ephemeral]
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.choice(candidates)
-        if _is_free(port):
-            return port
-    raise RuntimeError(f"no free port in {SINGLE_PORTS} outside the ephemeral range {ephemeral}")
+    return _random_free([port for port in SINGLE_PORTS if port not in ephemeral], width=1)
 
 
 def serve_session() -> Iterator[int]:
@@ -157,12 +151,17 @@ def _use_own_ingress_ports() -> None:
 
 def _free_range(width: int) -> int:
     """The start of `width` consecutive ports that are free now, at a random place in 20000-29999."""
+    return _random_free(range(20000, 30000 - width, width), width)
+
+
+def _random_free(starts: Sequence[int], width: int) -> int:
+    """One of `starts` (picked at random) whose `width` ports from it are all free now."""
     rng = random.Random()
     for _ in range(200):
-        base = rng.randrange(20000, 30000 - width, width)
+        base = rng.choice(starts)
         if all(_is_free(port) for port in range(base, base + width)):
             return base
-    raise RuntimeError(f"no {width} free consecutive ports in 20000-29999")
+    raise RuntimeError(f"no {width} free consecutive ports from any of {len(starts)} places")
 
 
 def _is_free(port: int) -> bool:

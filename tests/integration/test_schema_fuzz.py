@@ -32,14 +32,13 @@ import pytest
 
 from deployments.app import build_app_from_configs
 from deployments.batch.config import BatchSettings
-from deployments.config import DeploymentSettings, EndpointSettings, EngineSettings, ModelConfig
+from deployments.config import REPO_ROOT, DeploymentSettings, EndpointSettings, EngineSettings, ModelConfig
 from tests.integration import schema_fuzz_hooks
 from tests.integration.tiny_app import TINY_MODEL
 from tests.serve_fixtures import delete_app, run_app
 from tests.suite_profile import sized
 
 APP = "fuzz"
-REPO_ROOT = Path(__file__).resolve().parents[2]
 FUZZ_MAX_MODEL_LEN = 48
 # random cases of each operation that takes input (a body or parameters), after the deterministic
 # coverage phase: 50 in the full test profile, fewer in the default one (tests/suite_profile.py)
