@@ -86,9 +86,10 @@ def test_packaged_smollm2_converts_and_answers(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(GGUFReader, "_build_fields", counting_build_fields)
     loaded = load_model(resolve(DEFAULT_MODEL), dtype=torch.float32, cache_dir=tmp_path)
     # transformers opens the file for the tokenizer, the config and the weights: one parse serves all,
-    # over a plain array (model_zoo/gguf_cache.py: one_reader_per_file)
+    # over a plain array (model_zoo/gguf_cache.py: parsed_once)
     assert parsed == ["PlainArrayReader"], f"one conversion parsed the GGUF {len(parsed)} times: {parsed}"
-    assert gguf.GGUFReader is GGUFReader  # the swap was undone
+    assert gguf.GGUFReader is GGUFReader  # the swaps were undone
+    assert gguf.get_tensor_name_map is gguf.tensor_mapping.get_tensor_name_map
     (converted,) = [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")]
     assert converted.name.startswith(f"{DEFAULT_MODEL}-")
     tokenizer = loaded.tokenizer
