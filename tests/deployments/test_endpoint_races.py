@@ -130,6 +130,11 @@ async def test_random_interleavings_keep_applications_and_records_in_agreement(f
             for round_index in range(NUM_ROUNDS):
                 if round_index == NUM_ROUNDS // 2:  # the running ingress must find the controller again
                     await asyncio.to_thread(_restart_controller)
+                    # A read through the ingress attaches it again (reads are retried on the restarted
+                    # controller). Without it, a change could be the ingress's first call on its handle to
+                    # the dead instance: the documented 503 "restarted during the call; retry" (seen once
+                    # on a loaded machine), since a change is never sent twice (docs/reliability.md).
+                    await _records(client)
                 name = rng.choice(NAMES)
                 kinds = [
                     "update" if exists[name] else "create",
