@@ -41,8 +41,9 @@ _state = _SessionState()  # test-process state: which fixture started Ray, and i
 # from outside the kernel's ephemeral range: a port the kernel handed out (bind to 0) goes back to the pool
 # and can be taken by any outgoing connection or by Ray's own ports before the server binds it (HAProxy's
 # stats port was, once: "cannot bind socket (Address already in use)"). Also outside Ray's worker ports
-# (10002-19999) and the ingress ranges below (20000-29999).
-SINGLE_PORTS = range(30000, 65536)
+# (10002-19999), the ingress ranges below (20000-29999) and Serve's default ingress ranges (30000-31000,
+# 40000-41000: test_restart's servers use them).
+SINGLE_PORTS = range(31100, 65536)
 
 
 def ephemeral_ports() -> range:
@@ -55,9 +56,16 @@ def ephemeral_ports() -> range:
 
 
 def free_port() -> int:
-    """A port free now, at a random place in SINGLE_PORTS outside the ephemeral range."""
+    """A port free now, at a random place in SINGLE_PORTS outside the ephemeral range, never handed out
+    before by this process."""
     ephemeral = ephemeral_ports()
-    return _random_free([port for port in SINGLE_PORTS if port not in ephemeral], width=1)
+    candidates = [port for port in SINGLE_PORTS if port not in ephemeral and port not in _handed_out]
+    port = _random_free(candidates, width=1)
+    _handed_out.add(port)
+    return port
+
+
+_handed_out: set[int] = set()  # picked, maybe not bound yet: a later pick must not take it again
 
 
 def serve_session() -> Iterator[int]:
@@ -155,13 +163,27 @@ def _free_range(width: int) -> int:
 
 
 def _random_free(starts: Sequence[int], width: int) -> int:
-    """One of `starts` (picked at random) whose `width` ports from it are all free now."""
+    """One of `starts` (picked at random) whose `width` ports from it are all free now, from this test
+    process's share: the xdist workers pick at the same moments (each starts its Serve at once), and a port
+    that is free when two of them look is then bound by only one (two workers once chose the same HTTP
+    port), so worker k of n takes the starts whose place (start // width) is k modulo n. A subprocess of a
+    worker (the two-node cluster) inherits its share."""
+    share, num_shares = _xdist_share()
+    starts = [base for base in starts if (base // width) % num_shares == share]
     rng = random.Random()
     for _ in range(200):
         base = rng.choice(starts)
         if all(_is_free(port) for port in range(base, base + width)):
             return base
     raise RuntimeError(f"no {width} free consecutive ports from any of {len(starts)} places")
+
+
+def _xdist_share() -> tuple[int, int]:
+    """(this worker's number, how many workers) under pytest-xdist; (0, 1) otherwise."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not worker.startswith("gw") or not count:
+        return 0, 1
+    return int(worker.removeprefix("gw")), int(count)
 
 
 def _is_free(port: int) -> bool:
