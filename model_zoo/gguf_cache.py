@@ -107,7 +107,7 @@ def _convert_into(gguf_path: Path, target: Path, convert: Converter) -> Path:
     # Build next to the target so the final rename stays on one file system and is atomic.
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared by several users
-    logger.info("converting %s to %s (one time, 15-60 s)", gguf_path, target)
+    logger.info("converting %s to %s (one time, 5-60 s)", gguf_path, target)
     start = time.perf_counter()
     try:
         convert(gguf_path, tmp)
