@@ -9,7 +9,8 @@ Why: at decode, torch's path (gather the cached k/v into (D, ctx) tensors, then
 scaled_dot_product_attention) spent ~300 us a layer on a dozen tiny ops at batch 16 on this 2-core
 machine; at prefill, SDPA with an explicit causal mask computes every query-key pair (1.5-1.7 ms a
 layer for a 255-token prompt, a quarter of the step). bf16 caches with 16-token pages take an
-AVX512-BF16 path (q.k by dot-product instructions a page at a time); the rest a generic loop. float32
+AVX-512 path (q.k a page at a time: AVX512-BF16 dot products, or on AVX-512F alone the keys widened to
+float32 and FMAs), or on AVX2 an eight-position q.k; the rest a generic loop. float32
 accumulation, and each row is computed alone in a fixed order, so a greedy completion is the same
 alone and amid a batch, and whatever the prefill chunking.
 

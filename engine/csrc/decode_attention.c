@@ -5,10 +5,11 @@
    copy). A prefill of n tokens comes as n rows of one block table with lengths start+1 .. start+n,
    which is causal attention with nothing computed for the masked half. Every row (or row and kv head)
    is computed on its own, in a fixed order, in float32: a row's result never depends on the rest of
-   the batch. bf16 with 16-token pages and head_dim 64/128/256 takes the AVX512-BF16 path where the
-   compiler targets it. Without it, on AVX2 + FMA, the q.k of bf16 16-token pages (head_dim a multiple
-   of 8, up to 256) is computed eight positions at a time (`qk_avx2`), the rest by the generic loop;
-   everything else is the generic loop.
+   the batch. bf16 with 16-token pages and head_dim 64/128/256 takes the AVX-512 path where the
+   compiler targets AVX-512F (q.k by AVX512-BF16 dot-product instructions where the CPU has them, else
+   by widening the keys to float32 and FMAs; p.v in float32 either way). Without AVX-512, on AVX2 + FMA,
+   the q.k of bf16 16-token pages (head_dim a multiple of 8, up to 256) is computed eight positions at
+   a time (`qk_avx2`), the rest by the generic loop; everything else is the generic loop.
 
    Layouts (contiguous, row-major): query and out (num_seqs, num_heads, head_dim); k_cache and v_cache
    (num_slots, num_kv_heads, head_dim); block_tables (num_seqs, table_width) int64; ctx_lens (num_seqs)
@@ -66,7 +67,7 @@ static inline void softmax_in_place(float *restrict sh, int64_t n, float softcap
     for (int64_t t = 0; t < n; t++) sh[t] *= inv;
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #define HAVE_FAST_BF16 1
 
@@ -91,10 +92,55 @@ static inline __m512 widen_bf16(const uint16_t *src) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src)), 16));
 }
 
-/* One kv head of one sequence, bfloat16, 16-token pages: q.k with the bf16 dot-product instruction,
-   sixteen tokens (one page) at a time and summed by `sum16`; softmax as the generic path (`softmax_in_place`); p.v in
-   float32 with up to NH heads' accumulators in registers. Every (sequence, kv head) is computed the
-   same way whatever the batch. */
+#ifdef __AVX512BF16__
+#define FAST_QK "avx512bf16"
+/* q.k of NH heads against the pages of one kv head: per head, q as HD/32 registers of bf16 pairs and
+   each key's partial sums by the bf16 dot-product instruction. */
+#define QK_SCORES(HD, NH)                                                                               \
+    for (int h = 0; h < NH; h++) {                                                                      \
+        __m512bh q[HD / 32];                                                                            \
+        for (int j = 0; j < HD / 32; j++) q[j] = (__m512bh)_mm512_loadu_si512(qrows[h] + 32 * j);       \
+        float *sh = scores + h * score_stride;                                                          \
+        for (int64_t pg = 0; pg < pages; pg++) {                                                        \
+            const uint16_t *k = k_base + table[page0 + pg] * 16 * row_stride;                           \
+            __m512 acc[16];                                                                             \
+            for (int t = 0; t < 16; t++) {                                                              \
+                __m512 a = _mm512_setzero_ps();                                                         \
+                for (int j = 0; j < HD / 32; j++)                                                       \
+                    a = _mm512_dpbf16_ps(a, q[j], (__m512bh)_mm512_loadu_si512(k + t * row_stride + 32 * j)); \
+                acc[t] = a;                                                                             \
+            }                                                                                           \
+            _mm512_storeu_ps(sh + 16 * pg, _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));           \
+        }                                                                                               \
+    }
+#else
+#define FAST_QK "avx512f"
+/* Without AVX512-BF16 (Skylake-SP to Ice Lake): per head, q widened to float32 in HD/16 registers,
+   each key widened as it is read, one FMA per 16 dims. (Widening a page's keys once for all the heads
+   of the group measured no faster on Ice Lake.) */
+#define QK_SCORES(HD, NH)                                                                               \
+    for (int h = 0; h < NH; h++) {                                                                      \
+        __m512 q[HD / 16];                                                                              \
+        for (int j = 0; j < HD / 16; j++) q[j] = widen_bf16(qrows[h] + 16 * j);                         \
+        float *sh = scores + h * score_stride;                                                          \
+        for (int64_t pg = 0; pg < pages; pg++) {                                                        \
+            const uint16_t *k = k_base + table[page0 + pg] * 16 * row_stride;                           \
+            __m512 acc[16];                                                                             \
+            for (int t = 0; t < 16; t++) {                                                              \
+                __m512 a = _mm512_setzero_ps();                                                         \
+                for (int j = 0; j < HD / 16; j++)                                                       \
+                    a = _mm512_fmadd_ps(q[j], widen_bf16(k + t * row_stride + 16 * j), a);             \
+                acc[t] = a;                                                                             \
+            }                                                                                           \
+            _mm512_storeu_ps(sh + 16 * pg, _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));           \
+        }                                                                                               \
+    }
+#endif
+
+/* One kv head of one sequence, bfloat16, 16-token pages: q.k sixteen tokens (one page) at a time,
+   each token's partial sums in one register, the sixteen summed by `sum16` (`QK_SCORES`); softmax as
+   the generic path (`softmax_in_place`); p.v in float32 with up to NH heads' accumulators in
+   registers. Every (sequence, kv head) is computed the same way whatever the batch. */
 #define FAST_KV(HD, NH)                                                                                 \
     static inline __attribute__((always_inline)) void fast_kv_##HD##_##NH(                              \
         const uint16_t *const *qrows, uint16_t *const *orows, const uint16_t *k_base, const uint16_t *v_base, \
@@ -102,23 +148,8 @@ static inline __m512 widen_bf16(const uint16_t *src) {
         float *restrict scores, int64_t score_stride) {                                                 \
         const int64_t page0 = first / 16, pages = (len - 1) / 16 - page0 + 1, off = first - page0 * 16; \
         const int64_t n = len - first;                                                                  \
-        for (int h = 0; h < NH; h++) {                                                                  \
-            __m512bh q[HD / 32];                                                                        \
-            for (int j = 0; j < HD / 32; j++) q[j] = (__m512bh)_mm512_loadu_si512(qrows[h] + 32 * j);   \
-            float *sh = scores + h * score_stride;                                                      \
-            for (int64_t pg = 0; pg < pages; pg++) {                                                    \
-                const uint16_t *k = k_base + table[page0 + pg] * 16 * row_stride;                       \
-                __m512 acc[16];                                                                         \
-                for (int t = 0; t < 16; t++) {                                                          \
-                    __m512 a = _mm512_setzero_ps();                                                     \
-                    for (int j = 0; j < HD / 32; j++)                                                   \
-                        a = _mm512_dpbf16_ps(a, q[j], (__m512bh)_mm512_loadu_si512(k + t * row_stride + 32 * j)); \
-                    acc[t] = a;                                                                         \
-                }                                                                                       \
-                _mm512_storeu_ps(sh + 16 * pg, _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));       \
-            }                                                                                           \
-            softmax_in_place(sh + off, n, softcap);                                                     \
-        }                                                                                               \
+        QK_SCORES(HD, NH)                                                                               \
+        for (int h = 0; h < NH; h++) softmax_in_place(scores + h * score_stride + off, n, softcap);    \
         __m512 acc[NH][HD / 16];                                                                        \
         for (int h = 0; h < NH; h++)                                                                    \
             for (int j = 0; j < HD / 16; j++) acc[h][j] = _mm512_setzero_ps();                          \
@@ -307,7 +338,7 @@ static inline __attribute__((always_inline)) void attend(
 /* Which of the paths above this build compiled (engine/native_build.py names it in test output). */
 const char *decode_attention_isa(void) {
 #if defined(HAVE_FAST_BF16)
-    return "avx512bf16";
+    return FAST_QK;
 #elif defined(HAVE_AVX2_QK)
     return "avx2";
 #else
