@@ -29,7 +29,8 @@ def test_default_model_config():
     config = load_model_config(SMOLLM)
     assert (config.name, config.model) == ("smollm2-135m-instruct", "smollm2-135m-instruct")
     engine = config.engine.to_engine_config(context_length=8192)
-    assert (engine.dtype, engine.max_num_seqs, engine.max_model_len) == ("bfloat16", 32, 2048)
+    assert (engine.dtype, engine.max_num_seqs, engine.max_model_len) == ("bfloat16", 64, 2048)
+    assert config.stream_coalesce_ms == 500  # 32 streams keep the 250 ms spacing of a full batch of 32
     options = config.deployment.to_options()
     assert options["ray_actor_options"] == {"num_cpus": 0.9}
     assert options["max_ongoing_requests"] == 64
