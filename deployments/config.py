@@ -99,6 +99,12 @@ class EngineSettings(BaseModel):
         description="The fast forward's bf16 CPU RMSNorms in the engine's C kernel (the same bits as "
         "torch's operations, checked at load); false = torch's operations.",
     )
+    native_rotary: bool = Field(
+        _ENGINE_DEFAULTS.native_rotary,
+        description="The fast forward's bf16 CPU rotary embedding and KV-cache write of Llama-like layers "
+        "in one C call a layer (the same bits as torch's operations, checked at load); false = torch's "
+        "operations.",
+    )
     fast_forward: bool = Field(
         _ENGINE_DEFAULTS.fast_forward,
         description="Llama, Mistral and Gemma 3 models step through the engine's own forward (same "

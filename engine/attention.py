@@ -151,19 +151,21 @@ def _attend(q, k, v, mask, scale, softcap):
 def attend_paged(
     layer: int,
     query: torch.Tensor,  # (T, H, hd)
-    key: torch.Tensor,  # (T, Hk, hd)
-    value: torch.Tensor,  # (T, Hk, hd)
+    key: torch.Tensor | None,  # (T, Hk, hd)
+    value: torch.Tensor | None,  # (T, Hk, hd)
     meta: AttentionMetadata,
     scaling: float | None,
     sliding_window: int | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Write this step's k/v into the cache, then attend; returns (T, H, hd)."""
+    """Write this step's k/v into the cache (key and value None: written already), then attend;
+    returns (T, H, hd)."""
     k_cache, v_cache = meta.kv_cache.keys[layer], meta.kv_cache.values[layer]
-    k_cache.index_copy_(0, meta.slot_mapping, key)
-    v_cache.index_copy_(0, meta.slot_mapping, value)
+    if key is not None:
+        k_cache.index_copy_(0, meta.slot_mapping, key)
+        v_cache.index_copy_(0, meta.slot_mapping, value)
     num_tokens, num_heads, head_dim = query.shape
-    num_kv_heads = key.shape[1]
+    num_kv_heads = k_cache.shape[1]
     out = query.new_empty(num_tokens, num_heads, head_dim)
     num_decode = meta.num_decode
     if meta.kernel is not None:

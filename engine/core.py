@@ -92,6 +92,7 @@ class EngineCore:
             config.native_linear,
             config.native_norm,
             config.int8_weights,
+            config.native_rotary,
         )
         self.scheduler = Scheduler(
             max_num_seqs=config.max_num_seqs,

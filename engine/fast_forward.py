@@ -22,10 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from engine import attention, native_norm
+from engine import attention, native_norm, native_rotary
 from engine.attention import AttentionMetadata
 from engine.fusion import FusedProjection
 from engine.native_norm import NormKernel
+from engine.native_rotary import RotaryKernel
 
 logger = logging.getLogger("engine")
 
@@ -71,6 +72,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+def rotary_into_cache(
+    kernel: RotaryKernel, layer: int, qkv: torch.Tensor, cos, sin, num_q_heads: int, meta: AttentionMetadata
+) -> None:
+    """apply_rotary on the q and k heads of the fused product, in place, with torch's bits, and k and v
+    written to the layer's cache slots (engine/native_rotary.py): one C call."""
+    cache = meta.kv_cache
+    kernel(qkv, cos, sin, meta.slot_mapping, cache.keys[layer], cache.values[layer], num_q_heads)
+
+
 @dataclass(frozen=True, slots=True)
 class _Attention:
     """What a layer's attention reads, fetched once from its modules (no attribute walks per step)."""
@@ -107,6 +117,7 @@ class _Attention:
         return q, k, qkv[:, k_end:].view(num_tokens, -1, hd)
 
     def attend(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
+        """Attention and the output product; k and v None: already in the cache (rotary_into_cache)."""
         out = attention.attend_paged(self.index, q, k, v, meta, self.scaling, self.window)
         return self.o_proj(out.view(out.shape[0], -1))
 
@@ -137,24 +148,37 @@ class _LlamaLayer:
     eps2: float
     rope: str | None = None  # one rotary table for every layer
     kernel: NormKernel | None = None  # the C RMSNorm, where it gives torch's bits
+    rotary: RotaryKernel | None = None  # rotary + cache write in C, where it gives torch's bits
 
     @classmethod
-    def of(cls, index: int, layer: nn.Module, window: int | None, kernel: NormKernel | None) -> _LlamaLayer:
+    def of(
+        cls,
+        index: int,
+        layer: nn.Module,
+        window: int | None,
+        kernel: NormKernel | None,
+        rotary: RotaryKernel | None = None,
+    ) -> _LlamaLayer:
         norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
         attn = _Attention.of(index, layer.self_attn, window)
         mlp = _Mlp.of(layer.mlp)
         eps1, eps2 = norm1.variance_epsilon, norm2.variance_epsilon
-        return cls(attn, mlp, norm1.weight, eps1, norm2.weight, eps2, kernel=kernel)
+        return cls(attn, mlp, norm1.weight, eps1, norm2.weight, eps2, kernel=kernel, rotary=rotary)
 
     def __call__(self, hidden, cos, sin, meta: AttentionMetadata) -> torch.Tensor:
         attn, num_tokens = self.attn, hidden.shape[0]
         qkv = attn.qkv(rms_norm(hidden, self.norm1, self.eps1, self.kernel))
         hd, k_end = attn.head_dim, attn.q_size + attn.k_size
-        # q and k sit side by side in the product's output: one rotary pass over both (elementwise)
-        qk = apply_rotary(qkv[:, :k_end].view(num_tokens, -1, hd), cos, sin)
         num_q_heads = attn.q_size // hd
-        v = qkv[:, k_end:].view(num_tokens, -1, hd)
-        hidden = hidden + attn.attend(qk[:, :num_q_heads], qk[:, num_q_heads:], v, meta)
+        if self.rotary is not None:
+            rotary_into_cache(self.rotary, attn.index, qkv, cos, sin, num_q_heads, meta)
+            q = qkv[:, : attn.q_size].view(num_tokens, -1, hd)
+            hidden = hidden + attn.attend(q, None, None, meta)
+        else:
+            # q and k sit side by side in the product's output: one rotary pass over both (elementwise)
+            qk = apply_rotary(qkv[:, :k_end].view(num_tokens, -1, hd), cos, sin)
+            v = qkv[:, k_end:].view(num_tokens, -1, hd)
+            hidden = hidden + attn.attend(qk[:, :num_q_heads], qk[:, num_q_heads:], v, meta)
         return hidden + self.mlp(rms_norm(hidden, self.norm2, self.eps2, self.kernel))
 
 
@@ -221,6 +245,22 @@ def _norm_kernel(model: nn.Module, gemma: bool) -> NormKernel | None:
     return None
 
 
+def _rotary_kernel(model: nn.Module) -> RotaryKernel | None:
+    """The C rotary + cache write for a bf16 CPU Llama-like model, if it gives torch's bits."""
+    weight = model.model.norm.weight
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
+        return None
+    kernel = native_rotary.load()
+    if kernel is None:
+        return None
+    attn = model.model.layers[0].self_attn
+    hd, sizes = attn.head_dim, attn.fused_q_k_v.sizes
+    if kernel.matches(apply_rotary, sizes[0] // hd, sizes[1] // hd, hd):
+        return kernel
+    logger.warning("the C rotary does not give this torch's bits: rotary stays on torch's operations")
+    return None
+
+
 def _unsupported_reason(model: nn.Module) -> str | None:
     name = type(model).__name__
     if name not in SUPPORTED:
@@ -242,7 +282,9 @@ def _unsupported_reason(model: nn.Module) -> str | None:
 class FastForward:
     """Logits of one packed step, computed as transformers' code would, without its modules."""
 
-    def __init__(self, model: nn.Module, native_norm: bool = True) -> None:
+    def __init__(self, model: nn.Module, native_norm: bool = True, native_rotary: bool = False) -> None:
+        """`native_rotary`: Llama-like layers rotate and write the KV cache in C (engine/native_rotary.py),
+        for a bf16 CPU model whose KV cache is bf16 on the CPU (the caller knows the cache)."""
         reason = _unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"no fast forward for this model: {reason}")
@@ -261,7 +303,10 @@ class FastForward:
         else:
             mistral = type(model).__name__ == "MistralForCausalLM"
             window = getattr(config, "sliding_window", None) if mistral else None
-            self.layers = [_LlamaLayer.of(i, layer, window, kernel) for i, layer in enumerate(decoder.layers)]
+            rotary = _rotary_kernel(model) if native_rotary else None
+            self.layers = [
+                _LlamaLayer.of(i, layer, window, kernel, rotary) for i, layer in enumerate(decoder.layers)
+            ]
             self.final_norm = (decoder.norm.weight, decoder.norm.variance_epsilon)
             self.logit_softcap = None
         self.rope_kinds = sorted({layer.rope for layer in self.layers}, key=str)

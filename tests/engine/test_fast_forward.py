@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM
 
-from engine import native_norm
+from engine import native_norm, native_rotary
 from engine.core import EngineCore
 from engine.fast_forward import FastForward
 from engine.types import EngineConfig
@@ -177,8 +177,11 @@ def test_smollm2_bf16_logits_equal_transformers_at_every_step():
 
     loaded = load_model(resolve("smollm2-135m-instruct"), dtype=torch.bfloat16)
     core = make_core((loaded.model, loaded.tokenizer), max_num_batched_tokens=64)
-    # with a C compiler the norms run in the C kernel here: the same bits (engine/native_norm.py)
+    # with a C compiler the norms, rotary and cache writes run in C here: the same bits
+    # (engine/native_norm.py, engine/native_rotary.py)
     assert (core.runner.fast_forward.norm_kernel is not None) == (native_norm.load() is not None)
+    rotary = [layer.rotary is not None for layer in core.runner.fast_forward.layers]
+    assert rotary == [native_rotary.load() is not None] * len(rotary)
     equal = steps_equal(core, loaded.tokenizer, REAL_MODEL_TOKENS)
     assert len(equal) >= REAL_MODEL_TOKENS and all(equal)
 
