@@ -38,7 +38,55 @@ static inline void rotate_head(uint16_t *x, const uint16_t *cos, const uint16_t 
     }
 }
 
-const char *rotary_kv_isa(void) { return "generic"; }
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define HAVE_AVX512_ROTARY 1
+
+static inline __m512 load_bf16x16(const uint16_t *src) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src)), 16));
+}
+
+/* v rounded to bf16 as f32_to_bf16 rounds (nearest even, NaN kept NaN), as float32 again. */
+static inline __m512 round_bf16x16(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
+    __m512i r = _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), hi);
+    const __m512i quiet = _mm512_and_si512(_mm512_or_si512(u, _mm512_set1_epi32(0x400000)), hi);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet);
+    return _mm512_castsi512_ps(r);
+}
+
+static inline void store_bf16x16(uint16_t *dst, __m512 rounded) {
+    _mm256_storeu_si256((__m256i *)dst, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(rounded), 16)));
+}
+
+static inline __m512 negate(__m512 v) {  /* the sign bit flipped, as -x is (0 - x would turn -0 into +0) */
+    return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), _mm512_set1_epi32((int)0x80000000u)));
+}
+
+/* rotate_head, sixteen lanes at a time (half a multiple of 16): the same roundings, the same bits. */
+static inline void rotate_head_avx512(uint16_t *x, const uint16_t *cos, const uint16_t *sin, int64_t head_dim) {
+    const int64_t half = head_dim / 2;
+    for (int64_t i = 0; i < half; i += 16) {
+        const __m512 lo = load_bf16x16(x + i), hi = load_bf16x16(x + i + half);
+        const __m512 a = round_bf16x16(_mm512_mul_ps(lo, load_bf16x16(cos + i)));
+        const __m512 b = round_bf16x16(_mm512_mul_ps(negate(hi), load_bf16x16(sin + i)));
+        const __m512 c = round_bf16x16(_mm512_mul_ps(hi, load_bf16x16(cos + i + half)));
+        const __m512 d = round_bf16x16(_mm512_mul_ps(lo, load_bf16x16(sin + i + half)));
+        store_bf16x16(x + i, round_bf16x16(_mm512_add_ps(a, b)));
+        store_bf16x16(x + i + half, round_bf16x16(_mm512_add_ps(c, d)));
+    }
+}
+#endif
+
+const char *rotary_kv_isa(void) {
+#ifdef HAVE_AVX512_ROTARY
+    return "avx512f";
+#else
+    return "generic";
+#endif
+}
 
 int rotary_kv(const uint16_t *cos, const uint16_t *sin, uint16_t *qkv, int64_t num_tokens, int64_t row_stride,
               int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim, const int64_t *slots,
@@ -49,7 +97,15 @@ int rotary_kv(const uint16_t *cos, const uint16_t *sin, uint16_t *qkv, int64_t n
     for (int64_t t = 0; t < num_tokens; t++) {
         uint16_t *row = qkv + t * row_stride;
         const uint16_t *c = cos + t * head_dim, *s = sin + t * head_dim;
-        for (int64_t h = 0; h < num_q_heads + num_kv_heads; h++) rotate_head(row + h * head_dim, c, s, head_dim);
+        for (int64_t h = 0; h < num_q_heads + num_kv_heads; h++) {
+#ifdef HAVE_AVX512_ROTARY
+            if (head_dim % 32 == 0) {
+                rotate_head_avx512(row + h * head_dim, c, s, head_dim);
+                continue;
+            }
+#endif
+            rotate_head(row + h * head_dim, c, s, head_dim);
+        }
         const uint16_t *k = row + num_q_heads * head_dim, *v = k + kv_width;
         memcpy(k_cache + slots[t] * kv_width, k, sizeof(uint16_t) * (size_t)kv_width);
         memcpy(v_cache + slots[t] * kv_width, v, sizeof(uint16_t) * (size_t)kv_width);
