@@ -92,50 +92,43 @@ static inline __m512 widen_bf16(const uint16_t *src) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src)), 16));
 }
 
+/* The query of one head and one key's q.k partial sums (16 lanes, summed by `sum16`), per CPU: */
 #ifdef __AVX512BF16__
 #define FAST_QK "avx512bf16"
-/* q.k of NH heads against the pages of one kv head: per head, q as HD/32 registers of bf16 pairs and
-   each key's partial sums by the bf16 dot-product instruction. */
-#define QK_SCORES(HD, NH)                                                                               \
-    for (int h = 0; h < NH; h++) {                                                                      \
-        __m512bh q[HD / 32];                                                                            \
-        for (int j = 0; j < HD / 32; j++) q[j] = (__m512bh)_mm512_loadu_si512(qrows[h] + 32 * j);       \
-        float *sh = scores + h * score_stride;                                                          \
-        for (int64_t pg = 0; pg < pages; pg++) {                                                        \
-            const uint16_t *k = k_base + table[page0 + pg] * 16 * row_stride;                           \
-            __m512 acc[16];                                                                             \
-            for (int t = 0; t < 16; t++) {                                                              \
-                __m512 a = _mm512_setzero_ps();                                                         \
-                for (int j = 0; j < HD / 32; j++)                                                       \
-                    a = _mm512_dpbf16_ps(a, q[j], (__m512bh)_mm512_loadu_si512(k + t * row_stride + 32 * j)); \
-                acc[t] = a;                                                                             \
-            }                                                                                           \
-            _mm512_storeu_ps(sh + 16 * pg, _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));           \
-        }                                                                                               \
-    }
+/* q as HD/32 registers of bf16 pairs; the bf16 dot-product instruction. */
+#define QK_QUERY(HD, src) \
+    __m512bh q[HD / 32];  \
+    for (int j = 0; j < HD / 32; j++) q[j] = (__m512bh)_mm512_loadu_si512((src) + 32 * j)
+#define QK_KEY(HD, a, key) \
+    for (int j = 0; j < HD / 32; j++) a = _mm512_dpbf16_ps(a, q[j], (__m512bh)_mm512_loadu_si512((key) + 32 * j))
 #else
 #define FAST_QK "avx512f"
-/* Without AVX512-BF16 (Skylake-SP to Ice Lake): per head, q widened to float32 in HD/16 registers,
-   each key widened as it is read, one FMA per 16 dims. (Widening a page's keys once for all the heads
-   of the group measured no faster on Ice Lake.) */
+/* Without AVX512-BF16 (Skylake-SP to Ice Lake): q widened to float32 in HD/16 registers, each key
+   widened as it is read, one FMA per 16 dims. (Widening a page's keys once for all the heads of the
+   group measured no faster on Ice Lake.) */
+#define QK_QUERY(HD, src) \
+    __m512 q[HD / 16];    \
+    for (int j = 0; j < HD / 16; j++) q[j] = widen_bf16((src) + 16 * j)
+#define QK_KEY(HD, a, key) \
+    for (int j = 0; j < HD / 16; j++) a = _mm512_fmadd_ps(q[j], widen_bf16((key) + 16 * j), a)
+#endif
+
+/* q.k * scale of NH heads against the pages of one kv head, sixteen keys (a page) at a time. */
 #define QK_SCORES(HD, NH)                                                                               \
     for (int h = 0; h < NH; h++) {                                                                      \
-        __m512 q[HD / 16];                                                                              \
-        for (int j = 0; j < HD / 16; j++) q[j] = widen_bf16(qrows[h] + 16 * j);                         \
+        QK_QUERY(HD, qrows[h]);                                                                         \
         float *sh = scores + h * score_stride;                                                          \
         for (int64_t pg = 0; pg < pages; pg++) {                                                        \
             const uint16_t *k = k_base + table[page0 + pg] * 16 * row_stride;                           \
             __m512 acc[16];                                                                             \
             for (int t = 0; t < 16; t++) {                                                              \
                 __m512 a = _mm512_setzero_ps();                                                         \
-                for (int j = 0; j < HD / 16; j++)                                                       \
-                    a = _mm512_fmadd_ps(q[j], widen_bf16(k + t * row_stride + 16 * j), a);             \
+                QK_KEY(HD, a, k + t * row_stride);                                                      \
                 acc[t] = a;                                                                             \
             }                                                                                           \
             _mm512_storeu_ps(sh + 16 * pg, _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));           \
         }                                                                                               \
     }
-#endif
 
 /* One kv head of one sequence, bfloat16, 16-token pages: q.k sixteen tokens (one page) at a time,
    each token's partial sums in one register, the sixteen summed by `sum16` (`QK_SCORES`); softmax as
