@@ -17,7 +17,9 @@ The norm and rotary helpers are looked up by name at each call, so a profiler ca
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -29,6 +31,8 @@ from engine.native_norm import NormKernel
 from engine.native_rotary import RotaryKernel
 
 logger = logging.getLogger("engine")
+
+T = TypeVar("T")
 
 # Llama and Mistral layers: RMSNorm -> fused q/k/v -> rotary -> attention -> o -> residual -> RMSNorm
 # -> fused gate/up -> act(gate) * up -> down -> residual (Mistral passes its sliding window on).
@@ -229,36 +233,43 @@ class _GemmaLayer:
         return hidden + gemma_rms_norm(out, self.post_mlp_norm, eps, kernel)
 
 
-def _norm_kernel(model: nn.Module, gemma: bool) -> NormKernel | None:
-    """The C RMSNorm for a bf16 CPU model, if it gives torch's bits at the model's norm widths."""
+def _bf16_cpu_kernel(
+    model: nn.Module, load: Callable[[], T | None], works: Callable[[T], bool], what: str
+) -> T | None:
+    """The C kernel `load()` gives, for a bf16 CPU model, if `works(kernel)` (it gives torch's bits);
+    else None (a kernel that differs is logged: `what` stays on torch's operations)."""
     weight = model.model.norm.weight
     if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
         return None
-    kernel = native_norm.load()
+    kernel = load()
     if kernel is None:
         return None
+    if works(kernel):
+        return kernel
+    logger.warning("the C %s does not give this torch's bits: it stays on torch's operations", what)
+    return None
+
+
+def _norm_kernel(model: nn.Module, gemma: bool) -> NormKernel | None:
+    """The C RMSNorm, if it gives torch's bits at the model's norm widths."""
     widths = {model.config.hidden_size} | ({model.config.head_dim} if gemma else set())
     reference = gemma_rms_norm if gemma else rms_norm
-    if all(kernel.matches(reference, gemma, width) for width in sorted(widths)):
-        return kernel
-    logger.warning("the C RMSNorm does not give this torch's bits: norms stay on torch's operations")
-    return None
+
+    def works(kernel: NormKernel) -> bool:
+        return all(kernel.matches(reference, gemma, width) for width in sorted(widths))
+
+    return _bf16_cpu_kernel(model, native_norm.load, works, "RMSNorm")
 
 
 def _rotary_kernel(model: nn.Module) -> RotaryKernel | None:
-    """The C rotary + cache write for a bf16 CPU Llama-like model, if it gives torch's bits."""
-    weight = model.model.norm.weight
-    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
-        return None
-    kernel = native_rotary.load()
-    if kernel is None:
-        return None
+    """The C rotary + cache write for a Llama-like model, if it gives torch's bits at its head shapes."""
     attn = model.model.layers[0].self_attn
     hd, sizes = attn.head_dim, attn.fused_q_k_v.sizes
-    if kernel.matches(apply_rotary, sizes[0] // hd, sizes[1] // hd, hd):
-        return kernel
-    logger.warning("the C rotary does not give this torch's bits: rotary stays on torch's operations")
-    return None
+
+    def works(kernel: RotaryKernel) -> bool:
+        return kernel.matches(apply_rotary, sizes[0] // hd, sizes[1] // hd, hd)
+
+    return _bf16_cpu_kernel(model, native_rotary.load, works, "rotary")
 
 
 def _unsupported_reason(model: nn.Module) -> str | None:
