@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's packages
 
-from bench_setup import cpu_kind
+from bench_setup import cpu_kind, kernel_builds
 from prompts import unique_prompt_texts
 
 from engine import native_attention, native_build
@@ -150,14 +150,7 @@ def main() -> None:
     parser.add_argument("--steps-batch", nargs="*", default=["32", "16:250"], help="B or B:WORDS; none: skip")
     args = parser.parse_args()
     torch.set_num_threads(default_num_threads())
-    runnable = {v.name: v for v in native_build.runnable_variants()}
-    kernels = {}
-    for name in args.variants:
-        kernel = native_attention.load(runnable[name]) if name in runnable else None
-        if kernel is None:
-            print(f"build {name}: not runnable or not built on this CPU, left out")
-            continue
-        kernels[f"{name} ({kernel.isa})"] = kernel
+    kernels = kernel_builds(native_attention.load, args.variants)
     if args.baseline is not None:
         base = baseline_kernel(args.baseline)
         kernels = {f"baseline ({base.isa})": base, **kernels}

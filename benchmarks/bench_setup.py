@@ -134,3 +134,19 @@ def _listener(port: int) -> psutil.Process | None:
             except psutil.NoSuchProcess:
                 return None
     return None
+
+
+def kernel_builds(load, names: list[str]) -> dict:
+    """`load(variant)` for each named build variant (engine/native_build.py) this CPU runs, keyed
+    "name (isa)"; a variant this CPU cannot run, or a build with no path for it, is said and left out."""
+    from engine import native_build
+
+    runnable = {v.name: v for v in native_build.runnable_variants()}
+    builds = {}
+    for name in names:
+        kernel = load(runnable[name]) if name in runnable else None
+        if kernel is None:
+            print(f"build {name}: not runnable or not built on this CPU, left out")
+            continue
+        builds[f"{name} ({kernel.isa})"] = kernel
+    return builds

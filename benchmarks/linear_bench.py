@@ -26,6 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_setup import kernel_builds
+
 from engine import native_build, native_int8, native_linear
 
 # (out_features, in_features, times a step) of SmolLM2-135M: 30 layers, then the lm head
@@ -33,21 +35,14 @@ SMOLLM2 = [(960, 576, 30), (576, 576, 30), (3072, 576, 30), (576, 1536, 30), (49
 
 
 def builds(args) -> dict[str, native_linear.LinearKernel]:
-    found = {}
-    variants = {v.name: v for v in native_build.runnable_variants()}
-    for name in args.variants:
-        kernel = native_linear.load(variants[name]) if name in variants else None
-        if kernel is not None:
-            found[f"{name} ({kernel.isa})"] = kernel
+    found = kernel_builds(native_linear.load, args.variants)
     for define in args.define or []:
         flags = [f"-D{d}" for d in define.split()]
         library = native_build.build("linear_bf16", flags)
         if library is not None:
             found[define] = native_linear.LinearKernel(library)
-    for name in args.int8 or []:
-        kernel = native_int8.load(variants[name]) if name in variants else None
-        if kernel is not None:
-            found[f"int8 {name} ({kernel.isa})"] = kernel
+    int8 = kernel_builds(native_int8.load, args.int8 or [])
+    found |= {f"int8 {name}": kernel for name, kernel in int8.items()}
     for define in args.int8_define or []:
         flags = [*native_int8._FLAGS, *(f"-D{d}" for d in define.split())]
         library = native_build.build("linear_int8", flags)

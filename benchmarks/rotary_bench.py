@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's packages
 
-from bench_setup import cpu_kind
+from bench_setup import cpu_kind, kernel_builds
 
-from engine import native_build, native_rotary
+from engine import native_rotary
 from engine.device import default_num_threads
 from engine.fast_forward import apply_rotary
 
@@ -67,14 +67,7 @@ def main() -> None:
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 32, 64, 256])
     args = parser.parse_args()
     torch.set_num_threads(default_num_threads())
-    runnable = {v.name: v for v in native_build.runnable_variants()}
-    kernels = {}
-    for name in args.variants:
-        kernel = native_rotary.load(runnable[name]) if name in runnable else None
-        if kernel is None:
-            print(f"build {name}: not runnable or not built on this CPU, left out")
-            continue
-        kernels[f"{name} ({kernel.isa})"] = kernel
+    kernels = kernel_builds(native_rotary.load, args.variants)
     print(f"CPU: {cpu_kind()}; {torch.get_num_threads()} threads; bf16, SmolLM2-135M's heads\n")
     names = [*kernels, "torch"]
     print(f"| tokens | {' | '.join(f'{n} us' for n in names)} |\n|---|" + "---|" * len(names))
