@@ -9,6 +9,9 @@ The default prompts repeat (16 topics), so from the 17th request on the prefix c
 prompts. `--unique-prompts --levels 1:8 16:64 32:64 --skip-baselines` runs serve_bench.py's load
 instead (unique prompts, its levels): the quiet engine-alone figure to hold a server run against;
 `--prompt-words 250` pads those prompts to ~310 tokens, as serve_bench.py's prefill-heavy load.
+`--client-gap-ms 5` makes each closed-loop client wait that long between a request's end and its next,
+as a remote client's round trip does (the in-process default sends the next one at once);
+`--refill-wait-ms 40` turns the engine's refill hold on (docs/engine.md).
 """
 
 from __future__ import annotations
@@ -92,13 +95,22 @@ async def bench_engine(
     new_tokens: int,
     params: SamplingParams | None = None,
     label="",
+    gap_s: float = 0.0,
 ) -> Result:
+    """Closed loop: `concurrency` clients, each sending its next request `gap_s` after its last one ended
+    (0: at once, in the same event-loop turn; a remote client's round trip is more)."""
     params = params or SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     ttft, tpot, counts = [], [], []
     work = list(prompts)
 
     async def client() -> None:
+        is_first = True
         while work:
+            if gap_s and not is_first:
+                await asyncio.sleep(gap_s)
+            is_first = False
+            if not work:
+                break
             ids = work.pop()
             t0 = time.perf_counter()
             first = last = None
@@ -183,6 +195,19 @@ def main() -> None:
         help="with --unique-prompts: filler words in each prompt, as serve_bench.py's (a prefill-heavy load)",
     )
     parser.add_argument(
+        "--client-gap-ms",
+        type=float,
+        default=0.0,
+        help="each closed-loop client waits this long between a request's end and its next (a remote "
+        "client's round trip; 0: the next request arrives at once)",
+    )
+    parser.add_argument(
+        "--refill-wait-ms",
+        type=float,
+        default=0.0,
+        help="the engine's refill hold (EngineConfig.refill_wait_ms; 0 = off, the default)",
+    )
+    parser.add_argument(
         "--levels",
         nargs="+",
         default=["1:4", "4:16", "16:32"],
@@ -211,6 +236,7 @@ def main() -> None:
         EngineConfig(
             max_num_seqs=32,
             num_threads=threads,
+            refill_wait_ms=args.refill_wait_ms,
             **switches(args),
         ),
         device,
@@ -230,7 +256,9 @@ def main() -> None:
                 prompts = [tokenizer(t).input_ids for t in texts]
             else:  # 16 topics repeat: from the 17th request on, the prefix cache serves whole prompts
                 prompts = make_prompts(tokenizer, num_requests)
-            results[f"c{concurrency}"] = await bench_engine(engine, prompts, concurrency, args.new_tokens)
+            results[f"c{concurrency}"] = await bench_engine(
+                engine, prompts, concurrency, args.new_tokens, gap_s=args.client_gap_ms / 1000
+            )
         notes.append(await batch_invariance(engine, prompts16, args.new_tokens))
         if args.guided:  # same load, every request guided by a JSON schema vs none
             prompts = make_prompts(tokenizer, 32)

@@ -75,6 +75,14 @@ class EngineSettings(BaseModel):
     max_waiting: int = Field(
         _ENGINE_DEFAULTS.max_waiting, ge=1, description="Requests queued in the engine before 429s."
     )
+    refill_wait_ms: float = Field(
+        _ENGINE_DEFAULTS.refill_wait_ms,
+        ge=0,
+        le=1000,
+        description="After a step that finished requests, how long the engine may wait for the requests "
+        "that replace them (a client's next turn) before its next step, while recent finishes were "
+        "followed by new requests within this time; 0 (the default) = never wait (docs/engine.md).",
+    )
     enable_prefix_caching: bool = Field(
         _ENGINE_DEFAULTS.enable_prefix_caching,
         description="Reuse the KV blocks of prompt prefixes that requests share (docs/kv_cache.md).",

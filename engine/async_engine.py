@@ -12,10 +12,11 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from engine.errors import (
 from engine.guided import CompiledGuide, GuidedCompiler
 from engine.guided_pool import GuideCompilePool
 from engine.guided_spec import GuidedSpec
+from engine.refill import RefillPolicy
 from engine.types import EngineConfig, EngineStats, GenerationRequest, TokenDelta
 
 logger = logging.getLogger("engine")
@@ -98,6 +100,7 @@ class RequestStream:
 class _Add:
     request: GenerationRequest
     guide: CompiledGuide | None = None
+    sent_s: float = field(default_factory=time.monotonic)  # when its caller queued it
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +133,7 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()  # guards _streams and _dead
         self._wakeup = threading.Event()
+        self._refill = RefillPolicy(config.refill_wait_ms / 1000)  # engine thread only
         self._dead: EngineDeadError | None = None  # set once, when the engine loop ends for any reason
         self._guides = GuideCompilePool(self._compile, NUM_COMPILE_WORKERS, config.guided_compile_timeout_s)
         self._compiler: GuidedCompiler | None = None
@@ -278,12 +282,18 @@ class AsyncEngine:
 
     def _run_steps(self) -> None:
         """Step until shut down. A failed step fails the requests in it; EngineDeadError ends the loop."""
+        last_step: tuple[float, int] | None = None  # (when the last step ended, requests it finished)
         while True:
             if not self.core.has_unfinished:
                 self._wakeup.wait()
             self._wakeup.clear()
             if not self._drain_inbox():
                 return
+            if last_step is not None:
+                self._refill.on_step(*last_step)
+                last_step = None
+                if not self._wait_for_refills():
+                    return
             try:
                 deltas = self.core.step()
             except EngineDeadError:
@@ -293,6 +303,20 @@ class AsyncEngine:
                 self._fail_all(exc)
                 continue
             self._deliver(deltas)
+            last_step = (time.monotonic(), sum(1 for delta in deltas if delta.is_finished))
+
+    def _wait_for_refills(self) -> bool:
+        """Hold the next step while the refill policy says (engine/refill.py); False when shut down."""
+        while True:
+            can_hold = self.core.has_unfinished and not self.core.scheduler.waiting
+            until = self._refill.hold_until(can_hold=can_hold)
+            if until is None or (left := until - time.monotonic()) <= 0:
+                return True
+            if self._inbox.empty():
+                self._wakeup.wait(left)
+            self._wakeup.clear()
+            if not self._drain_inbox():
+                return False
 
     def _die(self, reason: BaseException) -> None:
         """Record why the engine stopped and end every open stream (queued, compiling or running) with it."""
@@ -318,6 +342,7 @@ class AsyncEngine:
                 if delta is not None:
                     self._deliver([delta])
                 continue
+            self._refill.on_arrival(message.sent_s)
             try:
                 self.core.add_request(message.request, message.guide)
             except ServingError as exc:

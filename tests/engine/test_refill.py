@@ -1,0 +1,128 @@
+"""The refill hold (engine/refill.py): after a step that finished requests, the next step waits for their
+closed-loop replacements, only while recent finishes were followed by new requests within the window."""
+
+import asyncio
+import contextlib
+
+from engine.refill import HISTORY, MIN_HITS, RefillPolicy
+from tests.engine.conftest import make_async_engine, request
+
+WINDOW_S = 0.04
+
+
+def closed_loop(policy: RefillPolicy, steps: int, start_s: float = 0.0) -> float:
+    """`steps` finishing steps 0.1 s apart, each followed 5 ms later by one replacement; returns the time."""
+    now = start_s
+    for _ in range(steps):
+        now += 0.1
+        policy.on_step(now, 1)
+        policy.on_arrival(now + 0.005)
+    return now
+
+
+def test_no_hold_before_the_history_shows_a_closed_loop():
+    policy = RefillPolicy(WINDOW_S)
+    now = closed_loop(policy, MIN_HITS - 1)
+    policy.on_step(now + 0.1, 1)  # closes the last window: MIN_HITS - 1 hits so far
+    assert policy.hold_until(can_hold=True) is None
+    policy.on_arrival(now + 0.105)
+    policy.on_step(now + 0.2, 1)  # MIN_HITS hits: now it holds, until the window's end
+    assert policy.hold_until(can_hold=True) == now + 0.2 + WINDOW_S
+
+
+def test_the_hold_ends_when_as_many_arrived_as_finished():
+    policy = RefillPolicy(WINDOW_S)
+    now = closed_loop(policy, HISTORY) + 0.1
+    policy.on_step(now, 2)
+    assert policy.hold_until(can_hold=True) == now + WINDOW_S
+    policy.on_arrival(now + 0.002)
+    assert policy.hold_until(can_hold=True) == now + WINDOW_S  # one of two
+    policy.on_arrival(now + 0.004)
+    assert policy.hold_until(can_hold=True) is None
+
+
+def test_requests_sent_after_the_step_ended_and_already_here_count():
+    policy = RefillPolicy(WINDOW_S)
+    now = closed_loop(policy, HISTORY) + 0.1
+    policy.on_arrival(now - 0.01)  # sent during the step: not a refill of its finishes
+    policy.on_arrival(now + 0.001)  # sent after it ended, drained before the step was closed
+    policy.on_step(now, 1)
+    assert policy.hold_until(can_hold=True) is None
+
+
+def test_no_hold_when_nothing_else_runs_or_requests_wait():
+    policy = RefillPolicy(WINDOW_S)
+    now = closed_loop(policy, HISTORY) + 0.1
+    policy.on_step(now, 1)
+    assert policy.hold_until(can_hold=False) is None
+    assert policy.hold_until(can_hold=True) is not None
+
+
+def test_late_or_missing_replacements_turn_the_hold_off():
+    policy = RefillPolicy(WINDOW_S)
+    now = closed_loop(policy, HISTORY)
+    for _ in range(HISTORY - MIN_HITS + 1):  # open arrivals: the next request comes 0.5 s later
+        now += 0.1
+        policy.on_step(now, 1)
+        policy.on_arrival(now + 0.5)
+    policy.on_step(now + 0.1, 1)
+    assert sum(policy.history) == MIN_HITS - 1
+    assert policy.hold_until(can_hold=True) is None
+
+
+def test_a_zero_window_never_holds():
+    policy = RefillPolicy(0.0)
+    now = closed_loop(policy, HISTORY) + 0.1
+    policy.on_step(now, 1)
+    assert policy.hold_until(can_hold=True) is None
+
+
+async def test_a_late_replacement_joins_the_step_right_after_the_finish(tiny):
+    """A closed loop whose client sends its next request 5 ms after the last one ended (a remote
+    client's round trip): once the history shows the loop, each replacement is prefilled in the very
+    step after its predecessor's last one, whatever the machine's speed (the window is 5 s)."""
+    _, tokenizer = tiny
+    engine = make_async_engine(tiny, max_model_len=1024, refill_wait_ms=5000)
+    steps: list[list] = []  # each engine step's deltas
+    real_step = engine.core.step
+
+    def recorded_step():
+        deltas = real_step()
+        steps.append(deltas)
+        return deltas
+
+    engine.core.step = recorded_step
+    try:
+        background = engine.add_request(
+            request(tokenizer, "Keep going", "long", max_new_tokens=1000, ignore_eos=True)
+        )
+        reader = asyncio.ensure_future(_drain(background))
+        num_short = MIN_HITS + 4
+        for i in range(num_short):
+            short = engine.add_request(
+                request(tokenizer, f"Short {i}", f"short-{i}", max_new_tokens=3, ignore_eos=True)
+            )
+            async for _ in short:
+                pass
+            await asyncio.sleep(0.005)
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+    finally:
+        engine.shutdown()
+    step_of = {}  # (request id, first or last) -> step index
+    for index, deltas in enumerate(steps):
+        for delta in deltas:
+            step_of.setdefault((delta.request_id, "first"), index)
+            if delta.is_finished:
+                step_of[(delta.request_id, "last")] = index
+    gaps = [
+        step_of[(f"short-{i + 1}", "first")] - step_of[(f"short-{i}", "last")] for i in range(num_short - 1)
+    ]
+    held = gaps[MIN_HITS:]  # the first MIN_HITS finishes build the history
+    assert held == [1] * len(held), gaps
+
+
+async def _drain(stream) -> None:
+    async for _ in stream:
+        pass
