@@ -104,13 +104,7 @@ async def bench_engine(
     work = list(prompts)
 
     async def client() -> None:
-        is_first = True
         while work:
-            if gap_s and not is_first:
-                await asyncio.sleep(gap_s)
-            is_first = False
-            if not work:
-                break
             ids = work.pop()
             t0 = time.perf_counter()
             first = last = None
@@ -122,6 +116,8 @@ async def bench_engine(
             ttft.append(first - t0)
             tpot.append((last - first) / max(n - 1, 1))
             counts.append(n)
+            if gap_s and work:
+                await asyncio.sleep(gap_s)
 
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
