@@ -150,6 +150,13 @@ class DeploymentSettings(BaseModel):
         None, description="Serve autoscaling (min_replicas, max_replicas, target_ongoing_requests...)."
     )
     num_replicas: int | None = Field(None, ge=1, description="Fixed replica count; only without autoscaling.")
+    max_replicas_per_node: int | None = Field(
+        None,
+        ge=1,
+        description="At most this many replicas of the model on one node; null = 1 for this project's engine "
+        "on CPU with engine.num_threads null (its threads use every core of the node, so a second replica "
+        "there would only split them), no limit otherwise.",
+    )
     health_check_period_s: float = Field(
         10.0, gt=0, le=3600, description="How often Serve asks a replica whether its engine is alive."
     )

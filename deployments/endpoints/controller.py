@@ -34,10 +34,11 @@ from deployments.endpoints.registry import (
     migrate_from_ray_kv,
     open_store,
 )
-from deployments.endpoints.resources import resources_of
+from deployments.endpoints.resources import resources_of, scaling_of
 from deployments.endpoints.snapshot import AppNotAttachedError, Attachment, Snapshot
 from deployments.endpoints.views import record_view
 from deployments.endpoints.wire import CreateLLMEndpointRequest, UpdateLLMEndpointRequest
+from deployments.engines.placement import replicas_per_node
 from deployments.protocol.llm_engine import ModelEndpoint
 from deployments.state.owner import VersionedOwner
 from engine.errors import InvalidRequestError
@@ -222,7 +223,11 @@ class EndpointController(VersionedOwner):
     async def _unplaceable(self, app: AppEndpoints, record: EndpointRecord) -> str | None:
         if not app.attachment.settings.check_node_resources:
             return None
-        return await asyncio.to_thread(deployer.unplaceable, resources_of(record.config))
+        config = record.config
+        min_replicas = scaling_of(config)[0]
+        return await asyncio.to_thread(
+            deployer.unplaceable, resources_of(config), min_replicas, replicas_per_node(config)
+        )
 
     async def _apply(self, app: AppEndpoints, record: EndpointRecord) -> None:
         """Give Serve the record's config as its application's target (a worker thread: it blocks)."""

@@ -8,6 +8,7 @@ These calls block on the Serve controller; the endpoint controller runs them in 
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 
@@ -115,15 +116,24 @@ def shorten(message: str) -> str:
     return message[:500] + "\n...\n" + message[-(MAX_REASON_CHARS - 505) :]
 
 
-def unplaceable(resources: Resources) -> str | None:
-    """Why no alive node could ever hold one replica (its total resources), or None if one could."""
+def unplaceable(resources: Resources, min_replicas: int = 1, per_node: int | None = None) -> str | None:
+    """Why the alive nodes could never hold `min_replicas` replicas (each its total resources, at most
+    `per_node` of them on one node), or None if they could."""
     needs = {"CPU": resources.num_cpus, "GPU": float(resources.num_gpus), "memory": resources.memory_bytes}
     if resources.gpu_type is not None:
         needs[f"accelerator_type:{resources.to_ray_actor_options()['accelerator_type']}"] = 0.001
     needs = {k: v for k, v in needs.items() if v}
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    if any(all(node.get(k, 0.0) >= v for k, v in needs.items()) for node in nodes):
-        return None
-    have = "; ".join(", ".join(f"{k}={node.get(k, 0):g}" for k in needs) for node in nodes)
-    asked = ", ".join(f"{k}={v:g}" for k, v in needs.items())
-    return f"no node of the cluster has the resources one replica asks for ({asked}); nodes have: {have}"
+    fitting = sum(all(node.get(k, 0.0) >= v for k, v in needs.items()) for node in nodes)
+    if fitting == 0:
+        have = "; ".join(", ".join(f"{k}={node.get(k, 0):g}" for k in needs) for node in nodes)
+        asked = ", ".join(f"{k}={v:g}" for k, v in needs.items())
+        return f"no node of the cluster has the resources one replica asks for ({asked}); nodes have: {have}"
+    if per_node is not None and min_replicas > fitting * per_node:
+        return (
+            f"min_workers {min_replicas} needs {math.ceil(min_replicas / per_node)} nodes: a replica of "
+            "this engine on CPU takes a node to itself (its threads use every core), and "
+            f"{fitting} node(s) of the cluster can hold one (endpoints.engine.num_threads set in the "
+            "app's config lets replicas share a node)"
+        )
+    return None

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deployments.config import ModelConfig
-from deployments.engines import has_gpu, require_engine, vllm_python
+from deployments.engines import has_gpu, require_engine, resolve_engine_kind, vllm_python
 
 if TYPE_CHECKING:
     from deployments.model_server import EngineFactory
@@ -74,4 +74,19 @@ def deployment_for(
         python = vllm_python()
         assert python is not None  # require_engine checked it
         return vllm_deployment_options(config, python), engine_factory or load_vllm_model
-    return config.deployment.to_options(), engine_factory
+    options = config.deployment.to_options()
+    per_node = replicas_per_node(config)
+    if per_node is not None:
+        options["max_replicas_per_node"] = per_node
+    return options, engine_factory
+
+
+def replicas_per_node(config: ModelConfig) -> int | None:
+    """`deployment.max_replicas_per_node`, or where it is null, 1 for this project's engine on CPU with
+    `engine.num_threads` null: such a replica's torch threads use every core of its node, so a second
+    replica beside it would only split the same cores between two engines (on 2 cores, SmolLM2 at c=64
+    fell from ~250 to 73-98 tok/s when autoscaling placed one there). None: no limit."""
+    if config.deployment.max_replicas_per_node is not None:
+        return config.deployment.max_replicas_per_node
+    whole_node = config.engine.num_threads is None and not has_gpu(config)
+    return 1 if whole_node and resolve_engine_kind(config) == "llmserve" else None

@@ -28,6 +28,7 @@ class FakeServe:
         self.deployed: list[tuple[str, dict]] = []
         self.deleted: list[str] = []
         self.unplaceable_reason: str | None = None
+        self.placement_asks: list[tuple[int, int | None]] = []  # (min_replicas, per_node) of each check
         self.hold: threading.Event | None = None
         self.held = threading.Event()
 
@@ -42,7 +43,8 @@ class FakeServe:
     def states(self, app_names=None):
         return {n: s for n, s in self.apps.items() if app_names is None or n in app_names}
 
-    def unplaceable(self, resources):
+    def unplaceable(self, resources, min_replicas=1, per_node=None):
+        self.placement_asks.append((min_replicas, per_node))
         if self.hold is not None:
             self.held.set()
             self.hold.wait(10)

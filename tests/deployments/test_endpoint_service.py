@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from deployments.config import EngineSettings
 from deployments.endpoints.deployer import AppState
 from deployments.endpoints.wire import UpdateLLMEndpointRequest
 from engine.errors import InvalidRequestError, ModelNotFoundError, ModelUnavailableError
@@ -107,6 +108,15 @@ async def test_resources_no_node_has_fail_before_any_deploy(serve_fake: FakeServ
     failed = await endpoints.get("ep")
     assert failed.status == "UPDATE_FAILED" and "GPU=1" in failed.spec["metadata"]["status_reason"]
     assert serve_fake.deployed == []
+
+
+async def test_the_placement_check_counts_min_workers_at_one_replica_a_node(serve_fake: FakeServe, tmp_path):
+    endpoints, _ = await make_service(tmp_path)
+    await endpoints.create(request("whole", min_workers=2, max_workers=2))
+    assert serve_fake.placement_asks[-1] == (2, 1)  # CPU, num_threads null: a node each
+    shared, _ = await make_service(tmp_path / "shared", engine=EngineSettings(num_threads=1))
+    await shared.create(request("shared", min_workers=2, max_workers=2))
+    assert serve_fake.placement_asks[-1] == (2, None)
 
 
 async def test_names_taken_configured_or_existing_are_400(serve_fake: FakeServe, tmp_path):

@@ -1,0 +1,80 @@
+"""One replica per node for this project's engine on CPU when its threads use every core: the deployment
+options, the endpoint check that refuses a min_workers the nodes cannot hold, and Serve keeping a second
+replica of such a model off the node while a thread-limited model gets two there (the one-node test Ray)."""
+
+import time
+
+import pytest
+from ray import serve
+from ray.serve import RunTarget
+
+from deployments.app import build_app_from_configs
+from deployments.config import DeploymentSettings, EngineSettings, ModelConfig
+from deployments.endpoints import deployer
+from deployments.endpoints.resources import Resources
+from deployments.engines import placement
+from tests.deployments.fake_engine import fake_factory
+from tests.serve_fixtures import delete_app
+
+APP = "per-node"
+
+
+def model(name: str = "m", num_threads: int | None = None, num_gpus: float = 0, **deployment) -> ModelConfig:
+    actor = {"num_cpus": 0.1, "num_gpus": num_gpus} if num_gpus else {"num_cpus": 0.1}
+    return ModelConfig(
+        name=name,
+        model="fake",
+        engine=EngineSettings(kind="llmserve", num_threads=num_threads),
+        deployment=DeploymentSettings(ray_actor_options=actor, **deployment),
+    )
+
+
+def test_a_cpu_replica_whose_threads_use_every_core_takes_a_node_to_itself():
+    options, _ = placement.deployment_for(model())
+    assert options["max_replicas_per_node"] == 1
+    # threads limited: replicas share a node; on a GPU each has its own device; the config's value wins
+    assert "max_replicas_per_node" not in placement.deployment_for(model(num_threads=1))[0]
+    assert "max_replicas_per_node" not in placement.deployment_for(model(num_gpus=1))[0]
+    assert placement.deployment_for(model(max_replicas_per_node=3))[0]["max_replicas_per_node"] == 3
+
+
+def test_an_endpoint_whose_min_workers_the_nodes_cannot_hold_is_refused_naming_why(monkeypatch):
+    node = {"Alive": True, "Resources": {"CPU": 2.0, "memory": 8 * 2**30}}
+    monkeypatch.setattr(deployer.ray, "nodes", lambda: [node])
+    one_cpu = Resources(num_cpus=0.1, num_gpus=0, memory_bytes=0, gpu_type=None)
+    reason = deployer.unplaceable(one_cpu, min_replicas=2, per_node=1)
+    assert reason is not None and "min_workers 2 needs 2 nodes" in reason and "1 node(s)" in reason
+    assert deployer.unplaceable(one_cpu, min_replicas=1, per_node=1) is None
+    assert deployer.unplaceable(one_cpu, min_replicas=2, per_node=None) is None  # threads limited
+    monkeypatch.setattr(deployer.ray, "nodes", lambda: [node, node])
+    assert deployer.unplaceable(one_cpu, min_replicas=2, per_node=1) is None
+
+
+def replica_states(name: str) -> dict[str, int]:
+    status = serve.status().applications.get(APP)
+    if status is None or f"ModelServer:{name}" not in status.deployments:
+        return {}
+    states = status.deployments[f"ModelServer:{name}"].replica_states
+    return {str(getattr(state, "value", state)): n for state, n in states.items()}
+
+
+def test_serve_keeps_the_second_replica_off_the_node(serve_port: int):
+    """Two replicas asked of each model on the one-node test cluster (4 logical CPUs, 0.1 a replica):
+    the thread-limited model runs both, the whole-node model one, its second left unplaced."""
+    models = [model("whole-node", num_replicas=2), model("shared", num_threads=1, num_replicas=2)]
+    app = build_app_from_configs(models, engine_factory=fake_factory)
+    target = RunTarget(target=app, name=APP, route_prefix="/per-node")
+    serve.run_many([target], wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if replica_states("shared").get("RUNNING") == 2 and replica_states("whole-node").get("RUNNING"):
+                break
+            time.sleep(0.25)
+        else:
+            pytest.fail(f"replicas did not start: {replica_states('shared')} {replica_states('whole-node')}")
+        time.sleep(3)  # room for a second whole-node replica to start, were it placed
+        whole = replica_states("whole-node")
+        assert whole.get("RUNNING") == 1 and sum(whole.values()) == 2, whole
+    finally:
+        delete_app(APP)
