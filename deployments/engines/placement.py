@@ -9,7 +9,7 @@ import copy
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deployments.config import ModelConfig
+from deployments.config import ConfigError, ModelConfig
 from deployments.engines import has_gpu, require_engine, resolve_engine_kind, vllm_python
 
 if TYPE_CHECKING:
@@ -52,6 +52,11 @@ def vllm_deployment_options(config: ModelConfig, python: Path) -> dict[str, Any]
     runtime_env["py_executable"] = str(python)
     actor["runtime_env"] = runtime_env
     if has_gpu(config) or num_devices(config) > 1:
+        if "max_replicas_per_node" in options:  # Serve refuses it beside placement_group_bundles
+            raise ConfigError(
+                f"model {config.name!r}: deployment.max_replicas_per_node cannot be set for vLLM on GPUs or "
+                "several devices (the replica's placement group decides where it runs)"
+            )
         replica = {"CPU": float(actor.get("num_cpus", 1)), **actor.get("resources", {})}
         if "memory" in actor:
             replica["memory"] = actor["memory"]

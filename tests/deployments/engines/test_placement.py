@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from deployments.config import REPO_ROOT, ModelConfig
+import pytest
+
+from deployments.config import REPO_ROOT, ConfigError, ModelConfig
 from deployments.engines.placement import merge_replica_bundle, num_devices, vllm_deployment_options
 
 PYTHON = Path("/venv-vllm/bin/python")
@@ -46,6 +48,16 @@ def test_num_gpus_alone_sets_the_devices_and_a_cpu_model_needs_no_placement_grou
     cpu = vllm_deployment_options(config(), PYTHON)
     assert "placement_group_bundles" not in cpu and cpu["ray_actor_options"]["num_cpus"] == 1
     assert merge_replica_bundle([{"CPU": 1.0}, {"CPU": 1.0}], {"CPU": 0.5}) == [{"CPU": 1.5}, {"CPU": 1.0}]
+
+
+def test_max_replicas_per_node_beside_a_placement_group_is_a_config_error_naming_it():
+    gpu = config(num_gpus=1)
+    gpu.deployment.max_replicas_per_node = 1
+    with pytest.raises(ConfigError, match="max_replicas_per_node"):
+        vllm_deployment_options(gpu, PYTHON)
+    cpu = config()
+    cpu.deployment.max_replicas_per_node = 2  # vLLM on one CPU: no placement group, Serve takes it
+    assert vllm_deployment_options(cpu, PYTHON)["max_replicas_per_node"] == 2
 
 
 def test_with_two_logical_gpus_the_replica_and_its_two_workers_are_placed():
