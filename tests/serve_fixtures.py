@@ -219,6 +219,15 @@ def delete_app(name: str) -> None:
     serve.delete(name, _blocking=False)
 
 
+def replica_states(app_name: str, deployment_name: str) -> dict[str, int]:
+    """Replica counts by state ("RUNNING", "STARTING"...) of one deployment; {} while it does not exist."""
+    status = serve.status().applications.get(app_name)
+    if status is None or deployment_name not in status.deployments:
+        return {}
+    states = status.deployments[deployment_name].replica_states
+    return {str(getattr(state, "value", state)): n for state, n in states.items()}
+
+
 def replica_pid(app_name: str, model: str) -> int:
     """The process id of the (one) replica of `model` in `app_name`, asked of the replica through its
     handle: exact even when other Ray clusters on this machine run apps of the same name."""

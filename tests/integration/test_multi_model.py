@@ -13,12 +13,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from ray import serve
 from transformers import AutoTokenizer
 
 from deployments.app import build_app_from_configs
 from deployments.config import DeploymentSettings, EngineSettings, ModelConfig
-from tests.serve_fixtures import delete_app, run_app
+from tests.serve_fixtures import delete_app, replica_states, run_app
 
 APP, PREFIX = "multi-model", "/multi"
 FAST_SCALING = {
@@ -75,9 +74,7 @@ def client(serve_port: int, tiny_model_dir: Path, base_model_dir: Path) -> Itera
 
 
 def replicas(model: str) -> dict[str, int]:
-    """Replica counts by state ("RUNNING", "STARTING"...) of one model's deployment."""
-    status = serve.status().applications[APP].deployments[f"ModelServer:{model}"]
-    return {str(getattr(state, "value", state)): n for state, n in status.replica_states.items()}
+    return replica_states(APP, f"ModelServer:{model}")
 
 
 def running(model: str) -> int:

@@ -14,9 +14,10 @@ from deployments.endpoints import deployer
 from deployments.endpoints.resources import Resources
 from deployments.engines import placement
 from tests.deployments.fake_engine import fake_factory
-from tests.serve_fixtures import delete_app
+from tests.serve_fixtures import delete_app, replica_states
 
 APP = "per-node"
+WHOLE_NODE = "ModelServer:whole-node"
 
 
 def model(name: str = "m", num_threads: int | None = None, num_gpus: float = 0, **deployment) -> ModelConfig:
@@ -50,14 +51,6 @@ def test_an_endpoint_whose_min_workers_the_nodes_cannot_hold_is_refused_naming_w
     assert deployer.unplaceable(one_cpu, min_replicas=2, per_node=1) is None
 
 
-def replica_states(name: str) -> dict[str, int]:
-    status = serve.status().applications.get(APP)
-    if status is None or f"ModelServer:{name}" not in status.deployments:
-        return {}
-    states = status.deployments[f"ModelServer:{name}"].replica_states
-    return {str(getattr(state, "value", state)): n for state, n in states.items()}
-
-
 def test_serve_keeps_the_second_replica_off_the_node(serve_port: int):
     """Two replicas asked on the one-node test cluster, which has room for both (4 logical CPUs, 0.1 a
     replica): one runs, the second stays unplaced (with the rule removed, both run)."""
@@ -66,12 +59,12 @@ def test_serve_keeps_the_second_replica_off_the_node(serve_port: int):
     serve.run_many([target], wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
     try:
         deadline = time.monotonic() + 90
-        while not replica_states("whole-node").get("RUNNING"):
+        while not replica_states(APP, WHOLE_NODE).get("RUNNING"):
             if time.monotonic() > deadline:
-                pytest.fail(f"no replica started: {replica_states('whole-node')}")
+                pytest.fail(f"no replica started: {replica_states(APP, WHOLE_NODE)}")
             time.sleep(0.25)
         time.sleep(3)  # room for the second replica to start, were it placed (they start side by side)
-        states = replica_states("whole-node")
+        states = replica_states(APP, WHOLE_NODE)
         assert states.get("RUNNING") == 1 and sum(states.values()) == 2, states
     finally:
         delete_app(APP)
