@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine import native_argmax
 from engine.device import release_free_memory, synchronize
 from engine.errors import (
     ContextLengthError,
@@ -101,6 +102,9 @@ class EngineCore:
             num_blocks=num_blocks,
             enable_prefix_caching=config.enable_prefix_caching,
         )
+        # greedy picks in C on a CPU (the kernel checks each step's logits: bf16 rows, else torch's argmax)
+        use_argmax = config.native_argmax and torch.device(device).type == "cpu"
+        self._argmax = native_argmax.load() if use_argmax else None
         release_free_memory()
         self._requests: dict[str, _RequestState] = {}
         self._num_consecutive_failures = 0  # lone-sequence forward failures since the last success
@@ -239,7 +243,8 @@ class EngineCore:
         meta = SamplingMetadata.build(
             [s.params for s in seqs], [s.output_ids for s in seqs], [r.generator for r in states], self.device
         )
-        result = sample(apply_guides(logits, [r.guide for r in states]), meta, raw_logits=logits)
+        guided = apply_guides(logits, [r.guide for r in states])
+        result = sample(guided, meta, raw_logits=logits, argmax=self._argmax)
         log_probs = result.log_probs or [None] * len(seqs)
         tops = result.top_log_probs or [None] * len(seqs)
         return [_Sampled(*row) for row in zip(result.token_ids, log_probs, tops, strict=True)]

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine import native_argmax
+from engine.native_argmax import ArgmaxKernel
 from engine.types import SamplingParams
 
 
@@ -236,22 +238,33 @@ def _rows_or_none(rows: list[int], batch_size: int, device: torch.device | str) 
 
 
 def sample(
-    logits: torch.Tensor, meta: SamplingMetadata, raw_logits: torch.Tensor | None = None
+    logits: torch.Tensor,
+    meta: SamplingMetadata,
+    raw_logits: torch.Tensor | None = None,
+    argmax: ArgmaxKernel | None = None,
 ) -> SamplerOutput:
     """Pick one token per row of `logits` (B, V), any float dtype, following each row's settings.
 
-    Log probs come from `raw_logits` when given (the model's distribution before guided masks)."""
+    Log probs come from `raw_logits` when given (the model's distribution before guided masks). `argmax`:
+    the C kernel for greedy picks over CPU bf16 rows (engine/native_argmax.py), torch's argmax else."""
     processed = logits
     if meta.output_ids is not None:
         processed = logits.float()
         counts = token_counts(meta.output_ids, meta.output_lens, logits.shape[-1])  # (B, V)
         processed = apply_penalties(processed, counts, meta.presence_penalty, meta.frequency_penalty)
     # All greedy is the common fast path: one argmax, no softmax, no sort.
-    token_ids = processed.argmax(dim=-1) if meta.is_all_greedy else _sample_random(processed.float(), meta)
+    token_ids = _greedy(processed, argmax) if meta.is_all_greedy else _sample_random(processed.float(), meta)
     source = logits if raw_logits is None else raw_logits
     log_probs = compute_log_probs(source, token_ids).tolist() if meta.needs_log_probs else None
     top = top_log_probs(source, meta.max_top_logprobs) if meta.max_top_logprobs else None
     return SamplerOutput(token_ids=token_ids.tolist(), log_probs=log_probs, top_log_probs=top)
+
+
+def _greedy(logits: torch.Tensor, argmax: ArgmaxKernel | None) -> torch.Tensor:
+    """Each row's argmax: the same index from the kernel and from torch."""
+    if argmax is not None and native_argmax.supports(logits):
+        return argmax(logits)
+    return logits.argmax(dim=-1)
 
 
 def _sample_random(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
