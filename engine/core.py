@@ -94,6 +94,7 @@ class EngineCore:
             config.native_norm,
             config.int8_weights,
             config.native_rotary,
+            config.native_silu,
         )
         self.scheduler = Scheduler(
             max_num_seqs=config.max_num_seqs,

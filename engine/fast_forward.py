@@ -8,7 +8,8 @@ logits are the same bits (tested against transformers' forward), as one loop ove
 knows the layers of `SUPPORTED` exactly and is used for them once `engine/fusion.py` has fused their
 projections; every other model (Qwen3's q/k norms, MoE layers, ...) runs on transformers' modules,
 unchanged. `EngineConfig.fast_forward` turns it off. In bf16 on CPU the norms run in a C kernel that
-gives the same bits (engine/native_norm.py, checked at load; `EngineConfig.native_norm`).
+gives the same bits (engine/native_norm.py, checked at load; `EngineConfig.native_norm`), and so do a
+Llama MLP's SiLU and multiply, inside the gate/up product's kernel (`EngineConfig.native_silu`).
 
 The norm and rotary helpers are looked up by name at each call, so a profiler can label them
 (benchmarks/step_profile.py).
@@ -24,7 +25,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from engine import attention, native_norm, native_rotary
+from engine import attention, native_linear, native_norm, native_rotary
 from engine.attention import AttentionMetadata
 from engine.fusion import FusedProjection
 from engine.native_norm import NormKernel
@@ -132,12 +133,16 @@ class _Mlp:
     sizes: list[int]
     act: nn.Module
     down: nn.Module
+    silu_in_kernel: bool = False  # act(gate) * up inside the product's C kernel (`PackedLinear.silu_mul`)
 
     @classmethod
-    def of(cls, mlp: nn.Module) -> _Mlp:
-        return cls(mlp.fused_gate_up.linear, mlp.fused_gate_up.sizes, mlp.act_fn, mlp.down_proj)
+    def of(cls, mlp: nn.Module, silu_in_kernel: bool = False) -> _Mlp:
+        group = mlp.fused_gate_up
+        return cls(group.linear, group.sizes, mlp.act_fn, mlp.down_proj, silu_in_kernel)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.silu_in_kernel:
+            return self.down(self.gate_up.silu_mul(x))
         gate, up = self.gate_up(x).split(self.sizes, dim=-1)
         return self.down(self.act(gate) * up)
 
@@ -162,10 +167,11 @@ class _LlamaLayer:
         window: int | None,
         kernel: NormKernel | None,
         rotary: RotaryKernel | None = None,
+        silu_in_kernel: bool = False,
     ) -> _LlamaLayer:
         norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
         attn = _Attention.of(index, layer.self_attn, window)
-        mlp = _Mlp.of(layer.mlp)
+        mlp = _Mlp.of(layer.mlp, silu_in_kernel)
         eps1, eps2 = norm1.variance_epsilon, norm2.variance_epsilon
         return cls(attn, mlp, norm1.weight, eps1, norm2.weight, eps2, kernel=kernel, rotary=rotary)
 
@@ -272,6 +278,24 @@ def _rotary_kernel(model: nn.Module) -> RotaryKernel | None:
     return _bf16_cpu_kernel(model, native_rotary.load, works, "rotary")
 
 
+def _silu_in_kernel(model: nn.Module) -> bool:
+    """Whether every layer's gate/up product can take SiLU and the multiply into its C kernel: a SiLU MLP
+    on the native bf16 kernel, halves a multiple of 16 wide, and the kernel's SiLU gives the model's
+    act_fn bits on every bf16 value (else the layers keep torch's operations, with a warning)."""
+    if getattr(model.config, "hidden_act", None) != "silu":
+        return False
+    mlps = [layer.mlp for layer in model.model.layers]
+    for mlp in mlps:
+        linear, sizes = mlp.fused_gate_up.linear, mlp.fused_gate_up.sizes
+        if not linear.is_native or len(sizes) != 2 or sizes[0] != sizes[1] or sizes[0] % 16 != 0:
+            return False
+    kernel = native_linear.load()
+    if kernel is not None and kernel.silu_mul_matches(mlps[0].act_fn):
+        return True
+    logger.warning("the C SiLU does not give this torch's bits: the MLPs keep torch's SiLU and multiply")
+    return False
+
+
 def _unsupported_reason(model: nn.Module) -> str | None:
     name = type(model).__name__
     if name not in SUPPORTED:
@@ -293,9 +317,17 @@ def _unsupported_reason(model: nn.Module) -> str | None:
 class FastForward:
     """Logits of one packed step, computed as transformers' code would, without its modules."""
 
-    def __init__(self, model: nn.Module, native_norm: bool = True, native_rotary: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        native_norm: bool = True,
+        native_rotary: bool = False,
+        native_silu: bool = True,
+    ) -> None:
         """`native_rotary`: Llama-like layers rotate and write the KV cache in C (engine/native_rotary.py),
-        for a bf16 CPU model whose KV cache is bf16 on the CPU (the caller knows the cache)."""
+        for a bf16 CPU model whose KV cache is bf16 on the CPU (the caller knows the cache).
+        `native_silu`: Llama-like layers whose gate/up product runs on the native bf16 kernel compute SiLU
+        and the multiply inside it (`PackedLinear.silu_mul`)."""
         reason = _unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"no fast forward for this model: {reason}")
@@ -315,8 +347,10 @@ class FastForward:
             mistral = type(model).__name__ == "MistralForCausalLM"
             window = getattr(config, "sliding_window", None) if mistral else None
             rotary = _rotary_kernel(model) if native_rotary else None
+            silu = native_silu and _silu_in_kernel(model)
             self.layers = [
-                _LlamaLayer.of(i, layer, window, kernel, rotary) for i, layer in enumerate(decoder.layers)
+                _LlamaLayer.of(i, layer, window, kernel, rotary, silu)
+                for i, layer in enumerate(decoder.layers)
             ]
             self.final_norm = (decoder.norm.weight, decoder.norm.variance_epsilon)
             self.logit_softcap = None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -52,6 +53,12 @@ class LinearKernel:
         self._fn = library.linear_bf16
         self._fn.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64]
         self._fn.restype = ctypes.c_int
+        self._silu_mul = library.linear_bf16_silu_mul
+        self._silu_mul.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64]
+        self._silu_mul.restype = ctypes.c_int
+        self._silu_mul_alone = library.silu_mul_bf16
+        self._silu_mul_alone.argtypes = [_ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64]
+        self._silu_mul_alone.restype = None
 
     @staticmethod
     def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -88,3 +95,48 @@ class LinearKernel:
         if status != 0:
             raise ValueError(f"linear_bf16 refused shapes x {tuple(x.shape)}, N {out_features}")
         return out
+
+    def silu_mul(
+        self, x: torch.Tensor, packed: torch.Tensor, hidden: int, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """silu(gate) * up for `packed` = pack([W_gate; W_up]) (2 x `hidden` outputs, `hidden` a multiple
+        of 16): x (M, K) bf16 -> (M, hidden) bf16, the bits of the product, SiLU and multiply on torch,
+        in one call (csrc/linear_bf16.c: linear_bf16_silu_mul)."""
+        num_rows, in_features = x.shape
+        if x.dtype != torch.bfloat16:
+            raise ValueError(f"linear_bf16 takes bfloat16 input, not {x.dtype}")
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        both = torch.empty(num_rows, 2 * hidden, dtype=torch.bfloat16)  # gate and up, as the product writes
+        out = torch.empty(num_rows, hidden, dtype=torch.bfloat16)
+        status = self._silu_mul(
+            x.data_ptr(),
+            num_rows,
+            in_features,
+            x.stride(0),
+            packed.data_ptr(),
+            hidden,
+            bias.data_ptr() if bias is not None else None,
+            both.data_ptr(),
+            2 * hidden,
+            out.data_ptr(),
+            hidden,
+        )
+        if status == -2:
+            raise MemoryError(f"linear_bf16: no memory to widen {num_rows} rows of {in_features} to float32")
+        if status != 0:
+            raise ValueError(f"linear_bf16_silu_mul refused shapes x {tuple(x.shape)}, hidden {hidden}")
+        return out
+
+    def silu_mul_matches(self, act: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+        """Whether the kernel's SiLU and multiply give `act(gate) * up`'s bits: every bf16 gate value,
+        times ones and times random bf16 values."""
+        gate = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+        gate = gate.reshape(256, 256)
+        gen = torch.Generator().manual_seed(0)
+        for up in (torch.ones_like(gate), (torch.randn(256, 256, generator=gen) * 3).bfloat16()):
+            mine = torch.empty_like(gate)
+            self._silu_mul_alone(gate.data_ptr(), 256, up.data_ptr(), 256, 256, 256, mine.data_ptr(), 256)
+            if not torch.equal(mine.view(torch.int16), (act(gate) * up).view(torch.int16)):
+                return False
+        return True

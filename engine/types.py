@@ -116,7 +116,10 @@ class EngineConfig:
     int8_weights: bool = False
     native_norm: bool = True  # the fast forward's bf16 CPU RMSNorms in C, same bits (engine/native_norm.py)
     native_rotary: bool = True  # its bf16 CPU rotary + KV-cache write in C, same bits (native_rotary.py)
-    native_argmax: bool = True  # greedy picks over CPU bf16 logits in C, torch's index (native_argmax.py)
+    native_argmax: bool = True  # greedy picks over CPU logits in C, torch's index (native_argmax.py)
+    # the fast forward's SiLU-gated MLPs: SiLU and the multiply inside the bf16 gate/up product's C kernel,
+    # torch's bits (engine/native_linear.py)
+    native_silu: bool = True
     fast_forward: bool = True  # Llama/Mistral/Gemma 3 skip transformers' module tree (engine/fast_forward.py)
     enable_prefix_caching: bool = True  # reuse the KV blocks of shared prefixes (docs/kv_cache.md)
     # A forward that fails for one sequence alone fails that request; this many such failures in a row,

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM
 
-from engine import native_norm, native_rotary
+from engine import native_linear, native_norm, native_rotary
 from engine.core import EngineCore
 from engine.fast_forward import FastForward
 from engine.types import EngineConfig
@@ -182,6 +182,9 @@ def test_smollm2_bf16_logits_equal_transformers_at_every_step():
     assert (core.runner.fast_forward.norm_kernel is not None) == (native_norm.load() is not None)
     rotary = [layer.rotary is not None for layer in core.runner.fast_forward.layers]
     assert rotary == [native_rotary.load() is not None] * len(rotary)
+    # and SiLU and its multiply inside the gate/up product's kernel, where that kernel runs
+    silu = [layer.mlp.silu_in_kernel for layer in core.runner.fast_forward.layers]
+    assert silu == [native_linear.load() is not None] * len(silu)
     equal = steps_equal(core, loaded.tokenizer, REAL_MODEL_TOKENS)
     assert len(equal) >= REAL_MODEL_TOKENS and all(equal)
 

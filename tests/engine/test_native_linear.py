@@ -157,3 +157,28 @@ def test_the_avx512f_and_avx2_builds_give_the_same_bits():
         weight, x, b = case(out_features, in_features, 37, seed=5, bias=True)
         packed = wide.pack(weight)
         assert torch.equal(wide(x, packed, out_features, b), narrow(x, packed, out_features, b))
+
+
+@pytest.mark.parametrize("num_rows", [1, 2, 9, 16, 33])
+@pytest.mark.parametrize("bias", [False, True])
+def test_silu_in_the_kernel_gives_the_bits_of_the_product_silu_and_multiply(kernel, num_rows, bias):
+    """One call for a Llama MLP's [gate; up] product, SiLU and multiply: torch's bits, whatever the rows."""
+    hidden, in_features = 96, 64
+    weight, x, b = case(2 * hidden, in_features, num_rows, seed=num_rows, bias=bias)
+    packed = kernel.pack(weight)
+    gate, up = kernel(x, packed, 2 * hidden, b).split([hidden, hidden], dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    assert torch.equal(kernel.silu_mul(x, packed, hidden, b), expected)
+    assert torch.equal(kernel.silu_mul(x[:1], packed, hidden, b), expected[:1])  # a row alone: its bits
+
+
+def test_the_kernels_silu_gives_torchs_bits_on_every_bf16_value_and_tells_other_activations(kernel):
+    assert kernel.silu_mul_matches(torch.nn.SiLU())
+    assert kernel.silu_mul_matches(torch.nn.functional.silu)
+    assert not kernel.silu_mul_matches(torch.nn.GELU())  # `matches` is what keeps another act on torch
+
+
+def test_silu_in_the_kernel_refuses_halves_that_are_not_whole_blocks(kernel):
+    weight, x, _ = case(2 * 40, 64, 3)  # 40 is not a multiple of 16
+    with pytest.raises(ValueError, match="refused"):
+        kernel.silu_mul(x, kernel.pack(weight), 40, None)
