@@ -14,6 +14,7 @@ SWITCHES = {
     "native_rotary": "torch's rotary ops and cache writes, not the C kernel",
     "native_argmax": "torch's argmax for greedy picks, not the C kernel",
     "native_silu": "torch's SiLU and multiply after the gate/up product, not inside its C kernel",
+    "native_residual": "torch's residual adds after the o_proj and down products, not inside their kernel",
 }
 OPT_IN = {  # EngineConfig field (off by default) -> what turning it on runs
     "int8_weights": "bf16 products with int8 weights and rows (engine/native_int8.py)",

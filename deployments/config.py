@@ -124,6 +124,12 @@ class EngineSettings(BaseModel):
         "inside the gate/up product's C kernel (bf16 on the CPU; the same bits as torch's operations, "
         "checked at load); false = torch's operations.",
     )
+    native_residual: bool = Field(
+        _ENGINE_DEFAULTS.native_residual,
+        description="The fast forward's Llama-like layers add their attention-output and down products "
+        "into the residual stream inside the products' C kernel (bf16 on the CPU, with `native_rotary`; "
+        "the same bits as torch's add, checked at load); false = torch's adds.",
+    )
     fast_forward: bool = Field(
         _ENGINE_DEFAULTS.fast_forward,
         description="Llama, Mistral and Gemma 3 models step through the engine's own forward (same "

@@ -95,6 +95,7 @@ class EngineCore:
             config.int8_weights,
             config.native_rotary,
             config.native_silu,
+            config.native_residual,
         )
         self.scheduler = Scheduler(
             max_num_seqs=config.max_num_seqs,

@@ -27,7 +27,7 @@ from torch import nn
 
 from engine import attention, native_linear, native_norm, native_rotary
 from engine.attention import AttentionMetadata
-from engine.fusion import FusedProjection
+from engine.fusion import FusedProjection, PackedLinear
 from engine.native_norm import NormKernel
 from engine.native_rotary import RotaryKernel
 
@@ -126,6 +126,11 @@ class _Attention:
         out = attention.attend_paged(self.index, q, k, v, meta, self.scaling, self.window)
         return self.o_proj(out.view(out.shape[0], -1))
 
+    def attend_into(self, q, meta: AttentionMetadata, residual: torch.Tensor) -> torch.Tensor:
+        """`residual + attend(q, None, None, meta)`, the output product adding into `residual` in place."""
+        out = attention.attend_paged(self.index, q, None, None, meta, self.scaling, self.window)
+        return self.o_proj.add_into(out.view(out.shape[0], -1), residual)
+
 
 @dataclass(frozen=True, slots=True)
 class _Mlp:
@@ -141,10 +146,17 @@ class _Mlp:
         return cls(group.linear, group.sizes, mlp.act_fn, mlp.down_proj, silu_in_kernel)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self._gated(x))
+
+    def add_into(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """`residual + self(x)`, the down product adding into `residual` in place."""
+        return self.down.add_into(self._gated(x), residual)
+
+    def _gated(self, x: torch.Tensor) -> torch.Tensor:
         if self.silu_in_kernel:
-            return self.down(self.gate_up.silu_mul(x))
+            return self.gate_up.silu_mul(x)
         gate, up = self.gate_up(x).split(self.sizes, dim=-1)
-        return self.down(self.act(gate) * up)
+        return self.act(gate) * up
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +170,9 @@ class _LlamaLayer:
     rope: str | None = None  # one rotary table for every layer
     kernel: NormKernel | None = None  # the C RMSNorm, where it gives torch's bits
     rotary: RotaryKernel | None = None  # rotary + cache write in C, where it gives torch's bits
+    # the residual adds inside the o_proj and down products' C kernel (`PackedLinear.add_into`), with
+    # rotary in C (its path has no k and v to hand over)
+    add_in_kernel: bool = False
 
     @classmethod
     def of(
@@ -168,12 +183,16 @@ class _LlamaLayer:
         kernel: NormKernel | None,
         rotary: RotaryKernel | None = None,
         silu_in_kernel: bool = False,
+        add_in_kernel: bool = False,
     ) -> _LlamaLayer:
         norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
         attn = _Attention.of(index, layer.self_attn, window)
         mlp = _Mlp.of(layer.mlp, silu_in_kernel)
         eps1, eps2 = norm1.variance_epsilon, norm2.variance_epsilon
-        return cls(attn, mlp, norm1.weight, eps1, norm2.weight, eps2, kernel=kernel, rotary=rotary)
+        add = add_in_kernel and rotary is not None
+        return cls(
+            attn, mlp, norm1.weight, eps1, norm2.weight, eps2, kernel=kernel, rotary=rotary, add_in_kernel=add
+        )
 
     def __call__(self, hidden, cos, sin, meta: AttentionMetadata) -> torch.Tensor:
         attn, num_tokens = self.attn, hidden.shape[0]
@@ -183,6 +202,9 @@ class _LlamaLayer:
         if self.rotary is not None:
             rotary_into_cache(self.rotary, attn.index, qkv, cos, sin, num_q_heads, meta)
             q = qkv[:, : attn.q_size].view(num_tokens, -1, hd)
+            if self.add_in_kernel:  # `hidden` is this step's own tensor: the products add into it
+                hidden = attn.attend_into(q, meta, hidden)
+                return self.mlp.add_into(rms_norm(hidden, self.norm2, self.eps2, self.kernel), hidden)
             hidden = hidden + attn.attend(q, None, None, meta)
         else:
             # q and k sit side by side in the product's output: one rotary pass over both (elementwise)
@@ -296,6 +318,20 @@ def _silu_in_kernel(model: nn.Module) -> bool:
     return False
 
 
+def _add_in_kernel(model: nn.Module) -> bool:
+    """Whether every layer's o_proj and down products run on the native bf16 kernel and its residual
+    add gives torch's bits (else the layers keep torch's adds, with a warning)."""
+    for layer in model.model.layers:
+        for linear in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            if not (isinstance(linear, PackedLinear) and linear.is_native):
+                return False
+    kernel = native_linear.load()
+    if kernel is not None and kernel.add_matches():
+        return True
+    logger.warning("the C residual add does not give this torch's bits: the layers keep torch's adds")
+    return False
+
+
 def _unsupported_reason(model: nn.Module) -> str | None:
     name = type(model).__name__
     if name not in SUPPORTED:
@@ -323,11 +359,14 @@ class FastForward:
         native_norm: bool = True,
         native_rotary: bool = False,
         native_silu: bool = True,
+        native_residual: bool = True,
     ) -> None:
         """`native_rotary`: Llama-like layers rotate and write the KV cache in C (engine/native_rotary.py),
         for a bf16 CPU model whose KV cache is bf16 on the CPU (the caller knows the cache).
         `native_silu`: Llama-like layers whose gate/up product runs on the native bf16 kernel compute SiLU
-        and the multiply inside it (`PackedLinear.silu_mul`)."""
+        and the multiply inside it (`PackedLinear.silu_mul`).
+        `native_residual`: with rotary in C, Llama-like layers whose o_proj and down products run on the
+        native bf16 kernel add them into the residual stream inside it (`PackedLinear.add_into`)."""
         reason = _unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"no fast forward for this model: {reason}")
@@ -348,8 +387,9 @@ class FastForward:
             window = getattr(config, "sliding_window", None) if mistral else None
             rotary = _rotary_kernel(model) if native_rotary else None
             silu = native_silu and _silu_in_kernel(model)
+            add = native_residual and rotary is not None and _add_in_kernel(model)
             self.layers = [
-                _LlamaLayer.of(i, layer, window, kernel, rotary, silu)
+                _LlamaLayer.of(i, layer, window, kernel, rotary, silu, add)
                 for i, layer in enumerate(decoder.layers)
             ]
             self.final_norm = (decoder.norm.weight, decoder.norm.variance_epsilon)

@@ -106,6 +106,12 @@ class PackedLinear(nn.Module):
     def is_int8(self) -> bool:
         return self._int8 is not None
 
+    def add_into(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """For a native product: `residual + self(x)` computed into `residual` in place (rows contiguous),
+        the bits of the product, then torch's add."""
+        flat = x.reshape(-1, self.in_features)
+        return self._kernel.add_into(flat, self.weight, self.out_features, self.bias, residual)
+
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         """For a native [gate; up] product (`is_native`, halves a multiple of 16 wide): silu(gate) * up in
         one kernel call, the bits of the product, split, SiLU and multiply on torch."""

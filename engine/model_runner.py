@@ -33,6 +33,7 @@ class ModelRunner:
         int8_weights: bool = False,
         native_rotary: bool = True,
         native_silu: bool = True,
+        native_residual: bool = True,
     ) -> None:
         """Takes the model over: its attention becomes the paged one and, if `optimize`, its linears fused.
 
@@ -44,6 +45,8 @@ class ModelRunner:
         `native_rotary`: the fast forward's bf16 CPU rotary and KV-cache write in one C call a layer.
         `native_silu`: the fast forward's SiLU-gated MLPs take SiLU and the multiply inside the gate/up
         product's C kernel (bf16 CPU products on it).
+        `native_residual`: the fast forward's Llama-like layers add the o_proj and down products into the
+        residual stream inside their C kernel.
         `int8_weights`: bf16 CPU products on the int8 kernel (engine/native_int8.py), if `optimize`."""
         model.set_attn_implementation(attention.register())
         if optimize:
@@ -51,7 +54,11 @@ class ModelRunner:
         use_fast_forward = fast_forward and FastForward.supports(model)
         bf16_cpu_cache = kv_cache.dtype == torch.bfloat16 and device.type == "cpu"
         rotary = native_rotary and bf16_cpu_cache
-        self.fast_forward = FastForward(model, native_norm, rotary, native_silu) if use_fast_forward else None
+        self.fast_forward = (
+            FastForward(model, native_norm, rotary, native_silu, native_residual)
+            if use_fast_forward
+            else None
+        )
         path = "the engine's fast forward" if self.fast_forward is not None else "transformers' modules"
         logger.info("%s steps through %s", type(model).__name__, path)
         use_kernel = native_attention and native_attention_kernel.supports(device, kv_cache.dtype)

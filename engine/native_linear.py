@@ -59,6 +59,12 @@ class LinearKernel:
         self._silu_mul_alone = library.silu_mul_bf16
         self._silu_mul_alone.argtypes = [_ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64]
         self._silu_mul_alone.restype = None
+        self._add = library.linear_bf16_add
+        self._add.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64]
+        self._add.restype = ctypes.c_int
+        self._add_alone = library.add_bf16
+        self._add_alone.argtypes = [_ptr, _i64, _ptr, _i64, _i64, _i64]
+        self._add_alone.restype = None
 
     @staticmethod
     def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -138,5 +144,59 @@ class LinearKernel:
             mine = torch.empty_like(gate)
             self._silu_mul_alone(gate.data_ptr(), 256, up.data_ptr(), 256, 256, 256, mine.data_ptr(), 256)
             if not torch.equal(mine.view(torch.int16), (act(gate) * up).view(torch.int16)):
+                return False
+        return True
+
+    def add_into(
+        self,
+        x: torch.Tensor,
+        packed: torch.Tensor,
+        out_features: int,
+        bias: torch.Tensor | None,
+        residual: torch.Tensor,
+    ) -> torch.Tensor:
+        """residual += x W^T (+ bias), in place, with the bits of torch's `residual + product` (the product
+        rounded to bf16, then the sum), in one call (csrc/linear_bf16.c: linear_bf16_add); returns
+        `residual`, (M, out_features) bf16 with contiguous rows."""
+        num_rows, in_features = x.shape
+        if x.dtype != torch.bfloat16 or residual.dtype != torch.bfloat16:
+            raise ValueError("linear_bf16_add takes bfloat16 input and residual")
+        if residual.shape != (num_rows, out_features) or residual.stride(1) != 1:
+            raise ValueError(f"the residual must be ({num_rows}, {out_features}) with contiguous rows")
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        product = torch.empty(num_rows, out_features, dtype=torch.bfloat16)
+        status = self._add(
+            x.data_ptr(),
+            num_rows,
+            in_features,
+            x.stride(0),
+            packed.data_ptr(),
+            out_features,
+            bias.data_ptr() if bias is not None else None,
+            product.data_ptr(),
+            out_features,
+            residual.data_ptr(),
+            residual.stride(0),
+        )
+        if status == -2:
+            raise MemoryError(f"linear_bf16: no memory to widen {num_rows} rows of {in_features} to float32")
+        if status != 0:
+            raise ValueError(f"linear_bf16_add refused shapes x {tuple(x.shape)}, N {out_features}")
+        return residual
+
+    def add_matches(self) -> bool:
+        """Whether the kernel's residual add gives torch's `a + b` bits on bf16 values: random ones over
+        the whole range, sums that overflow, infinities and NaNs of both signs."""
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randint(-(2**15), 2**15, (256, 256), generator=gen, dtype=torch.int32)
+        b = torch.randint(-(2**15), 2**15, (256, 256), generator=gen, dtype=torch.int32)
+        a, b = (t.to(torch.int16).view(torch.bfloat16) for t in (a, b))
+        b[0] = a[0]  # doubles: overflow to infinity near the top of the range
+        normal = (torch.randn(2, 256, 256, generator=gen) * 4).bfloat16()
+        for first, second in ((a, b), (normal[0], normal[1])):
+            mine = first.clone()
+            self._add_alone(second.data_ptr(), 256, mine.data_ptr(), 256, 256, 256)
+            if not torch.equal(mine.view(torch.int16), (first + second).view(torch.int16)):
                 return False
         return True

@@ -120,6 +120,8 @@ class EngineConfig:
     # the fast forward's SiLU-gated MLPs: SiLU and the multiply inside the bf16 gate/up product's C kernel,
     # torch's bits (engine/native_linear.py)
     native_silu: bool = True
+    # and their residual adds inside the o_proj and down products' C kernel, torch's bits
+    native_residual: bool = True
     fast_forward: bool = True  # Llama/Mistral/Gemma 3 skip transformers' module tree (engine/fast_forward.py)
     enable_prefix_caching: bool = True  # reuse the KV blocks of shared prefixes (docs/kv_cache.md)
     # A forward that fails for one sequence alone fails that request; this many such failures in a row,

@@ -378,6 +378,54 @@ int linear_bf16_silu_mul(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, c
     return 0;
 }
 
+/* residual[r][i] = bf16(residual[r][i] + y[r][i]) as torch adds two bf16 tensors in its vectorized
+   kernel: the float32 sum, rounded to nearest even, any NaN as 0xffff */
+static void add_rows(const uint16_t *y, int64_t ldy, uint16_t *residual, int64_t ldr, int64_t rows, int64_t n) {
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *a = y + r * ldy;
+        uint16_t *o = residual + r * ldr;
+        for (int64_t i = 0; i < n; i++) {
+            const float sum = bf16_to_f32(o[i]) + bf16_to_f32(a[i]);
+            uint32_t u;
+            memcpy(&u, &sum, sizeof u);
+            const uint16_t rounded = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+            o[i] = sum != sum ? (uint16_t)0xffffu : rounded;
+        }
+    }
+}
+
+/* A product that ends in a residual add (a Llama layer's o_proj and down_proj), in one call: y (M, N)
+   receives x W^T (+ bias) as linear_bf16 writes it, then each unit adds its columns into residual (M, N),
+   in place, from what it just wrote (torch's add, run after the product, reads values the other core
+   wrote). Returns as linear_bf16. */
+int linear_bf16_add(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *w, int64_t N,
+                    const float *bias, uint16_t *y, int64_t ldy, uint16_t *residual, int64_t ldr) {
+    if (K % 2 != 0 || M < 0 || N < 0) return -1;
+    if (M == 0 || N == 0) return 0;
+    const int64_t K2 = K / 2, num_blocks = (N + BLOCK - 1) / BLOCK;
+    const int64_t num_units = (num_blocks + UNIT - 1) / UNIT;
+    int64_t ld;
+    const row_t *rows = tile_rows(x, M, K, ldx, &ld);
+    if (!rows) return -2;
+#pragma omp parallel for schedule(dynamic, 1) if (num_units > 1 && M * N * K > 65536)
+    for (int64_t unit = 0; unit < num_units; unit++) {
+        const int64_t b0 = unit * UNIT, b1 = b0 + UNIT < num_blocks ? b0 + UNIT : num_blocks;
+        for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
+            const int R = M - m0 < ROWS ? (int)(M - m0) : ROWS;
+            unit_rows(R, rows + m0 * ld, ld, w, K2, bias, y + m0 * ldy, ldy, b0, b1, N);
+        }
+        const int64_t n1 = b1 * BLOCK < N ? b1 * BLOCK : N;
+        add_rows(y + b0 * BLOCK, ldy, residual + b0 * BLOCK, ldr, M, n1 - b0 * BLOCK);
+    }
+    release_rows(rows);
+    return 0;
+}
+
+/* residual += y alone, for the check against torch (engine/native_linear.py) */
+void add_bf16(const uint16_t *y, int64_t ldy, uint16_t *residual, int64_t ldr, int64_t rows, int64_t n) {
+    add_rows(y, ldy, residual, ldr, rows, n);
+}
+
 /* silu(gate) * up alone (silu.h), for the check against torch (engine/native_linear.py) */
 void silu_mul_bf16(const uint16_t *gate, int64_t ldg, const uint16_t *up, int64_t ldu, int64_t rows, int64_t n,
                    uint16_t *out, int64_t ldo) {
@@ -405,6 +453,17 @@ int linear_bf16_silu_mul(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, c
 void silu_mul_bf16(const uint16_t *gate, int64_t ldg, const uint16_t *up, int64_t ldu, int64_t rows, int64_t n,
                    uint16_t *out, int64_t ldo) {
     silu_mul_rows(gate, ldg, up, ldu, rows, n, out, ldo);
+}
+
+int linear_bf16_add(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *w, int64_t N,
+                    const float *bias, uint16_t *y, int64_t ldy, uint16_t *residual, int64_t ldr) {
+    (void)x; (void)M; (void)K; (void)ldx; (void)w; (void)N; (void)bias; (void)y; (void)ldy; (void)residual;
+    (void)ldr;
+    return -1;
+}
+
+void add_bf16(const uint16_t *y, int64_t ldy, uint16_t *residual, int64_t ldr, int64_t rows, int64_t n) {
+    (void)y; (void)ldy; (void)residual; (void)ldr; (void)rows; (void)n;
 }
 
 #endif

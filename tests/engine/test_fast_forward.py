@@ -185,6 +185,9 @@ def test_smollm2_bf16_logits_equal_transformers_at_every_step():
     # and SiLU and its multiply inside the gate/up product's kernel, where that kernel runs
     silu = [layer.mlp.silu_in_kernel for layer in core.runner.fast_forward.layers]
     assert silu == [native_linear.load() is not None] * len(silu)
+    # and the residual adds inside the o_proj and down products' kernel, with rotary in C
+    adds = [layer.add_in_kernel for layer in core.runner.fast_forward.layers]
+    assert adds == [native_linear.load() is not None and native_rotary.load() is not None] * len(adds)
     equal = steps_equal(core, loaded.tokenizer, REAL_MODEL_TOKENS)
     assert len(equal) >= REAL_MODEL_TOKENS and all(equal)
 

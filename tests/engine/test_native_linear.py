@@ -182,3 +182,30 @@ def test_silu_in_the_kernel_refuses_halves_that_are_not_whole_blocks(kernel):
     weight, x, _ = case(2 * 40, 64, 3)  # 40 is not a multiple of 16
     with pytest.raises(ValueError, match="refused"):
         kernel.silu_mul(x, kernel.pack(weight), 40, None)
+
+
+@pytest.mark.parametrize("num_rows", [1, 2, 9, 16, 33])
+@pytest.mark.parametrize(("out_features", "in_features"), [(576, 576), (576, 1536), (100, 64)])
+def test_the_residual_add_in_the_kernel_gives_the_bits_of_the_product_then_torchs_add(
+    kernel, num_rows, out_features, in_features
+):
+    weight, x, b = case(out_features, in_features, num_rows, seed=num_rows, bias=out_features == 100)
+    packed = kernel.pack(weight)
+    residual = (torch.randn(num_rows, out_features) * 3).bfloat16()
+    expected = residual + kernel(x, packed, out_features, b)
+    into = residual.clone()
+    assert kernel.add_into(x, packed, out_features, b, into) is into  # in place
+    assert torch.equal(into, expected)
+    alone = residual[:1].clone()
+    assert torch.equal(kernel.add_into(x[:1], packed, out_features, b, alone), expected[:1])
+
+
+def test_the_kernels_residual_add_gives_torchs_bits_on_bf16_values(kernel):
+    assert kernel.add_matches()  # random bit patterns (NaNs, infinities, overflows) and normal values
+
+
+def test_the_residual_add_refuses_a_residual_of_another_shape(kernel):
+    weight, x, _ = case(64, 48, 3)
+    with pytest.raises(ValueError, match="residual must be"):
+        kernel.add_into(x, kernel.pack(weight), 64, None, torch.zeros(3, 32, dtype=torch.bfloat16))
+
