@@ -79,27 +79,8 @@ class LinearKernel:
         self, x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None
     ) -> torch.Tensor:
         """x (M, K) bf16 with unit column stride -> (M, out_features) bf16; bias float32 or None."""
-        num_rows, in_features = x.shape
-        if x.dtype != torch.bfloat16:
-            raise ValueError(f"linear_bf16 takes bfloat16 input, not {x.dtype}")
-        if x.stride(1) != 1:
-            x = x.contiguous()
-        out = torch.empty(num_rows, out_features, dtype=torch.bfloat16)
-        status = self._fn(
-            x.data_ptr(),
-            num_rows,
-            in_features,
-            x.stride(0),
-            packed.data_ptr(),
-            out_features,
-            bias.data_ptr() if bias is not None else None,
-            out.data_ptr(),
-            out_features,
-        )
-        if status == -2:
-            raise MemoryError(f"linear_bf16: no memory to widen {num_rows} rows of {in_features} to float32")
-        if status != 0:
-            raise ValueError(f"linear_bf16 refused shapes x {tuple(x.shape)}, N {out_features}")
+        out = torch.empty(x.shape[0], out_features, dtype=torch.bfloat16)
+        self._run(self._fn, "linear_bf16", x, packed, out_features, bias, out)
         return out
 
     def silu_mul(
@@ -108,31 +89,57 @@ class LinearKernel:
         """silu(gate) * up for `packed` = pack([W_gate; W_up]) (2 x `hidden` outputs, `hidden` a multiple
         of 16): x (M, K) bf16 -> (M, hidden) bf16, the bits of the product, SiLU and multiply on torch,
         in one call (csrc/linear_bf16.c: linear_bf16_silu_mul)."""
+        both = torch.empty(x.shape[0], 2 * hidden, dtype=torch.bfloat16)  # gate and up, as the product writes
+        out = torch.empty(x.shape[0], hidden, dtype=torch.bfloat16)
+        self._run(
+            self._silu_mul, "linear_bf16_silu_mul", x, packed, hidden, bias, both, out.data_ptr(), hidden
+        )
+        return out
+
+    def add_into(
+        self,
+        x: torch.Tensor,
+        packed: torch.Tensor,
+        out_features: int,
+        bias: torch.Tensor | None,
+        residual: torch.Tensor,
+    ) -> torch.Tensor:
+        """residual += x W^T (+ bias), in place, with the bits of torch's `residual + product` (the product
+        rounded to bf16, then the sum), in one call (csrc/linear_bf16.c: linear_bf16_add); returns
+        `residual`, (M, out_features) bf16 with contiguous rows."""
+        if residual.dtype != torch.bfloat16:
+            raise ValueError("linear_bf16_add takes a bfloat16 residual")
+        if residual.shape != (x.shape[0], out_features) or residual.stride(1) != 1:
+            raise ValueError(f"the residual must be ({x.shape[0]}, {out_features}) with contiguous rows")
+        product = torch.empty(x.shape[0], out_features, dtype=torch.bfloat16)
+        tail = (residual.data_ptr(), residual.stride(0))
+        self._run(self._add, "linear_bf16_add", x, packed, out_features, bias, product, *tail)
+        return residual
+
+    @staticmethod
+    def _run(
+        fn: Callable[..., int],
+        name: str,
+        x: torch.Tensor,
+        packed: torch.Tensor,
+        size: int,
+        bias: torch.Tensor | None,
+        out: torch.Tensor,
+        *tail: int,
+    ) -> None:
+        """One of the kernel's products on x (M, K) into `out` (M, its row width), then `tail`'s arguments."""
         num_rows, in_features = x.shape
         if x.dtype != torch.bfloat16:
-            raise ValueError(f"linear_bf16 takes bfloat16 input, not {x.dtype}")
+            raise ValueError(f"{name} takes bfloat16 input, not {x.dtype}")
         if x.stride(1) != 1:
             x = x.contiguous()
-        both = torch.empty(num_rows, 2 * hidden, dtype=torch.bfloat16)  # gate and up, as the product writes
-        out = torch.empty(num_rows, hidden, dtype=torch.bfloat16)
-        status = self._silu_mul(
-            x.data_ptr(),
-            num_rows,
-            in_features,
-            x.stride(0),
-            packed.data_ptr(),
-            hidden,
-            bias.data_ptr() if bias is not None else None,
-            both.data_ptr(),
-            2 * hidden,
-            out.data_ptr(),
-            hidden,
-        )
+        bias_ptr = bias.data_ptr() if bias is not None else None
+        args = (x.data_ptr(), num_rows, in_features, x.stride(0), packed.data_ptr(), size, bias_ptr)
+        status = fn(*args, out.data_ptr(), out.shape[1], *tail)
         if status == -2:
-            raise MemoryError(f"linear_bf16: no memory to widen {num_rows} rows of {in_features} to float32")
+            raise MemoryError(f"{name}: no memory to widen {num_rows} rows of {in_features} to float32")
         if status != 0:
-            raise ValueError(f"linear_bf16_silu_mul refused shapes x {tuple(x.shape)}, hidden {hidden}")
-        return out
+            raise ValueError(f"{name} refused shapes x {tuple(x.shape)}, N {size}")
 
     def silu_mul_matches(self, act: Callable[[torch.Tensor], torch.Tensor]) -> bool:
         """Whether the kernel's SiLU and multiply give `act(gate) * up`'s bits: every bf16 gate value,
@@ -146,44 +153,6 @@ class LinearKernel:
             if not torch.equal(mine.view(torch.int16), (act(gate) * up).view(torch.int16)):
                 return False
         return True
-
-    def add_into(
-        self,
-        x: torch.Tensor,
-        packed: torch.Tensor,
-        out_features: int,
-        bias: torch.Tensor | None,
-        residual: torch.Tensor,
-    ) -> torch.Tensor:
-        """residual += x W^T (+ bias), in place, with the bits of torch's `residual + product` (the product
-        rounded to bf16, then the sum), in one call (csrc/linear_bf16.c: linear_bf16_add); returns
-        `residual`, (M, out_features) bf16 with contiguous rows."""
-        num_rows, in_features = x.shape
-        if x.dtype != torch.bfloat16 or residual.dtype != torch.bfloat16:
-            raise ValueError("linear_bf16_add takes bfloat16 input and residual")
-        if residual.shape != (num_rows, out_features) or residual.stride(1) != 1:
-            raise ValueError(f"the residual must be ({num_rows}, {out_features}) with contiguous rows")
-        if x.stride(1) != 1:
-            x = x.contiguous()
-        product = torch.empty(num_rows, out_features, dtype=torch.bfloat16)
-        status = self._add(
-            x.data_ptr(),
-            num_rows,
-            in_features,
-            x.stride(0),
-            packed.data_ptr(),
-            out_features,
-            bias.data_ptr() if bias is not None else None,
-            product.data_ptr(),
-            out_features,
-            residual.data_ptr(),
-            residual.stride(0),
-        )
-        if status == -2:
-            raise MemoryError(f"linear_bf16: no memory to widen {num_rows} rows of {in_features} to float32")
-        if status != 0:
-            raise ValueError(f"linear_bf16_add refused shapes x {tuple(x.shape)}, N {out_features}")
-        return residual
 
     def add_matches(self) -> bool:
         """Whether the kernel's residual add gives torch's `a + b` bits on bf16 values: random ones over

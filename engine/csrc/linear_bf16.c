@@ -291,6 +291,22 @@ static void release_rows(const row_t *rows) { free((void *)rows); }
 
 #endif
 
+/* residual[r][i] = bf16(residual[r][i] + y[r][i]) as torch adds two bf16 tensors in its vectorized
+   kernel: the float32 sum, rounded to nearest even, any NaN as 0xffff */
+static void add_rows(const uint16_t *y, int64_t ldy, uint16_t *residual, int64_t ldr, int64_t rows, int64_t n) {
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *a = y + r * ldy;
+        uint16_t *o = residual + r * ldr;
+        for (int64_t i = 0; i < n; i++) {
+            const float sum = bf16_to_f32(o[i]) + bf16_to_f32(a[i]);
+            uint32_t u;
+            memcpy(&u, &sum, sizeof u);
+            const uint16_t rounded = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+            o[i] = sum != sum ? (uint16_t)0xffffu : rounded;
+        }
+    }
+}
+
 #ifdef HAVE_LINEAR_BF16
 
 /* Blocks [b0, b1) for R rows, B blocks a tile, then the blocks left one at a time. */
@@ -326,110 +342,63 @@ int linear_bf16_supported(void) { return 1; }
 
 const char *linear_bf16_isa(void) { return ISA_NAME; }
 
+/* What a unit does with the columns it just wrote, before it takes the next unit. */
+enum after_unit { WRITE_ONLY, SILU_MUL, ADD };
+
+/* The product in units of UNIT column blocks taken by the threads as they come free. `pair` > 0 (a
+   [gate; up] product of 2 x pair blocks): a unit takes gate blocks [b0, b1) and up blocks
+   [pair + b0, pair + b1). Then a unit writes silu(gate) * up of its columns into `out` (SILU_MUL), or
+   adds its columns into `out` in place (ADD), from what it just wrote: run afterwards by torch, those
+   operations read values the other core wrote (~3x their time alone). */
+static int run_units(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *w, int64_t N,
+                     const float *bias, uint16_t *y, int64_t ldy, int64_t pair, enum after_unit after,
+                     uint16_t *out, int64_t ldo) {
+    if (K % 2 != 0 || M < 0 || N < 0) return -1;
+    if (M == 0 || N == 0) return 0;
+    const int64_t K2 = K / 2, num_blocks = pair > 0 ? pair : (N + BLOCK - 1) / BLOCK;
+    const int64_t num_units = (num_blocks + UNIT - 1) / UNIT, width = pair > 0 ? pair * BLOCK : N;
+    int64_t ld;
+    const row_t *rows = tile_rows(x, M, K, ldx, &ld);
+    if (!rows) return -2;
+#pragma omp parallel for schedule(dynamic, 1) if (num_units > 1 && M * N * K > 65536)
+    for (int64_t unit = 0; unit < num_units; unit++) {
+        const int64_t b0 = unit * UNIT, b1 = b0 + UNIT < num_blocks ? b0 + UNIT : num_blocks;
+        for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
+            const int R = M - m0 < ROWS ? (int)(M - m0) : ROWS;
+            const row_t *tile_x = rows + m0 * ld;
+            uint16_t *tile_y = y + m0 * ldy;
+            unit_rows(R, tile_x, ld, w, K2, bias, tile_y, ldy, b0, b1, N);
+            if (pair > 0) unit_rows(R, tile_x, ld, w, K2, bias, tile_y, ldy, pair + b0, pair + b1, N);
+        }
+        const int64_t n0 = b0 * BLOCK, n1 = b1 * BLOCK < width ? b1 * BLOCK : width;
+        if (after == SILU_MUL) silu_mul_rows(y + n0, ldy, y + width + n0, ldy, M, n1 - n0, out + n0, ldo);
+        if (after == ADD) add_rows(y + n0, ldy, out + n0, ldo, M, n1 - n0);
+    }
+    release_rows(rows);
+    return 0;
+}
+
 /* Returns 0, -1 for shapes it does not take, -2 when memory for the widened rows ran out. */
 int linear_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *w, int64_t N,
                 const float *bias, uint16_t *y, int64_t ldy) {
-    if (K % 2 != 0 || M < 0 || N < 0) return -1;
-    if (M == 0 || N == 0) return 0;
-    const int64_t K2 = K / 2, num_blocks = (N + BLOCK - 1) / BLOCK;
-    const int64_t num_units = (num_blocks + UNIT - 1) / UNIT;
-    int64_t ld;
-    const row_t *rows = tile_rows(x, M, K, ldx, &ld);
-    if (!rows) return -2;
-#pragma omp parallel for schedule(dynamic, 1) if (num_units > 1 && M * N * K > 65536)
-    for (int64_t unit = 0; unit < num_units; unit++) {
-        const int64_t b0 = unit * UNIT, b1 = b0 + UNIT < num_blocks ? b0 + UNIT : num_blocks;
-        for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
-            const int R = M - m0 < ROWS ? (int)(M - m0) : ROWS;
-            unit_rows(R, rows + m0 * ld, ld, w, K2, bias, y + m0 * ldy, ldy, b0, b1, N);
-        }
-    }
-    release_rows(rows);
-    return 0;
+    return run_units(x, M, K, ldx, w, N, bias, y, ldy, 0, WRITE_ONLY, NULL, 0);
 }
 
 /* A Llama MLP's gate/up product and what follows it, in one call: w packs [gate; up] (2n outputs, n a
-   multiple of BLOCK, packed as for linear_bf16); y (M, 2n) receives both products as linear_bf16 writes
-   them, and h (M, n) = silu(gate) * up with torch's bits (silu.h). A unit takes gate blocks [b0, b1)
-   and the same up blocks, then computes its part of h from what it just wrote: torch's SiLU and
-   multiply, run after the product, read values the other core wrote (~3x their time alone).
-   Returns as linear_bf16. */
+   multiple of BLOCK); y (M, 2n) receives both products as linear_bf16 writes them, and h (M, n) =
+   silu(gate) * up with torch's bits (silu.h). Returns as linear_bf16. */
 int linear_bf16_silu_mul(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *w, int64_t n,
                          const float *bias, uint16_t *y, int64_t ldy, uint16_t *h, int64_t ldh) {
-    if (K % 2 != 0 || M < 0 || n < 0 || n % BLOCK != 0) return -1;
-    if (M == 0 || n == 0) return 0;
-    const int64_t K2 = K / 2, num_gate_blocks = n / BLOCK, N = 2 * n;
-    const int64_t num_units = (num_gate_blocks + UNIT - 1) / UNIT;
-    int64_t ld;
-    const row_t *rows = tile_rows(x, M, K, ldx, &ld);
-    if (!rows) return -2;
-#pragma omp parallel for schedule(dynamic, 1) if (num_units > 1 && M * N * K > 65536)
-    for (int64_t unit = 0; unit < num_units; unit++) {
-        const int64_t b0 = unit * UNIT, b1 = b0 + UNIT < num_gate_blocks ? b0 + UNIT : num_gate_blocks;
-        for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
-            const int R = M - m0 < ROWS ? (int)(M - m0) : ROWS;
-            unit_rows(R, rows + m0 * ld, ld, w, K2, bias, y + m0 * ldy, ldy, b0, b1, N);
-            unit_rows(R, rows + m0 * ld, ld, w, K2, bias, y + m0 * ldy, ldy, num_gate_blocks + b0,
-                      num_gate_blocks + b1, N);
-        }
-        silu_mul_rows(y + b0 * BLOCK, ldy, y + n + b0 * BLOCK, ldy, M, (b1 - b0) * BLOCK, h + b0 * BLOCK, ldh);
-    }
-    release_rows(rows);
-    return 0;
-}
-
-/* residual[r][i] = bf16(residual[r][i] + y[r][i]) as torch adds two bf16 tensors in its vectorized
-   kernel: the float32 sum, rounded to nearest even, any NaN as 0xffff */
-static void add_rows(const uint16_t *y, int64_t ldy, uint16_t *residual, int64_t ldr, int64_t rows, int64_t n) {
-    for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *a = y + r * ldy;
-        uint16_t *o = residual + r * ldr;
-        for (int64_t i = 0; i < n; i++) {
-            const float sum = bf16_to_f32(o[i]) + bf16_to_f32(a[i]);
-            uint32_t u;
-            memcpy(&u, &sum, sizeof u);
-            const uint16_t rounded = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-            o[i] = sum != sum ? (uint16_t)0xffffu : rounded;
-        }
-    }
+    if (n < 0 || n % BLOCK != 0) return -1;
+    return run_units(x, M, K, ldx, w, 2 * n, bias, y, ldy, n / BLOCK, SILU_MUL, h, ldh);
 }
 
 /* A product that ends in a residual add (a Llama layer's o_proj and down_proj), in one call: y (M, N)
-   receives x W^T (+ bias) as linear_bf16 writes it, then each unit adds its columns into residual (M, N),
-   in place, from what it just wrote (torch's add, run after the product, reads values the other core
-   wrote). Returns as linear_bf16. */
+   receives x W^T (+ bias) as linear_bf16 writes it, and residual (M, N) += y in place with torch's
+   bits (add_rows). Returns as linear_bf16. */
 int linear_bf16_add(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *w, int64_t N,
                     const float *bias, uint16_t *y, int64_t ldy, uint16_t *residual, int64_t ldr) {
-    if (K % 2 != 0 || M < 0 || N < 0) return -1;
-    if (M == 0 || N == 0) return 0;
-    const int64_t K2 = K / 2, num_blocks = (N + BLOCK - 1) / BLOCK;
-    const int64_t num_units = (num_blocks + UNIT - 1) / UNIT;
-    int64_t ld;
-    const row_t *rows = tile_rows(x, M, K, ldx, &ld);
-    if (!rows) return -2;
-#pragma omp parallel for schedule(dynamic, 1) if (num_units > 1 && M * N * K > 65536)
-    for (int64_t unit = 0; unit < num_units; unit++) {
-        const int64_t b0 = unit * UNIT, b1 = b0 + UNIT < num_blocks ? b0 + UNIT : num_blocks;
-        for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
-            const int R = M - m0 < ROWS ? (int)(M - m0) : ROWS;
-            unit_rows(R, rows + m0 * ld, ld, w, K2, bias, y + m0 * ldy, ldy, b0, b1, N);
-        }
-        const int64_t n1 = b1 * BLOCK < N ? b1 * BLOCK : N;
-        add_rows(y + b0 * BLOCK, ldy, residual + b0 * BLOCK, ldr, M, n1 - b0 * BLOCK);
-    }
-    release_rows(rows);
-    return 0;
-}
-
-/* residual += y alone, for the check against torch (engine/native_linear.py) */
-void add_bf16(const uint16_t *y, int64_t ldy, uint16_t *residual, int64_t ldr, int64_t rows, int64_t n) {
-    add_rows(y, ldy, residual, ldr, rows, n);
-}
-
-/* silu(gate) * up alone (silu.h), for the check against torch (engine/native_linear.py) */
-void silu_mul_bf16(const uint16_t *gate, int64_t ldg, const uint16_t *up, int64_t ldu, int64_t rows, int64_t n,
-                   uint16_t *out, int64_t ldo) {
-    silu_mul_rows(gate, ldg, up, ldu, rows, n, out, ldo);
+    return run_units(x, M, K, ldx, w, N, bias, y, ldy, 0, ADD, residual, ldr);
 }
 
 #else /* neither AVX512-BF16 nor AVX2 + FMA here: engine/native_linear.py keeps oneDNN */
@@ -450,11 +419,6 @@ int linear_bf16_silu_mul(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, c
     return -1;
 }
 
-void silu_mul_bf16(const uint16_t *gate, int64_t ldg, const uint16_t *up, int64_t ldu, int64_t rows, int64_t n,
-                   uint16_t *out, int64_t ldo) {
-    silu_mul_rows(gate, ldg, up, ldu, rows, n, out, ldo);
-}
-
 int linear_bf16_add(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *w, int64_t N,
                     const float *bias, uint16_t *y, int64_t ldy, uint16_t *residual, int64_t ldr) {
     (void)x; (void)M; (void)K; (void)ldx; (void)w; (void)N; (void)bias; (void)y; (void)ldy; (void)residual;
@@ -462,8 +426,14 @@ int linear_bf16_add(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const 
     return -1;
 }
 
-void add_bf16(const uint16_t *y, int64_t ldy, uint16_t *residual, int64_t ldr, int64_t rows, int64_t n) {
-    (void)y; (void)ldy; (void)residual; (void)ldr; (void)rows; (void)n;
+#endif
+
+/* The two epilogues alone, in every build, for the checks against torch (engine/native_linear.py). */
+void silu_mul_bf16(const uint16_t *gate, int64_t ldg, const uint16_t *up, int64_t ldu, int64_t rows, int64_t n,
+                   uint16_t *out, int64_t ldo) {
+    silu_mul_rows(gate, ldg, up, ldu, rows, n, out, ldo);
 }
 
-#endif
+void add_bf16(const uint16_t *y, int64_t ldy, uint16_t *residual, int64_t ldr, int64_t rows, int64_t n) {
+    add_rows(y, ldy, residual, ldr, rows, n);
+}

@@ -208,4 +208,3 @@ def test_the_residual_add_refuses_a_residual_of_another_shape(kernel):
     weight, x, _ = case(64, 48, 3)
     with pytest.raises(ValueError, match="residual must be"):
         kernel.add_into(x, kernel.pack(weight), 64, None, torch.zeros(3, 32, dtype=torch.bfloat16))
-
