@@ -21,6 +21,15 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
+/* float32 -> bf16 as torch's vectorized CPU kernels round (SiLU, a bf16 add): nearest even, any NaN as
+   0xffff (f32_to_bf16 keeps the NaN's sign and payload, as torch's scalar conversion does) */
+static inline uint16_t f32_to_bf16_vec(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    const uint16_t rounded = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    return f != f ? (uint16_t)0xffffu : rounded;
+}
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 

@@ -292,18 +292,12 @@ static void release_rows(const row_t *rows) { free((void *)rows); }
 #endif
 
 /* residual[r][i] = bf16(residual[r][i] + y[r][i]) as torch adds two bf16 tensors in its vectorized
-   kernel: the float32 sum, rounded to nearest even, any NaN as 0xffff */
+   kernel: the float32 sum, rounded by f32_to_bf16_vec */
 static void add_rows(const uint16_t *y, int64_t ldy, uint16_t *residual, int64_t ldr, int64_t rows, int64_t n) {
     for (int64_t r = 0; r < rows; r++) {
         const uint16_t *a = y + r * ldy;
         uint16_t *o = residual + r * ldr;
-        for (int64_t i = 0; i < n; i++) {
-            const float sum = bf16_to_f32(o[i]) + bf16_to_f32(a[i]);
-            uint32_t u;
-            memcpy(&u, &sum, sizeof u);
-            const uint16_t rounded = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-            o[i] = sum != sum ? (uint16_t)0xffffu : rounded;
-        }
+        for (int64_t i = 0; i < n; i++) o[i] = f32_to_bf16_vec(bf16_to_f32(o[i]) + bf16_to_f32(a[i]));
     }
 }
 
