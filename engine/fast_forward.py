@@ -170,8 +170,8 @@ class _LlamaLayer:
     rope: str | None = None  # one rotary table for every layer
     kernel: NormKernel | None = None  # the C RMSNorm, where it gives torch's bits
     rotary: RotaryKernel | None = None  # rotary + cache write in C, where it gives torch's bits
-    # the residual adds inside the o_proj and down products' C kernel (`PackedLinear.add_into`), with
-    # rotary in C (its path has no k and v to hand over)
+    # the residual adds inside the o_proj and down products' C kernel (`PackedLinear.add_into`); taken on
+    # the path with rotary in C only (FastForward sets it only there)
     add_in_kernel: bool = False
 
     @classmethod
@@ -189,9 +189,16 @@ class _LlamaLayer:
         attn = _Attention.of(index, layer.self_attn, window)
         mlp = _Mlp.of(layer.mlp, silu_in_kernel)
         eps1, eps2 = norm1.variance_epsilon, norm2.variance_epsilon
-        add = add_in_kernel and rotary is not None
         return cls(
-            attn, mlp, norm1.weight, eps1, norm2.weight, eps2, kernel=kernel, rotary=rotary, add_in_kernel=add
+            attn,
+            mlp,
+            norm1.weight,
+            eps1,
+            norm2.weight,
+            eps2,
+            kernel=kernel,
+            rotary=rotary,
+            add_in_kernel=add_in_kernel,
         )
 
     def __call__(self, hidden, cos, sin, meta: AttentionMetadata) -> torch.Tensor:
