@@ -9,12 +9,16 @@
   when it runs on this machine, its dtype and limits from its command line and its CPU settings from
   its environment (`VLLM_CPU_KVCACHE_SPACE`, `VLLM_CPU_NUM_OF_RESERVED_CPU`, ...), found through the
   process that listens on the peer's port. What cannot be read says so instead of guessing.
+
+Before the first level, `wait_until_ready` holds until this server's models are all loaded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -134,6 +138,36 @@ def _listener(port: int) -> psutil.Process | None:
             except psutil.NoSuchProcess:
                 return None
     return None
+
+
+async def wait_until_ready(
+    session: aiohttp.ClientSession, url: str, timeout_s: float, poll_s: float = 1.0
+) -> float:
+    """Wait until the server's `/readyz` answers 200 (every configured model loaded) and return the
+    seconds waited. `/healthz` answers as soon as the ingress runs, while the models may still load: a
+    level started then shares the cores with their loading (Gemma 3's took ~14 CPU-s, ~13 s after
+    /healthz, on 2 cores). A server without `/readyz` (404) is ready once `/v1/models` answers 200 (an
+    OpenAI server); Serve answers 404 to both while the app deploys. SystemExit after `timeout_s`."""
+    start = time.monotonic()
+    while True:
+        if await _status(session, f"{url}/readyz") == 200:
+            return time.monotonic() - start
+        if (
+            await _status(session, f"{url}/v1/models") == 200
+            and await _status(session, f"{url}/readyz") == 404
+        ):
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout_s:
+            raise SystemExit(f"{url}/readyz did not answer 200 within {timeout_s:.0f} s")
+        await asyncio.sleep(poll_s)
+
+
+async def _status(session: aiohttp.ClientSession, url: str) -> int | None:
+    try:
+        async with session.get(url) as response:
+            return response.status
+    except aiohttp.ClientError:
+        return None
 
 
 def kernel_builds(load, names: list[str]) -> dict:

@@ -238,6 +238,9 @@ async def run_all(args: argparse.Namespace, alone: EngineAlone | None) -> dict[s
 
     levels: dict[str, list[LevelResult]] = {url: [] for url in urls}
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
+        waited = await bench_setup.wait_until_ready(client, args.url.rstrip("/"), args.ready_timeout_s)
+        if waited >= 1.0:
+            print(f"waited {waited:.0f} s for {args.url.rstrip('/')}/readyz\n", flush=True)
         if args.peer:
             await print_setup(client, args)
         for url, api in apis.items():
@@ -485,6 +488,12 @@ def main() -> None:
         type=int,
         default=1,
         help="run each level this many times in a row (fresh prompts, alternating as above); medians printed",
+    )
+    parser.add_argument(
+        "--ready-timeout-s",
+        type=float,
+        default=600,
+        help="first wait this long at most for the server's /readyz (every model loaded)",
     )
     parser.add_argument(
         "--settle-s",

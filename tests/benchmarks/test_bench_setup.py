@@ -8,8 +8,10 @@ import subprocess
 import sys
 
 import aiohttp
+import pytest
+from aiohttp import web
 
-from benchmarks.bench_setup import cpu_kind, peer_server
+from benchmarks.bench_setup import cpu_kind, peer_server, wait_until_ready
 from benchmarks.prompts import shared_prefix_prompt_texts
 
 ICE_LAKE = """processor\t: 0
@@ -87,3 +89,51 @@ def test_shared_prefix_prompts_share_their_header_and_nothing_after_it():
     assert len(header.split()) == 40 and all(p.startswith(header + "\n[run1-") for p in prompts)
     assert shared_prefix_prompt_texts(1, "run2", 40)[0].startswith(header)  # the same in every run
     assert len({p[len(header) :] for p in prompts}) == 3
+
+
+async def _serve(readyz: list[int], models: int):
+    """A server whose /readyz answers `readyz` in turn (the last from then on) and /v1/models `models`;
+    its runner, URL and how often /readyz was asked."""
+    asked: list[int] = []
+
+    async def ready(request: web.Request) -> web.Response:
+        asked.append(1)
+        return web.Response(status=readyz[min(len(asked), len(readyz)) - 1])
+
+    app = web.Application()
+    app.router.add_get("/readyz", ready)
+    app.router.add_get("/v1/models", lambda request: web.Response(status=models))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    return runner, f"http://127.0.0.1:{port}", asked
+
+
+async def _wait(readyz: list[int], models: int, timeout_s: float = 30) -> int:
+    runner, url, asked = await _serve(readyz, models)
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_until_ready(session, url, timeout_s=timeout_s, poll_s=0.01)
+    finally:
+        await runner.cleanup()
+    return len(asked)
+
+
+@pytest.mark.parametrize(
+    ("readyz", "models", "num_asks"),
+    [
+        ([503, 503, 200], 200, 3),  # models loading, then every one loaded
+        ([404, 404, 200], 404, 3),  # Serve still deploying the app: 404 everywhere, then ready
+        ([200], 200, 1),
+        ([404], 200, 2),  # an OpenAI server without /readyz (vLLM): ready when /v1/models answers
+    ],
+)
+def test_the_benchmark_waits_for_every_model_to_load(readyz, models, num_asks):
+    assert asyncio.run(_wait(readyz, models)) >= num_asks
+
+
+def test_a_server_that_never_gets_ready_ends_the_benchmark():
+    with pytest.raises(SystemExit, match="did not answer 200"):
+        asyncio.run(_wait([503], 200, timeout_s=0.05))
