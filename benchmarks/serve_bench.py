@@ -16,7 +16,8 @@ worker keeps a core busy for ~1 s after its last request, which would land on th
 and prints the median of each ratio (with its range): one round of one level is within this
 machine's noise. `--cpu-by-process N` prints each level's N busiest processes on this machine (share
 of a core, CPU ms per output token; benchmarks/cpu_accounting.py): where the serving side's CPU goes,
-less noisy than tok/s on a shared machine.
+less noisy than tok/s on a shared machine. The first level waits for this server's `/readyz`
+(every model loaded; `--ready-timeout-s`): `/healthz` answers while the models still load.
 
     serve run serve_config.yaml &   # then:
     python benchmarks/serve_bench.py --api openai --png docs/serve_bench.png [--compare-engine]
