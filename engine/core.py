@@ -104,7 +104,8 @@ class EngineCore:
             num_blocks=num_blocks,
             enable_prefix_caching=config.enable_prefix_caching,
         )
-        # greedy picks in C on a CPU (the kernel checks each step's logits: bf16 rows, else torch's argmax)
+        # greedy picks in C on a CPU (the sampler checks each step's logits: CPU float32 or bf16 rows, else
+        # torch's argmax)
         use_argmax = config.native_argmax and torch.device(device).type == "cpu"
         self._argmax = native_argmax.load() if use_argmax else None
         release_free_memory()
@@ -245,8 +246,7 @@ class EngineCore:
         meta = SamplingMetadata.build(
             [s.params for s in seqs], [s.output_ids for s in seqs], [r.generator for r in states], self.device
         )
-        guided = apply_guides(logits, [r.guide for r in states])
-        result = sample(guided, meta, raw_logits=logits, argmax=self._argmax)
+        result = sample(apply_guides(logits, [r.guide for r in states]), meta, logits, self._argmax)
         log_probs = result.log_probs or [None] * len(seqs)
         tops = result.top_log_probs or [None] * len(seqs)
         return [_Sampled(*row) for row in zip(result.token_ids, log_probs, tops, strict=True)]

@@ -246,7 +246,8 @@ def sample(
     """Pick one token per row of `logits` (B, V), any float dtype, following each row's settings.
 
     Log probs come from `raw_logits` when given (the model's distribution before guided masks). `argmax`:
-    the C kernel for greedy picks over CPU bf16 rows (engine/native_argmax.py), torch's argmax else."""
+    the C kernel for greedy picks over CPU float32 or bf16 rows (engine/native_argmax.py), torch's argmax
+    for other logits or without it."""
     processed = logits
     if meta.output_ids is not None:
         processed = logits.float()
