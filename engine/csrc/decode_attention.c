@@ -9,7 +9,8 @@
    compiler targets AVX-512F (q.k by AVX512-BF16 dot-product instructions where the CPU has them, else
    by widening the keys to float32 and FMAs; p.v in float32 either way). Without AVX-512, on AVX2 + FMA,
    the q.k of bf16 16-token pages (head_dim a multiple of 8, up to 256) is computed eight positions at
-   a time (`qk_avx2`), the rest by the generic loop; everything else is the generic loop.
+   a time (`qk_avx2`) and their p.v (head_dim a multiple of 32) with its sums in registers (`pv_avx2`),
+   the softmax by the generic loop; everything else is the generic loop.
 
    Layouts (contiguous, row-major): query and out (num_seqs, num_heads, head_dim); k_cache and v_cache
    (num_slots, num_kv_heads, head_dim); block_tables (num_seqs, table_width) int64; ctx_lens (num_seqs)
@@ -248,6 +249,36 @@ static inline __attribute__((always_inline)) void qk_avx2(
         }
     }
 }
+
+/* acc = p . v for NH (1 or 2) query heads of one kv head, over positions first .. first + n - 1 of bf16
+   values in 16-token pages: 32 dimensions at a time, their NH x 4 sums held in registers for the whole
+   run of positions (the generic loop below loads and stores every sum at every position). Each sum is
+   the same chain of FMAs in ascending position order as the generic loop's, so the bits are the same.
+   scores[h * score_stride + t] is position first + t's probability for head h; acc is NH x head_dim. */
+static inline __attribute__((always_inline)) void pv_avx2(
+    const int NH, const float *restrict scores, int64_t score_stride, int64_t n, int64_t first,
+    const int64_t *table, const uint16_t *v_base, int64_t row_stride, int64_t head_dim, float *restrict acc) {
+    for (int64_t j0 = 0; j0 < head_dim; j0 += 32) {
+        __m256 a[2][4];
+        for (int h = 0; h < NH; h++)
+            for (int c = 0; c < 4; c++) a[h][c] = _mm256_setzero_ps();
+        for (int64_t t = 0; t < n; t++) {
+            const int64_t pos = first + t;
+            const uint16_t *v = v_base + (table[pos / 16] * 16 + pos % 16) * row_stride + j0;
+            __m256 vf[4];
+            for (int c = 0; c < 4; c++) {
+                const __m128i raw = _mm_loadu_si128((const __m128i *)(v + 8 * c));
+                vf[c] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+            }
+            for (int h = 0; h < NH; h++) {
+                const __m256 p = _mm256_set1_ps(scores[h * score_stride + t]);
+                for (int c = 0; c < 4; c++) a[h][c] = _mm256_fmadd_ps(p, vf[c], a[h][c]);
+            }
+        }
+        for (int h = 0; h < NH; h++)
+            for (int c = 0; c < 4; c++) _mm256_storeu_ps(acc + h * head_dim + j0 + 8 * c, a[h][c]);
+    }
+}
 #endif
 
 /* n values starting at element `offset` of base, as float32 */
@@ -313,6 +344,25 @@ static inline __attribute__((always_inline)) void attend(
         }
     }
     for (int64_t h = 0; h < heads; h++) softmax_in_place(scores + h * score_stride + off, n, softcap);
+#ifdef HAVE_AVX2_QK
+    if (dtype == 1 && block_size == 16 && head_dim % 32 == 0 && head_dim <= 256) {
+        for (int64_t kvh = 0; kvh < num_kv; kvh++) {
+            const uint16_t *v_base = (const uint16_t *)v_cache + (kv_begin + kvh) * head_dim;
+            for (int64_t h0 = 0; h0 < group; h0 += 2) {
+                const int64_t h = kvh * group + h0;
+                const float *p = scores + h * score_stride + off;
+                if (group - h0 >= 2)
+                    pv_avx2(2, p, score_stride, n, first, table, v_base, num_kv_heads * head_dim, head_dim,
+                            acc + h * head_dim);
+                else
+                    pv_avx2(1, p, score_stride, n, first, table, v_base, num_kv_heads * head_dim, head_dim,
+                            acc + h * head_dim);
+            }
+        }
+        for (int64_t h = 0; h < heads; h++) store_row(out, head0 + h, head_dim, dtype, acc + h * head_dim);
+        return;
+    }
+#endif
     memset(acc, 0, sizeof(float) * (size_t)(heads * head_dim));
     for (int64_t t = 0; t < n; t++) { /* acc += p * v */
         const int64_t pos = first + t;
