@@ -206,6 +206,11 @@ static inline __attribute__((always_inline)) void fast_kv(
 #include <immintrin.h>
 #define HAVE_AVX2_QK 1
 
+/* 8 bf16 values -> 8 float32 (the AVX2 twin of widen_bf16 above) */
+static inline __m256 widen8_bf16(const uint16_t *src) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)src)), 16));
+}
+
 /* The 8 sums of 8 vectors: r[j] = sum of v[j]'s lanes, in one fixed order. */
 static inline __m256 sum8(const __m256 v[8]) {
     const __m256 h01 = _mm256_hadd_ps(v[0], v[1]), h23 = _mm256_hadd_ps(v[2], v[3]);
@@ -231,11 +236,8 @@ static inline __attribute__((always_inline)) void qk_avx2(
     for (int64_t b = base; b < len; b += 8) {
         const uint16_t *k = k_base + (table[b / 16] * 16 + b % 16) * row_stride;
         for (int t = 0; t < 8; t++)
-            for (int64_t j = 0; j < head_dim; j += 8) {
-                const __m128i raw = _mm_loadu_si128((const __m128i *)(k + t * row_stride + j));
-                _mm256_store_ps(kf + t * head_dim + j,
-                                _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16)));
-            }
+            for (int64_t j = 0; j < head_dim; j += 8)
+                _mm256_store_ps(kf + t * head_dim + j, widen8_bf16(k + t * row_stride + j));
         for (int64_t h = 0; h < heads; h++) {
             __m256 acc[8];
             for (int t = 0; t < 8; t++) acc[t] = _mm256_setzero_ps();
@@ -266,10 +268,7 @@ static inline __attribute__((always_inline)) void pv_avx2(
             const int64_t pos = first + t;
             const uint16_t *v = v_base + (table[pos / 16] * 16 + pos % 16) * row_stride + j0;
             __m256 vf[4];
-            for (int c = 0; c < 4; c++) {
-                const __m128i raw = _mm_loadu_si128((const __m128i *)(v + 8 * c));
-                vf[c] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-            }
+            for (int c = 0; c < 4; c++) vf[c] = widen8_bf16(v + 8 * c);
             for (int h = 0; h < NH; h++) {
                 const __m256 p = _mm256_set1_ps(scores[h * score_stride + t]);
                 for (int c = 0; c < 4; c++) a[h][c] = _mm256_fmadd_ps(p, vf[c], a[h][c]);
@@ -359,20 +358,20 @@ static inline __attribute__((always_inline)) void attend(
                             acc + h * head_dim);
             }
         }
-        for (int64_t h = 0; h < heads; h++) store_row(out, head0 + h, head_dim, dtype, acc + h * head_dim);
-        return;
-    }
+    } else
 #endif
-    memset(acc, 0, sizeof(float) * (size_t)(heads * head_dim));
-    for (int64_t t = 0; t < n; t++) { /* acc += p * v */
-        const int64_t pos = first + t;
-        const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
-        load_span(v_cache, (slot * num_kv_heads + kv_begin) * head_dim, width, dtype, row);
-        for (int64_t h = 0; h < heads; h++) {
-            const float p = scores[h * score_stride + off + t];
-            const float *vh = row + (h / group) * head_dim;
-            float *ah = acc + h * head_dim;
-            for (int64_t i = 0; i < head_dim; i++) ah[i] += p * vh[i];
+    {
+        memset(acc, 0, sizeof(float) * (size_t)(heads * head_dim));
+        for (int64_t t = 0; t < n; t++) { /* acc += p * v */
+            const int64_t pos = first + t;
+            const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
+            load_span(v_cache, (slot * num_kv_heads + kv_begin) * head_dim, width, dtype, row);
+            for (int64_t h = 0; h < heads; h++) {
+                const float p = scores[h * score_stride + off + t];
+                const float *vh = row + (h / group) * head_dim;
+                float *ah = acc + h * head_dim;
+                for (int64_t i = 0; i < head_dim; i++) ah[i] += p * vh[i];
+            }
         }
     }
     for (int64_t h = 0; h < heads; h++) store_row(out, head0 + h, head_dim, dtype, acc + h * head_dim);
