@@ -13,6 +13,11 @@
 3. Measured at those shapes: the products alone (every packed linear of a step called on rows of the
    step's size, in the step's order) and the whole step (EngineCore.step, the sampling included), as
    milliseconds and as a fraction of the roofline's time.
+4. The step's floor: the same step on a copy of the architecture with its widths cut to the least (one
+   head of the model's head size, 128 hidden, 256 MLP, a 512-token vocabulary; every layer kept, with
+   random weights), loaded the same way, so it makes every kernel call, Python line and scheduling
+   decision of the real step with almost no arithmetic: what a step costs beyond its arithmetic, the
+   most that a compiled forward or fewer calls a step could take away.
 
 Every timing is the median of `--repeat` runs after a warm-up. On a shared machine the load average
 is printed with the figures: only ratios measured in one run are comparable.
@@ -21,6 +26,8 @@ is printed with the figures: only ratios measured in one run are comparable.
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import os
 import platform
 import statistics
@@ -42,7 +49,7 @@ from engine.device import default_num_threads, resolve_device, resolve_dtype
 from engine.fusion import PackedLinear
 from engine.types import EngineConfig, GenerationRequest, SamplingParams
 from model_zoo.catalogue import resolve
-from model_zoo.loader import load_model
+from model_zoo.loader import LoadedModel, load_model
 
 KV_BYTES = 256 * 2**20  # each EngineCore's cache: room for 64 sequences of a few hundred tokens
 FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
@@ -153,7 +160,7 @@ def decode_core(loaded, num_seqs: int, prompt_words: int, engine_switches: dict)
     )  # fmt: skip
     core = EngineCore(loaded.model, loaded.tokenizer, config, torch.device("cpu"))
     for text in unique_prompt_texts(num_seqs, uuid.uuid4().hex[:6], prompt_words):
-        ids = tuple(loaded.tokenizer(text).input_ids)
+        ids = tuple(t % core.vocab_size for t in loaded.tokenizer(text).input_ids)  # the floor's small vocab
         params = SamplingParams(max_new_tokens=1000, temperature=0.0, ignore_eos=True)
         core.add_request(GenerationRequest(uuid.uuid4().hex, ids, params))
     while core.scheduler.waiting or any(s.num_computed < s.num_tokens - 1 for s in core.scheduler.running):
@@ -204,7 +211,7 @@ def main() -> None:
         print(f"roofline: peak {peak:.0f} GFLOP/s, {bandwidth:.1f} GB/s, ridge {ridge:.1f} FLOP/byte\n")
     print(
         "| step | GFLOP | MB read at least | FLOP/byte | bound | roofline ms | products ms (GFLOP/s) "
-        "| whole step ms | step / roofline |\n|---|---|---|---|---|---|---|---|---|"
+        "| whole step ms | step / roofline | floor ms (share of the step) |\n" + "|---" * 10 + "|"
     )
     for row in rows:
         print(row)
@@ -223,6 +230,7 @@ def step_rows(loaded, args, dtype, machine: Machine | None) -> list[str]:
     kv_per_pos = 2 * num_kv_heads * head_dim * cfg.num_hidden_layers * dtype.itemsize
     shapes = [Shape(f"decode c={c}", c, c, 64, c) for c in args.decode]
     shapes.append(Shape(f"prefill {args.prefill} tokens", 1, args.prefill, args.prefill // 2, 1))
+    floor = narrow_copy(loaded, dtype)
     for shape in shapes:
         flops, nbytes = model_costs(model, lm_head, shape, kv_per_pos, cfg)
         products_s = products_time(modules, lm_head, shape, dtype, args.repeat)
@@ -237,9 +245,27 @@ def step_rows(loaded, args, dtype, machine: Machine | None) -> list[str]:
         cells.append(f"{products_s * 1e3:.1f} ({flops / products_s / 1e9:.0f})")
         cells.append(f"{step_s * 1e3:.1f}")
         cells.append(f"{step_s / bound_s:.2f}x" if bound_s else "-")
+        floor_s = whole_step(floor, shape, args, dtype)
+        cells.append(f"{floor_s * 1e3:.1f} ({floor_s / step_s:.0%})")
         rows.append("| " + " | ".join(cells) + " |")
         print(rows[-1], flush=True)
     return rows
+
+
+def narrow_copy(loaded: LoadedModel, dtype: torch.dtype) -> LoadedModel:
+    """The model's architecture (its class, layer count and layer kinds) at the least widths: one head of
+    the model's head size, 128 hidden, 256 MLP, 512 tokens; random weights, the real tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(loaded.model.config)
+    text = getattr(config, "text_config", config)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    narrow = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 1, "vocab_size": 512}
+    for name, value in {**narrow, "num_key_value_heads": 1, "head_dim": head_dim}.items():
+        setattr(text, name, value)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    return dataclasses.replace(loaded, model=model)
 
 
 def whole_step(loaded, shape: Shape, args, dtype) -> float:
