@@ -135,7 +135,7 @@ def baseline_kernel(source: Path) -> native_attention.AttentionKernel:
     """`source` compiled with the flags of the server's build (and engine/csrc for its headers)."""
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     target = Path(tempfile.mkdtemp()) / "decode_attention_baseline.so"
-    flags = [*native_attention._FLAGS, f"-I{native_build.SOURCE_DIR}"]
+    flags = [*native_build.KERNEL_FLAGS["decode_attention"], f"-I{native_build.SOURCE_DIR}"]
     native_build._compile(compiler, source.resolve(), flags, target)
     return native_attention.AttentionKernel(ctypes.CDLL(str(target)))
 

@@ -44,7 +44,7 @@ def builds(args) -> dict[str, native_linear.LinearKernel]:
     int8 = kernel_builds(native_int8.load, args.int8 or [])
     found |= {f"int8 {name}": kernel for name, kernel in int8.items()}
     for define in args.int8_define or []:
-        flags = [*native_int8._FLAGS, *(f"-D{d}" for d in define.split())]
+        flags = [*native_build.KERNEL_FLAGS["linear_int8"], *(f"-D{d}" for d in define.split())]
         library = native_build.build("linear_int8", flags)
         if library is not None:
             found[f"int8 {define}"] = native_int8.Int8Kernel(library)

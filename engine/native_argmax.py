@@ -24,7 +24,7 @@ DTYPES = (torch.float32, torch.bfloat16)
 @functools.cache
 def load(variant: native_build.IsaVariant = native_build.NATIVE) -> ArgmaxKernel | None:
     """The compiled kernel, or None (logged once) when it cannot be built here."""
-    library = native_build.build("argmax", variant=variant)
+    library = native_build.build_kernel("argmax", variant)
     return ArgmaxKernel(library) if library is not None else None
 
 

@@ -30,19 +30,6 @@ from engine import native_build
 
 logger = logging.getLogger("engine")
 
-# The parts of -ffast-math the kernel needs (vectorized sums and max, inlined expf), and no more: the
-# -ffast-math / -Ofast / -funsafe-math-optimizations driver flags link crtfastmath.o, whose constructor
-# turns on flush-to-zero for the whole thread that loads the library (the engine thread: subnormal
-# floats would then read as 0 everywhere in torch and Python). -ffinite-math-only stays off: the kernel
-# relies on -inf.
-_FLAGS = (
-    "-fno-math-errno",
-    "-fno-trapping-math",
-    "-fno-signed-zeros",
-    "-fassociative-math",
-    "-freciprocal-math",
-    "-ffp-contract=fast",
-)
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 _i64, _ptr, _f32, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
@@ -56,7 +43,7 @@ def supports(device: torch.device, dtype: torch.dtype) -> bool:
 @functools.cache
 def load(variant: native_build.IsaVariant = native_build.NATIVE) -> AttentionKernel | None:
     """The compiled kernel, or None (logged once) when it cannot be built here."""
-    library = native_build.build("decode_attention", _FLAGS, variant)
+    library = native_build.build_kernel("decode_attention", variant)
     return AttentionKernel(library) if library is not None else None
 
 

@@ -11,6 +11,10 @@ A kernel's source holds several instruction-set paths chosen at compile time (`<
 library names the one compiled). The server builds the `native` variant; the tests also build each
 other variant this CPU can execute (`runnable_variants()`: on an AVX-512 machine, the AVX2 path
 needs its own build with AVX-512 switched off), so every path that some CPU takes is tested.
+
+`python -m engine.native_build` builds every kernel in every variant this CPU can execute into the
+cache, and nothing else: it needs only the standard library and the compiler, so .ci/run runs it on the
+core that the install leaves idle.
 """
 
 from __future__ import annotations
@@ -35,6 +39,30 @@ SOURCE_DIR = Path(__file__).with_name("csrc")
 # runs on the engine thread's existing OpenMP team. Without OpenMP support it builds single-threaded.
 _OPENMP_FLAGS = ["-fopenmp"]
 _BASE_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
+
+# Each kernel's own compiler flags (csrc/<name>.c), part of its cache key.
+KERNEL_FLAGS: dict[str, tuple[str, ...]] = {
+    "argmax": (),
+    # The parts of -ffast-math the attention kernel needs (vectorized sums and max, inlined expf), and no
+    # more: the -ffast-math / -Ofast / -funsafe-math-optimizations driver flags link crtfastmath.o, whose
+    # constructor turns on flush-to-zero for the whole thread that loads the library (the engine thread:
+    # subnormal floats would then read as 0 everywhere in torch and Python). -ffinite-math-only stays
+    # off: the kernel relies on -inf.
+    "decode_attention": (
+        "-fno-math-errno",
+        "-fno-trapping-math",
+        "-fno-signed-zeros",
+        "-fassociative-math",
+        "-freciprocal-math",
+        "-ffp-contract=fast",
+    ),
+    "linear_bf16": (),
+    # no fused multiply-adds: the scaling of the int32 sums (a product, then the bias) must round the
+    # same in every path
+    "linear_int8": ("-ffp-contract=off",),
+    "rms_norm": ("-ffp-contract=off",),  # no fused multiply-adds: each operation rounds as torch's does
+    "rotary_kv": ("-ffp-contract=off",),  # no fused multiply-adds: each product rounds before the sum
+}
 
 
 class NativeBuildError(RuntimeError):
@@ -110,11 +138,31 @@ def _compile(compiler: str, source: Path, flags: list[str], target: Path) -> Non
         os.replace(built, target)
 
 
+def build_kernel(name: str, variant: IsaVariant = NATIVE) -> ctypes.CDLL | None:
+    """The kernel `name` built with its own flags (KERNEL_FLAGS) and loaded, as `build()`."""
+    return build(name, KERNEL_FLAGS[name], variant)
+
+
 def build(
     name: str, flags: list[str] | tuple[str, ...] = (), variant: IsaVariant = NATIVE
 ) -> ctypes.CDLL | None:
     """csrc/<name>.c compiled (or found built) and loaded, or None (logged) when it cannot be; with
     LLMSERVE_NATIVE_REQUIRED=1, NativeBuildError instead of None."""
+    target = ensure_built(name, flags, variant)
+    if target is None:
+        return None
+    try:
+        return ctypes.CDLL(str(target))
+    except OSError as exc:
+        message = f"loading the {name} kernel ({variant.name}) failed, torch is used instead: {exc}"
+        return _unavailable(message)
+
+
+def ensure_built(
+    name: str, flags: list[str] | tuple[str, ...] = (), variant: IsaVariant = NATIVE
+) -> Path | None:
+    """The path of csrc/<name>.c's library for these flags, compiled if the cache lacks it; None (logged)
+    when it cannot be built, or NativeBuildError where required."""
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         return _unavailable(f"no C compiler found: the {name} kernel is off (torch is used instead)")
@@ -129,7 +177,7 @@ def build(
     try:
         if not target.exists():
             _compile(compiler, source, list(flags), target)
-        return ctypes.CDLL(str(target))
+        return target
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
         message = f"building the {name} kernel ({variant.name}) failed, torch is used instead: {detail}"
@@ -148,3 +196,29 @@ def _unavailable(message: str) -> None:
         raise NativeBuildError(f"{message} ({REQUIRED_ENV}=1)")
     logger.warning("%s", message)
     return None
+
+
+def build_all() -> list[str]:
+    """Every kernel in every variant this CPU can execute built into the cache, none loaded; the
+    "<kernel> (<variant>)" of each build that failed (logged; NativeBuildError where required)."""
+    return [
+        f"{name} ({variant.name})"
+        for variant in runnable_variants()
+        for name, flags in KERNEL_FLAGS.items()
+        if ensure_built(name, flags, variant) is None
+    ]
+
+
+if __name__ == "__main__":
+    import sys
+    import time
+
+    logging.basicConfig(level=logging.INFO, format="native_build: %(message)s")
+    start_s = time.perf_counter()
+    failures = build_all()
+    num_builds = len(KERNEL_FLAGS) * len(runnable_variants())
+    print(
+        f"native_build: {num_builds - len(failures)} of {num_builds} kernel builds in {kernel_dir()} "
+        f"({time.perf_counter() - start_s:.1f} s)" + (f"; failed: {', '.join(failures)}" if failures else "")
+    )
+    sys.exit(1 if failures else 0)

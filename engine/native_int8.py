@@ -25,9 +25,6 @@ logger = logging.getLogger("engine")
 BLOCK = 16  # output columns per packed block (csrc/linear_int8.c)
 GROUP = 32  # inputs per activation scale (csrc/linear_int8.c: GROUP); the weight's k is padded to it
 MAX_K = 65536
-# -ffp-contract=off: the scaling of the int32 sums (a product, then the bias) must round the same in
-# every path; a fused multiply-add would not.
-_FLAGS = ("-ffp-contract=off",)
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -39,7 +36,7 @@ def supports(weight: torch.Tensor) -> bool:
 @functools.cache
 def load(variant: native_build.IsaVariant = native_build.NATIVE) -> Int8Kernel | None:
     """The compiled kernel, or None (logged once) when it cannot be built here."""
-    library = native_build.build("linear_int8", _FLAGS, variant)
+    library = native_build.build_kernel("linear_int8", variant)
     if library is not None and library.linear_int8_group() != GROUP:
         raise RuntimeError(f"csrc/linear_int8.c groups {library.linear_int8_group()} inputs, not {GROUP}")
     return Int8Kernel(library) if library is not None else None

@@ -36,7 +36,7 @@ def supports(weight: torch.Tensor) -> bool:
 @functools.cache
 def load(variant: native_build.IsaVariant = native_build.NATIVE) -> LinearKernel | None:
     """The compiled kernel, or None (logged once) when it cannot be built or cannot run on this CPU."""
-    library = native_build.build("linear_bf16", variant=variant)
+    library = native_build.build_kernel("linear_bf16", variant)
     if library is None:
         return None
     if not library.linear_bf16_supported():

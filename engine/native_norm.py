@@ -24,8 +24,7 @@ _LLAMA, _GEMMA = 0, 1
 @functools.cache
 def load(variant: native_build.IsaVariant = native_build.NATIVE) -> NormKernel | None:
     """The compiled kernel, or None (logged once) when it cannot be built here."""
-    # no fused multiply-adds: each float32 operation must round as torch's does
-    library = native_build.build("rms_norm", ("-ffp-contract=off",), variant)
+    library = native_build.build_kernel("rms_norm", variant)
     return NormKernel(library) if library is not None else None
 
 

@@ -25,8 +25,7 @@ _ARGTYPES = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr]
 @functools.cache
 def load(variant: native_build.IsaVariant = native_build.NATIVE) -> RotaryKernel | None:
     """The compiled kernel, or None (logged once) when it cannot be built here."""
-    # no fused multiply-adds: each product must round to bf16 before the sum, as torch's do
-    library = native_build.build("rotary_kv", ("-ffp-contract=off",), variant)
+    library = native_build.build_kernel("rotary_kv", variant)
     return RotaryKernel(library) if library is not None else None
 
 
