@@ -130,6 +130,12 @@ class EngineSettings(BaseModel):
         "into the residual stream inside the products' C kernel (bf16 on the CPU, with `native_rotary`; "
         "the same bits as torch's add, checked at load); false = torch's adds.",
     )
+    native_layers: bool = Field(
+        _ENGINE_DEFAULTS.native_layers,
+        description="The fast forward's Llama-like layers that run every part in C (bf16 on the CPU) "
+        "run as one fixed sequence of C calls with their weights' pointers read at load (the same C "
+        "functions and bits, less Python a layer); false = each kernel through its Python wrapper.",
+    )
     fast_forward: bool = Field(
         _ENGINE_DEFAULTS.fast_forward,
         description="Llama, Mistral and Gemma 3 models step through the engine's own forward (same "

@@ -96,6 +96,7 @@ class EngineCore:
             config.native_rotary,
             config.native_silu,
             config.native_residual,
+            config.native_layers,
         )
         self.scheduler = Scheduler(
             max_num_seqs=config.max_num_seqs,

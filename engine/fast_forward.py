@@ -28,6 +28,7 @@ from torch import nn
 from engine import attention, native_linear, native_norm, native_rotary
 from engine.attention import AttentionMetadata
 from engine.fusion import FusedProjection, PackedLinear
+from engine.native_layers import NativeLayers
 from engine.native_norm import NormKernel
 from engine.native_rotary import RotaryKernel
 
@@ -367,13 +368,17 @@ class FastForward:
         native_rotary: bool = False,
         native_silu: bool = True,
         native_residual: bool = True,
+        native_layers: bool = True,
     ) -> None:
         """`native_rotary`: Llama-like layers rotate and write the KV cache in C (engine/native_rotary.py),
         for a bf16 CPU model whose KV cache is bf16 on the CPU (the caller knows the cache).
         `native_silu`: Llama-like layers whose gate/up product runs on the native bf16 kernel compute SiLU
         and the multiply inside it (`PackedLinear.silu_mul`).
         `native_residual`: with rotary in C, Llama-like layers whose o_proj and down products run on the
-        native bf16 kernel add them into the residual stream inside it (`PackedLinear.add_into`)."""
+        native bf16 kernel add them into the residual stream inside it (`PackedLinear.add_into`).
+        `native_layers`: Llama-like layers that run every part in C (rotary, SiLU and the residual adds
+        above, the norms) run as one fixed sequence of C calls (engine/native_layers.py) in steps whose
+        attention is the C kernel's."""
         reason = _unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"no fast forward for this model: {reason}")
@@ -381,6 +386,7 @@ class FastForward:
         self.embed = decoder.embed_tokens  # Gemma's scales its output: called as the module it is
         self.rotary = decoder.rotary_emb
         self.gemma = type(model).__name__ in GEMMA3
+        self.native_layers: NativeLayers | None = None
         kernel = self.norm_kernel = _norm_kernel(model, self.gemma) if native_norm else None
         if self.gemma:
             self.layers = [
@@ -399,6 +405,7 @@ class FastForward:
                 _LlamaLayer.of(i, layer, window, kernel, rotary, silu, add)
                 for i, layer in enumerate(decoder.layers)
             ]
+            self.native_layers = NativeLayers.of(self.layers, kernel, rotary) if native_layers else None
             self.final_norm = (decoder.norm.weight, decoder.norm.variance_epsilon)
             self.logit_softcap = None
         self.rope_kinds = sorted({layer.rope for layer in self.layers}, key=str)
@@ -422,9 +429,12 @@ class FastForward:
             args = (hidden, position_ids) if kind is None else (hidden, position_ids, kind)
             cos, sin = self.rotary(*args)
             tables[kind] = (cos[0].unsqueeze(1), sin[0].unsqueeze(1))
-        for layer in self.layers:
-            cos, sin = tables[layer.rope]
-            hidden = layer(hidden, cos, sin, meta)
+        if self.native_layers is not None and meta.kernel is not None:
+            hidden = self.native_layers(hidden, *tables[None], meta)
+        else:
+            for layer in self.layers:
+                cos, sin = tables[layer.rope]
+                hidden = layer(hidden, cos, sin, meta)
         norm = gemma_rms_norm if self.gemma else rms_norm
         logits = self.lm_head(norm(hidden[keep], *self.final_norm, self.norm_kernel))  # row-wise: slice first
         if self.logit_softcap is not None:

@@ -103,6 +103,11 @@ class PackedLinear(nn.Module):
         return self._kernel is not None
 
     @property
+    def native_kernel(self) -> native_linear_kernel.LinearKernel | None:
+        """The engine's bf16 kernel this product runs on (`weight` packed for it), or None."""
+        return self._kernel
+
+    @property
     def is_int8(self) -> bool:
         return self._int8 is not None
 

@@ -34,6 +34,7 @@ class ModelRunner:
         native_rotary: bool = True,
         native_silu: bool = True,
         native_residual: bool = True,
+        native_layers: bool = True,
     ) -> None:
         """Takes the model over: its attention becomes the paged one and, if `optimize`, its linears fused.
 
@@ -47,6 +48,8 @@ class ModelRunner:
         product's C kernel (bf16 CPU products on it).
         `native_residual`: the fast forward's Llama-like layers add the o_proj and down products into the
         residual stream inside their C kernel.
+        `native_layers`: the fast forward's Llama-like layers with every part in C as one fixed sequence
+        of C calls (engine/native_layers.py).
         `int8_weights`: bf16 CPU products on the int8 kernel (engine/native_int8.py), if `optimize`."""
         model.set_attn_implementation(attention.register())
         if optimize:
@@ -55,7 +58,7 @@ class ModelRunner:
         bf16_cpu_cache = kv_cache.dtype == torch.bfloat16 and device.type == "cpu"
         rotary = native_rotary and bf16_cpu_cache
         self.fast_forward = (
-            FastForward(model, native_norm, rotary, native_silu, native_residual)
+            FastForward(model, native_norm, rotary, native_silu, native_residual, native_layers)
             if use_fast_forward
             else None
         )

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -30,14 +31,14 @@ from engine import native_build
 
 logger = logging.getLogger("engine")
 
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 _i64, _ptr, _f32, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
 _ARGTYPES = [_int, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _f32, _i64, _f32, _ptr]
 
 
 def supports(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cpu" and dtype in _DTYPE_CODES
+    return device.type == "cpu" and dtype in DTYPE_CODES
 
 
 @functools.cache
@@ -55,6 +56,11 @@ class AttentionKernel:
         self._fn = library.decode_attention
         self._fn.argtypes = _ARGTYPES
         self._fn.restype = _int
+
+    @property
+    def raw(self) -> Callable[..., int]:
+        """The C function itself, unchecked (the arguments of `__call__`, the dtype's code first)."""
+        return self._fn
 
     def __call__(
         self,
@@ -80,7 +86,7 @@ class AttentionKernel:
         if not block_tables.is_contiguous() or num_heads % num_kv_heads:
             raise ValueError("bad block table layout or head count")
         status = self._fn(
-            _DTYPE_CODES[query.dtype],
+            DTYPE_CODES[query.dtype],
             query.data_ptr(),
             k_cache.data_ptr(),
             v_cache.data_ptr(),

@@ -66,6 +66,22 @@ class LinearKernel:
         self._add_alone.argtypes = [_ptr, _i64, _ptr, _i64, _i64, _i64]
         self._add_alone.restype = None
 
+    @property
+    def raw_product(self) -> Callable[..., int]:
+        """linear_bf16(x, M, K, ldx, packed, N, bias, y, ldy) -> status, unchecked."""
+        return self._fn
+
+    @property
+    def raw_silu_mul(self) -> Callable[..., int]:
+        """linear_bf16_silu_mul(x, M, K, ldx, packed, hidden, bias, both, ldb, out, ldo) -> status,
+        unchecked."""
+        return self._silu_mul
+
+    @property
+    def raw_add(self) -> Callable[..., int]:
+        """linear_bf16_add(x, M, K, ldx, packed, N, bias, y, ldy, residual, ldr) -> status, unchecked."""
+        return self._add
+
     @staticmethod
     def pack(weight: torch.Tensor) -> torch.Tensor:
         """(N, K) -> (ceil(N/16), K/2, 16, 2): each block's 16 columns side by side, k in pairs."""

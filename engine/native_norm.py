@@ -18,7 +18,7 @@ import torch
 from engine import native_build
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
-_LLAMA, _GEMMA = 0, 1
+LLAMA, GEMMA = 0, 1  # the C function's `kind`: transformers' two RMSNorms
 
 
 @functools.cache
@@ -37,8 +37,13 @@ class NormKernel:
         self._fn.argtypes = [ctypes.c_int, _ptr, _i64, _i64, _i64, _ptr, ctypes.c_float, _ptr]
         self._fn.restype = ctypes.c_int
 
+    @property
+    def raw(self) -> Callable[..., int]:
+        """The C function itself, unchecked: rms_norm(kind, x, rows, n, ldx, weight, eps, out) -> status."""
+        return self._fn
+
     def _run(self, kind: int, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        want = torch.float32 if kind == _GEMMA else torch.bfloat16
+        want = torch.float32 if kind == GEMMA else torch.bfloat16
         if x.dtype != torch.bfloat16 or weight.dtype != want or not weight.is_contiguous():
             raise ValueError(f"rms_norm takes bf16 rows and a contiguous {want} weight")
         n = x.shape[-1]
@@ -55,11 +60,11 @@ class NormKernel:
 
     def llama(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """weight * (x * rsqrt(mean(x^2) + eps)).to(bf16); x and weight bf16."""
-        return self._run(_LLAMA, x, weight, eps)
+        return self._run(LLAMA, x, weight, eps)
 
     def gemma(self, x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
         """(x * rsqrt(mean(x^2) + eps) * scale).to(bf16); x bf16, scale float32 (1 + weight)."""
-        return self._run(_GEMMA, x, scale, eps)
+        return self._run(GEMMA, x, scale, eps)
 
     def matches(self, reference: Callable, gemma: bool, width: int) -> bool:
         """Whether the kernel gives `reference`'s bits on random bf16 rows of this width."""

@@ -38,6 +38,12 @@ class RotaryKernel:
         self._fn.argtypes = _ARGTYPES
         self._fn.restype = ctypes.c_int
 
+    @property
+    def raw(self) -> Callable[..., int]:
+        """The C function itself, unchecked: rotary_kv(cos, sin, qkv, num_tokens, row_stride, num_q_heads,
+        num_kv_heads, head_dim, slots, k_cache, v_cache) -> status."""
+        return self._fn
+
     def __call__(
         self,
         qkv: torch.Tensor,  # (T, width) bf16: q heads, k heads, v heads; rotated in place

@@ -122,6 +122,9 @@ class EngineConfig:
     native_silu: bool = True
     # and their residual adds inside the o_proj and down products' C kernel, torch's bits
     native_residual: bool = True
+    # the fast forward's Llama-like layers with every part in C as one sequence of C calls whose constant
+    # arguments are read once (engine/native_layers.py): the same bits, less Python a layer
+    native_layers: bool = True
     fast_forward: bool = True  # Llama/Mistral/Gemma 3 skip transformers' module tree (engine/fast_forward.py)
     enable_prefix_caching: bool = True  # reuse the KV blocks of shared prefixes (docs/kv_cache.md)
     # A forward that fails for one sequence alone fails that request; this many such failures in a row,

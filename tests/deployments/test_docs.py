@@ -97,10 +97,11 @@ def flags_of(program: str) -> frozenset[str]:
     source = REPO_ROOT / ("deployments/cli.py" if program == "llmserve" else f"benchmarks/{program}.py")
     text = source.read_text(encoding="utf-8")
     flags = set(re.findall(r'"(--[a-z][\w-]*)"', text))
-    if "engine_switches" in text:  # --no-<switch>, built from the EngineConfig fields
-        from benchmarks.engine_switches import SWITCHES
+    if "engine_switches" in text:  # --no-<switch> and --<opt-in>, built from the EngineConfig fields
+        from benchmarks.engine_switches import OPT_IN, SWITCHES
 
         flags |= {"--no-" + field.replace("_", "-") for field in SWITCHES}
+        flags |= {"--" + field.replace("_", "-") for field in OPT_IN}
     return frozenset(flags | {"--help"})
 
 

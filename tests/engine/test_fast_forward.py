@@ -188,6 +188,9 @@ def test_smollm2_bf16_logits_equal_transformers_at_every_step():
     # and the residual adds inside the o_proj and down products' kernel, with rotary in C
     adds = [layer.add_in_kernel for layer in core.runner.fast_forward.layers]
     assert adds == [native_linear.load() is not None and native_rotary.load() is not None] * len(adds)
+    # and then every layer as one resolved sequence of C calls (engine/native_layers.py)
+    all_in_c = native_linear.load() and native_rotary.load() and native_norm.load()
+    assert (core.runner.fast_forward.native_layers is not None) == bool(all_in_c)
     equal = steps_equal(core, loaded.tokenizer, REAL_MODEL_TOKENS)
     assert len(equal) >= REAL_MODEL_TOKENS and all(equal)
 

@@ -1,0 +1,185 @@
+"""The Llama-like layers of the default CPU path as a fixed sequence of C calls, resolved once.
+
+With bf16 weights on the CPU and every kernel in C (the RMSNorms, the products with SiLU and the
+residual adds inside them, rotary with the KV-cache write, attention), a Llama layer is eight C calls
+and a copy. Through the kernels' Python wrappers each call checks its tensors again, allocates its
+output and reads ~10 pointers and strides: ~150-220 us a layer beyond the arithmetic at one row on a
+2-core Zen 3, most of a lone request's step beyond the weights' read (docs/performance.md, "The
+floor"). Here the weights' pointers and sizes are read once, when the model loads; the step's (its
+rows, cache slots, block tables and rotary tables) once a step for all layers, with the checks the
+wrappers make; and the layers share one set of scratch buffers. The same C functions get the same
+arguments, so the logits are the same bits (tests/engine/test_fast_forward.py compares them with
+transformers' at every step). `EngineConfig.native_layers` turns it off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine import native_attention, native_norm
+from engine.attention import AttentionMetadata
+from engine.fusion import PackedLinear
+from engine.native_linear import LinearKernel
+from engine.native_norm import NormKernel
+from engine.native_rotary import RotaryKernel
+
+
+def _ptr(tensor: torch.Tensor | None) -> int | None:
+    return tensor.data_ptr() if tensor is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class _Layer:
+    """One layer's constant arguments: its cache index, norms and packed weights (pointers), sizes."""
+
+    index: int
+    norm1: int
+    eps1: float
+    norm2: int
+    eps2: float
+    qkv: int
+    qkv_bias: int | None
+    o: int
+    o_bias: int | None
+    gate_up: int
+    gate_up_bias: int | None
+    down: int
+    down_bias: int | None
+    scale: float
+    window: int
+
+
+def _packed(linear: PackedLinear) -> tuple[int, int | None]:
+    return linear.weight.data_ptr(), _ptr(linear.bias)
+
+
+def _check(status: int, what: str) -> None:
+    if status != 0:
+        raise RuntimeError(f"{what} failed in C (status {status})")
+
+
+class NativeLayers:
+    """Runs `layers` (fast_forward's `_LlamaLayer`s, each with rotary, SiLU and the residual adds in C)
+    on a step's hidden states, in place; built by `of`, which says None where a layer does not qualify."""
+
+    def __init__(self, layers: list, norm: NormKernel, linear: LinearKernel, rotary: RotaryKernel) -> None:
+        first = layers[0].attn
+        self.q_size, self.k_size, self.head_dim = first.q_size, first.k_size, first.head_dim
+        self.qkv_size = first.qkv.out_features
+        self.hidden_size = first.o_proj.out_features
+        self.attn_size = first.o_proj.in_features
+        self.mlp_size = layers[0].mlp.down.in_features
+        self.num_q_heads = self.q_size // self.head_dim
+        self.num_kv_heads = self.k_size // self.head_dim
+        self._norm, self._rotary = norm.raw, rotary.raw
+        self._product, self._silu_mul, self._add = linear.raw_product, linear.raw_silu_mul, linear.raw_add
+        self.layers = []
+        for layer in layers:
+            attn, mlp = layer.attn, layer.mlp
+            qkv, qkv_bias = _packed(attn.qkv)
+            o, o_bias = _packed(attn.o_proj)
+            gate_up, gate_up_bias = _packed(mlp.gate_up)
+            down, down_bias = _packed(mlp.down)
+            scale = attn.head_dim**-0.5 if attn.scaling is None else attn.scaling
+            self.layers.append(
+                _Layer(
+                    attn.index,
+                    *(layer.norm1.data_ptr(), layer.eps1, layer.norm2.data_ptr(), layer.eps2),
+                    *(qkv, qkv_bias, o, o_bias, gate_up, gate_up_bias, down, down_bias),
+                    scale,
+                    attn.window or 0,
+                )
+            )
+        # the tensors whose pointers are held: kept alive with this object
+        self._weights = [layer.norm1 for layer in layers] + [layer.norm2 for layer in layers]
+
+    @classmethod
+    def of(cls, layers: list, norm: NormKernel | None, rotary: RotaryKernel | None) -> NativeLayers | None:
+        """The layers as C calls, or None unless every layer runs every part in C (its products on one
+        bf16 kernel) with one shape."""
+        if not layers or norm is None or rotary is None:
+            return None
+        first = layers[0]
+        linear = getattr(first.attn.qkv, "native_kernel", None)
+        if linear is None:
+            return None
+        for layer in layers:
+            attn, mlp = layer.attn, layer.mlp
+            products = (attn.qkv, attn.o_proj, mlp.gate_up, mlp.down)
+            if any(getattr(p, "native_kernel", None) is not linear for p in products):
+                return None
+            in_c = layer.rotary is not None and layer.kernel is not None and layer.add_in_kernel
+            if not (in_c and mlp.silu_in_kernel):
+                return None
+            shape = (attn.q_size, attn.k_size, attn.head_dim)
+            if shape != (first.attn.q_size, first.attn.k_size, first.attn.head_dim):
+                return None
+            for weight in (layer.norm1, layer.norm2):
+                if weight.dtype != torch.bfloat16 or not weight.is_contiguous():
+                    return None
+        return cls(layers, norm, linear, rotary)
+
+    def __call__(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """hidden (T, hidden_size) bf16, this step's own tensor: every layer applied to it in place;
+        cos and sin (T, 1, head_dim) bf16; meta with the attention kernel's block tables."""
+        num_tokens, width = hidden.shape
+        tables, lens, slots = meta.row_block_tables, meta.row_lens, meta.slot_mapping
+        cache = meta.kv_cache
+        step_tensors = (hidden, cos, sin, tables, lens, slots)
+        if hidden.dtype != torch.bfloat16 or width != self.hidden_size:
+            raise ValueError(f"the native layers take ({num_tokens}, {self.hidden_size}) bf16 hidden states")
+        if not all(t.is_contiguous() for t in step_tensors):
+            raise ValueError("hidden, cos, sin, the block tables, lengths and slots must be contiguous")
+        if cos.dtype != torch.bfloat16 or sin.dtype != torch.bfloat16:
+            raise ValueError("cos and sin must be bf16")
+        if cos.numel() != num_tokens * self.head_dim:
+            raise ValueError("cos and sin must be bf16 with one head_dim row per token")
+        if sin.numel() != cos.numel() or slots.numel() != num_tokens or lens.numel() != num_tokens:
+            raise ValueError("sin, slots and lengths must have one row per token")
+        if any(t.dtype != torch.int64 for t in (tables, lens, slots)):
+            raise ValueError("block tables, lengths and slots must be int64")
+        if cache.dtype != torch.bfloat16:
+            raise ValueError("the native layers take a bf16 KV cache")
+        bf16 = torch.bfloat16
+        normed = torch.empty(num_tokens, width, dtype=bf16)
+        qkv = torch.empty(num_tokens, self.qkv_size, dtype=bf16)
+        query = torch.empty(num_tokens, self.num_q_heads, self.head_dim, dtype=bf16)  # contiguous q
+        attended = torch.empty(num_tokens, self.attn_size, dtype=bf16)
+        product = torch.empty(num_tokens, width, dtype=bf16)  # each residual add's product, then dropped
+        both = torch.empty(num_tokens, 2 * self.mlp_size, dtype=bf16)  # gate and up, as written
+        gated = torch.empty(num_tokens, self.mlp_size, dtype=bf16)
+        q_view = qkv[:, : self.q_size].view(num_tokens, self.num_q_heads, self.head_dim)
+        h, n, x, q = hidden.data_ptr(), normed.data_ptr(), qkv.data_ptr(), query.data_ptr()
+        a, p, b, g = attended.data_ptr(), product.data_ptr(), both.data_ptr(), gated.data_ptr()
+        rows = num_tokens
+        step = (rows, width)  # rows and width of hidden and normed
+        qkv_size, attn_size, mlp = self.qkv_size, self.attn_size, self.mlp_size
+        heads = (self.num_q_heads, self.num_kv_heads, self.head_dim)
+        rotary_args = (cos.data_ptr(), sin.data_ptr(), x, rows, qkv_size, *heads, slots.data_ptr())
+        table_args = (tables.data_ptr(), tables.shape[1], lens.data_ptr(), rows, *heads, cache.block_size)
+        code = native_attention.DTYPE_CODES[bf16]
+        norm, product_fn, rotary, silu_mul, add = (
+            self._norm,
+            self._product,
+            self._rotary,
+            self._silu_mul,
+            self._add,
+        )
+        attend, llama = meta.kernel.raw, native_norm.LLAMA
+        for layer in self.layers:
+            kc, vc = cache.keys[layer.index].data_ptr(), cache.values[layer.index].data_ptr()
+            _check(norm(llama, h, *step, width, layer.norm1, layer.eps1, n), "rms_norm")
+            _check(product_fn(n, *step, width, layer.qkv, qkv_size, layer.qkv_bias, x, qkv_size), "qkv")
+            _check(rotary(*rotary_args, kc, vc), "rotary_kv")
+            query.copy_(q_view)
+            _check(attend(code, q, kc, vc, *table_args, layer.scale, layer.window, 0.0, a), "attention")
+            _check(add(a, rows, attn_size, attn_size, layer.o, width, layer.o_bias, p, width, h, width), "o")
+            _check(norm(llama, h, *step, width, layer.norm2, layer.eps2, n), "rms_norm")
+            up = (layer.gate_up, mlp, layer.gate_up_bias, b, 2 * mlp, g, mlp)
+            _check(silu_mul(n, *step, width, *up), "gate_up")
+            _check(add(g, rows, mlp, mlp, layer.down, width, layer.down_bias, p, width, h, width), "down")
+        return hidden
