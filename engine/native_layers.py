@@ -56,8 +56,13 @@ def _packed(linear: PackedLinear) -> tuple[int, int | None]:
 
 
 def _check(status: int, what: str) -> None:
-    if status != 0:
-        raise RuntimeError(f"{what} failed in C (status {status})")
+    """The wrappers' reading of a C status: the norm's and attention's non-zero and the products' -2
+    mean their scratch memory ran out; any other non-zero status, arguments the kernel refused."""
+    if status == 0:
+        return
+    if status == -2 or what in ("rms_norm", "attention"):
+        raise MemoryError(f"{what}: no memory for its scratch space")
+    raise RuntimeError(f"{what} refused its arguments (status {status})")
 
 
 class NativeLayers:

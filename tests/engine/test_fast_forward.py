@@ -11,7 +11,14 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+)
 
 from engine import native_linear, native_norm, native_rotary
 from engine.core import EngineCore
@@ -113,6 +120,51 @@ def test_a_wrong_window_would_be_seen(tiny_mistral):
     fast.layers = [replace(layer, attn=replace(layer.attn, window=None)) for layer in fast.layers]
     equal = steps_equal(core, tokenizer)
     assert not all(equal)
+
+
+def tiny_bf16(tokenizer, mistral: bool):
+    """A fresh two-layer tiny Llama, or Mistral with an 8-token window, in bf16: the default CPU path,
+    where every part of a layer runs in C and the layers run as one sequence of C calls."""
+    kind, model = (MistralConfig, MistralForCausalLM) if mistral else (LlamaConfig, LlamaForCausalLM)
+    window = {"sliding_window": 8} if mistral else {}
+    config = kind(**tiny_dims(tokenizer), num_hidden_layers=2, max_position_embeddings=256, **window)
+    torch.manual_seed(0)
+    return model(config).to(torch.bfloat16).eval(), tokenizer
+
+
+def all_kernels_in_c() -> bool:
+    return all(load() is not None for load in (native_linear.load, native_rotary.load, native_norm.load))
+
+
+@pytest.mark.parametrize("mistral", [False, True], ids=["llama", "mistral"])
+@pytest.mark.parametrize("max_num_batched_tokens", [256, 24])
+def test_bf16_layers_as_one_c_sequence_equal_transformers(tiny, mistral, max_num_batched_tokens):
+    """engine/native_layers.py: chunked and packed prefills, prefix-cache hits and decodes, the window."""
+    if not all_kernels_in_c():
+        pytest.skip("no C compiler: the layers stay on the kernels' wrappers or torch")
+    model_and_tokenizer = tiny_bf16(tiny[1], mistral)
+    core = make_core(model_and_tokenizer, max_num_batched_tokens=max_num_batched_tokens)
+    native = core.runner.fast_forward.native_layers
+    assert native is not None
+    assert [layer.window for layer in native.layers] == ([8, 8] if mistral else [0, 0])
+    equal = steps_equal(core, tiny[1])
+    assert len(equal) >= 20 and all(equal)
+
+
+def test_a_wrong_window_in_the_c_sequence_would_be_seen(tiny):
+    """The check above can fail: the C sequence with the window dropped differs from transformers."""
+    if not all_kernels_in_c():
+        pytest.skip("no C compiler")
+    core = make_core(tiny_bf16(tiny[1], mistral=True), max_num_batched_tokens=24)
+    native = core.runner.fast_forward.native_layers
+    native.layers = [replace(layer, window=0) for layer in native.layers]
+    assert not all(steps_equal(core, tiny[1]))
+
+
+def test_the_c_sequence_can_be_switched_off(tiny):
+    core = make_core(tiny_bf16(tiny[1], mistral=False), native_layers=False)
+    assert core.runner.fast_forward is not None and core.runner.fast_forward.native_layers is None
+    assert EngineConfig().native_layers
 
 
 @pytest.fixture(scope="module")
