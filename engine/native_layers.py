@@ -56,13 +56,18 @@ def _packed(linear: PackedLinear) -> tuple[int, int | None]:
 
 
 def _check(status: int, what: str) -> None:
-    """The wrappers' reading of a C status: the norm's and attention's non-zero and the products' -2
-    mean their scratch memory ran out; any other non-zero status, arguments the kernel refused."""
-    if status == 0:
-        return
-    if status == -2 or what in ("rms_norm", "attention"):
+    """A product's or rotary's status, read as their wrappers read it: -2, its scratch memory ran out;
+    any other non-zero status, arguments the kernel refused."""
+    if status == -2:
         raise MemoryError(f"{what}: no memory for its scratch space")
-    raise RuntimeError(f"{what} refused its arguments (status {status})")
+    if status != 0:
+        raise RuntimeError(f"{what} refused its arguments (status {status})")
+
+
+def _check_memory(status: int, what: str) -> None:
+    """The norm's or attention's status: any non-zero one means its scratch memory ran out."""
+    if status != 0:
+        raise MemoryError(f"{what}: no memory for its scratch space")
 
 
 class NativeLayers:
@@ -97,8 +102,7 @@ class NativeLayers:
                     attn.window or 0,
                 )
             )
-        # the tensors whose pointers are held: kept alive with this object
-        self._weights = [layer.norm1 for layer in layers] + [layer.norm2 for layer in layers]
+        self._sources = layers  # the modules and tensors whose pointers are held: alive with this object
 
     @classmethod
     def of(cls, layers: list, norm: NormKernel | None, rotary: RotaryKernel | None) -> NativeLayers | None:
@@ -177,13 +181,14 @@ class NativeLayers:
         attend, llama = meta.kernel.raw, native_norm.LLAMA
         for layer in self.layers:
             kc, vc = cache.keys[layer.index].data_ptr(), cache.values[layer.index].data_ptr()
-            _check(norm(llama, h, *step, width, layer.norm1, layer.eps1, n), "rms_norm")
+            _check_memory(norm(llama, h, *step, width, layer.norm1, layer.eps1, n), "rms_norm")
             _check(product_fn(n, *step, width, layer.qkv, qkv_size, layer.qkv_bias, x, qkv_size), "qkv")
             _check(rotary(*rotary_args, kc, vc), "rotary_kv")
             query.copy_(q_view)
-            _check(attend(code, q, kc, vc, *table_args, layer.scale, layer.window, 0.0, a), "attention")
+            attention = (layer.scale, layer.window, 0.0, a)  # softcap 0: none
+            _check_memory(attend(code, q, kc, vc, *table_args, *attention), "attention")
             _check(add(a, rows, attn_size, attn_size, layer.o, width, layer.o_bias, p, width, h, width), "o")
-            _check(norm(llama, h, *step, width, layer.norm2, layer.eps2, n), "rms_norm")
+            _check_memory(norm(llama, h, *step, width, layer.norm2, layer.eps2, n), "rms_norm")
             up = (layer.gate_up, mlp, layer.gate_up_bias, b, 2 * mlp, g, mlp)
             _check(silu_mul(n, *step, width, *up), "gate_up")
             _check(add(g, rows, mlp, mlp, layer.down, width, layer.down_bias, p, width, h, width), "down")
