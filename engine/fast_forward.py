@@ -405,7 +405,7 @@ class FastForward:
                 _LlamaLayer.of(i, layer, window, kernel, rotary, silu, add)
                 for i, layer in enumerate(decoder.layers)
             ]
-            self.native_layers = NativeLayers.of(self.layers, kernel, rotary) if native_layers else None
+            self.native_layers = NativeLayers.of(self.layers) if native_layers else None
             self.final_norm = (decoder.norm.weight, decoder.norm.variance_epsilon)
             self.logit_softcap = None
         self.rope_kinds = sorted({layer.rope for layer in self.layers}, key=str)

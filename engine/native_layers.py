@@ -105,22 +105,23 @@ class NativeLayers:
         self._sources = layers  # the modules and tensors whose pointers are held: alive with this object
 
     @classmethod
-    def of(cls, layers: list, norm: NormKernel | None, rotary: RotaryKernel | None) -> NativeLayers | None:
-        """The layers as C calls, or None unless every layer runs every part in C (its products on one
-        bf16 kernel) with one shape."""
-        if not layers or norm is None or rotary is None:
+    def of(cls, layers: list) -> NativeLayers | None:
+        """The layers as C calls, or None unless every layer runs every part in C on the same kernels
+        (the first layer's norm, rotary and bf16 product kernels) with one shape."""
+        if not layers:
             return None
         first = layers[0]
+        norm, rotary = first.kernel, first.rotary
         linear = getattr(first.attn.qkv, "native_kernel", None)
-        if linear is None:
+        if norm is None or rotary is None or linear is None:
             return None
         for layer in layers:
             attn, mlp = layer.attn, layer.mlp
             products = (attn.qkv, attn.o_proj, mlp.gate_up, mlp.down)
             if any(getattr(p, "native_kernel", None) is not linear for p in products):
                 return None
-            in_c = layer.rotary is not None and layer.kernel is not None and layer.add_in_kernel
-            if not (in_c and mlp.silu_in_kernel):
+            same_kernels = layer.kernel is norm and layer.rotary is rotary
+            if not (same_kernels and layer.add_in_kernel and mlp.silu_in_kernel):
                 return None
             shape = (attn.q_size, attn.k_size, attn.head_dim)
             if shape != (first.attn.q_size, first.attn.k_size, first.attn.head_dim):
