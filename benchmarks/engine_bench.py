@@ -12,6 +12,7 @@ instead (unique prompts, its levels): the quiet engine-alone figure to hold a se
 `--client-gap-ms 5` makes each closed-loop client wait that long between a request's end and its next,
 as a remote client's round trip does (the in-process default sends the next one at once);
 `--refill-wait-ms 40` turns the engine's refill hold on (docs/engine.md).
+`--max-num-seqs 64` runs the batch size SmolLM2's served config has (the default here is 32).
 """
 
 from __future__ import annotations
@@ -175,6 +176,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--max-num-seqs", type=int, default=32, help="the engine's batch size (SmolLM2's served config: 64)"
+    )
     parser.add_argument("--sequential-requests", type=int, default=4)
     parser.add_argument("--skip-baselines", action="store_true")
     parser.add_argument("--guided", action="store_true", help="also compare JSON-guided with free requests")
@@ -230,7 +234,7 @@ def main() -> None:
     engine = AsyncEngine.from_loader(
         load,
         EngineConfig(
-            max_num_seqs=32,
+            max_num_seqs=args.max_num_seqs,
             num_threads=threads,
             refill_wait_ms=args.refill_wait_ms,
             **switches(args),
