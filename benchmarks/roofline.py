@@ -3,8 +3,10 @@
     python benchmarks/roofline.py [--model smollm2-135m-instruct] [--dtype bfloat16] [--repeat 5]
 
 1. The machine: its peak from large compute-bound products (float32 through oneDNN, bf16 through
-   torch and through the engine's own kernel at many rows) and its memory bandwidth (a read of a
-   buffer far larger than the caches; a copy).
+   torch and through the engine's own kernel at many rows) and from instruction throughput (float32
+   fused multiply-adds alone on every core, fma_peak.c: the ceiling no product reaches), the highest
+   of them taken as the peak; and its memory bandwidth (a read of a buffer far larger than the caches;
+   a copy).
 2. The model as the server loads it (EngineCore: fused and packed products, paged attention): for a
    decode step at 1, 16 and 64 sequences and for a prefill chunk, the FLOPs (every product, and the
    attention's q.k and p.v) and the bytes a step must read at least (every weight once, the KV cache
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import dataclasses
 import os
 import platform
@@ -108,14 +111,41 @@ def measure_machine(repeat: int, dtype: torch.dtype) -> Machine:
         print(
             f"| the engine's bf16 kernel ({kernel.isa}), 512x{k}x{n} | {rates['engine'] / 1e9:.0f} GFLOP/s |"
         )
+    fma = fma_peak(repeat)
+    if fma is not None:
+        isa, threads, rates["fma"] = fma
+        print(
+            f"| float32 FMA instruction throughput ({isa}, {threads} threads, no loads) "
+            f"| {rates['fma'] / 1e9:.0f} GFLOP/s |"
+        )
     big = torch.ones(256 * 2**20 // 4, dtype=torch.float32)  # 256 MiB, far beyond the caches
     read = big.numel() * 4 / timed(lambda: big.sum(), repeat)
     out = torch.empty_like(big)
     copy = 2 * big.numel() * 4 / timed(lambda: out.copy_(big), repeat)
     print(f"| read 256 MiB (sum) | {read / 1e9:.1f} GB/s |")
     print(f"| copy 256 MiB (read + write) | {copy / 1e9:.1f} GB/s |")
-    peak = max(rates["float32"], rates.get("engine", 0.0) if dtype == torch.bfloat16 else 0.0)
+    peak = max(
+        rates["float32"], rates.get("fma", 0.0), rates.get("engine", 0.0) if dtype == torch.bfloat16 else 0.0
+    )
     return Machine(peak_flops=peak, bandwidth=max(read, copy))
+
+
+def fma_peak(repeat: int) -> tuple[str, int, float] | None:
+    """(instruction set, threads, FLOP/s) of fused multiply-adds alone on every usable core (fma_peak.c):
+    the ceiling the products work under, which no product reaches (theirs also load and convert)."""
+    from engine import native_build
+
+    library = native_build.build_source(Path(__file__).with_name("fma_peak.c"))
+    if library is None:
+        return None
+    library.fma_peak_isa.restype = ctypes.c_char_p
+    library.fma_peak_flops_per_iteration.restype = ctypes.c_int64
+    library.fma_peak_run.restype = ctypes.c_float
+    library.fma_peak_run.argtypes = [ctypes.c_int, ctypes.c_int64]
+    threads, iterations = torch.get_num_threads(), 50_000_000
+    seconds = timed(lambda: library.fma_peak_run(threads, iterations), repeat)
+    flops = threads * iterations * library.fma_peak_flops_per_iteration()
+    return library.fma_peak_isa().decode(), threads, flops / seconds
 
 
 @dataclass(frozen=True, slots=True)

@@ -163,10 +163,22 @@ def ensure_built(
 ) -> Path | None:
     """The path of csrc/<name>.c's library for these flags, compiled if the cache lacks it; None (logged)
     when it cannot be built, or NativeBuildError where required."""
+    return _ensure_built_source(name, SOURCE_DIR / f"{name}.c", flags, variant)
+
+
+def build_source(source: Path) -> ctypes.CDLL | None:
+    """Another C file (a benchmark's: benchmarks/fma_peak.c) built for this CPU as the kernels are, in
+    the same cache, and loaded; None (logged) when it cannot be."""
+    target = _ensure_built_source(source.stem, source, (), NATIVE)
+    return ctypes.CDLL(str(target)) if target is not None else None
+
+
+def _ensure_built_source(
+    name: str, source: Path, flags: list[str] | tuple[str, ...], variant: IsaVariant
+) -> Path | None:
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         return _unavailable(f"no C compiler found: the {name} kernel is off (torch is used instead)")
-    source = SOURCE_DIR / f"{name}.c"
     flags = [*flags, *variant.flags]
     all_flags = [*_BASE_FLAGS, *flags, *_OPENMP_FLAGS]
     headers = [h.read_bytes() for h in sorted(SOURCE_DIR.glob("*.h"))]  # included by the sources
