@@ -3,6 +3,7 @@
     python benchmarks/linear_bench.py [--rows 1 16 32 64 256] [--rounds 5] [--variants native avx2]
     python benchmarks/linear_bench.py --define "ROWS=4 UNIT=4" --define "ROWS=8 UNIT=6"  # tile A/B
     python benchmarks/linear_bench.py --int8 native avx2  # the int8 kernel (csrc/linear_int8.c) too
+    python benchmarks/linear_bench.py --epilogues --define SILU_SCALAR  # the SiLU's AVX2 path A/B
 
 Each build runs SmolLM2-135M's products of one step (30 layers' fused q/k/v, o, fused gate/up and down
 on `rows` rows, the lm head on `rows` rows), random bf16 weights packed as the engine packs them. The
@@ -32,6 +33,7 @@ from engine import native_build, native_int8, native_linear
 
 # (out_features, in_features, times a step) of SmolLM2-135M: 30 layers, then the lm head
 SMOLLM2 = [(960, 576, 30), (576, 576, 30), (3072, 576, 30), (576, 1536, 30), (49152, 576, 1)]
+SMOLLM2_HIDDEN, SMOLLM2_MLP = 576, 1536
 
 
 def builds(args) -> dict[str, native_linear.LinearKernel]:
@@ -51,13 +53,22 @@ def builds(args) -> dict[str, native_linear.LinearKernel]:
     return found
 
 
-def step_fn(kernel, rows: int, shapes):
-    """One step's products on `kernel` (the bf16 or the int8 one)."""
+def step_fn(kernel, rows: int, shapes, epilogues: bool = False):
+    """One step's products on `kernel` (the bf16 or the int8 one); with `epilogues`, the bf16 kernel's
+    gate/up product also applies SiLU and the multiply, and o_proj and down add into a residual, as the
+    engine's Llama layers run them."""
     calls = []
     for n, k, times in shapes:
         x, packed = torch.randn(rows, k).bfloat16(), kernel.pack(torch.randn(n, k).bfloat16())
         if isinstance(kernel, native_int8.Int8Kernel):
             calls.append((lambda x=x, w=packed: kernel(x, w, None), times))
+        elif epilogues and n == 2 * SMOLLM2_MLP:  # the fused [gate; up]
+            calls.append((lambda x=x, w=packed: kernel.silu_mul(x, w, SMOLLM2_MLP, None), times))
+        elif epilogues and n == SMOLLM2_HIDDEN:  # o_proj, down: their residual adds
+            residual = torch.randn(rows, n).bfloat16()
+            calls.append(
+                (lambda x=x, w=packed, r=residual: kernel.add_into(x, w, SMOLLM2_HIDDEN, None, r), times)
+            )
         else:
             calls.append((lambda x=x, w=packed, n=n: kernel(x, w, n, None), times))
 
@@ -93,6 +104,9 @@ def main() -> None:
     parser.add_argument("--int8-define", action="append", help="a native int8 build with these -D macros")
     parser.add_argument("--onednn", action="store_true", help="also torch's oneDNN products (fp32, bf16)")
     parser.add_argument("--threads", type=int, default=0, help="torch/OpenMP threads; 0 = every usable core")
+    parser.add_argument(
+        "--epilogues", action="store_true", help="SiLU in gate/up, residual adds in o/down, as in the engine"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     kernels = builds(args)
@@ -102,7 +116,7 @@ def main() -> None:
     print(header + "\n" + "|---" * (len(args.rows) + 1) + "|")
     with torch.inference_mode():
         for rows in args.rows:
-            fns = {name: step_fn(kernel, rows, SMOLLM2) for name, kernel in kernels.items()}
+            fns = {name: step_fn(kernel, rows, SMOLLM2, args.epilogues) for name, kernel in kernels.items()}
             if args.onednn and torch.backends.mkldnn.is_available():
                 fns["oneDNN float32"] = onednn_fn(rows, SMOLLM2, torch.float32)
                 if torch.ops.mkldnn._is_mkldnn_bf16_supported():
