@@ -170,7 +170,12 @@ def build_source(source: Path) -> ctypes.CDLL | None:
     """Another C file (a benchmark's: benchmarks/fma_peak.c) built for this CPU as the kernels are, in
     the same cache, and loaded; None (logged) when it cannot be."""
     target = _ensure_built_source(source.stem, source, (), NATIVE)
-    return ctypes.CDLL(str(target)) if target is not None else None
+    if target is None:
+        return None
+    try:
+        return ctypes.CDLL(str(target))
+    except OSError as exc:
+        return _unavailable(f"loading {source.name}'s build failed: {exc}")
 
 
 def _ensure_built_source(
