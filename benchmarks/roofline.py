@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import dataclasses
 import os
 import platform
@@ -44,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's packages
 
+import fma_peak
 from engine_switches import add_switch_flags, switches
 from prompts import unique_prompt_texts
 
@@ -111,7 +111,7 @@ def measure_machine(repeat: int, dtype: torch.dtype) -> Machine:
         print(
             f"| the engine's bf16 kernel ({kernel.isa}), 512x{k}x{n} | {rates['engine'] / 1e9:.0f} GFLOP/s |"
         )
-    fma = fma_peak(repeat)
+    fma = fma_throughput(repeat)
     if fma is not None:
         isa, threads, rates["fma"] = fma
         print(
@@ -130,18 +130,12 @@ def measure_machine(repeat: int, dtype: torch.dtype) -> Machine:
     return Machine(peak_flops=peak, bandwidth=max(read, copy))
 
 
-def fma_peak(repeat: int) -> tuple[str, int, float] | None:
+def fma_throughput(repeat: int) -> tuple[str, int, float] | None:
     """(instruction set, threads, FLOP/s) of fused multiply-adds alone on every usable core (fma_peak.c):
     the ceiling the products work under, which no product reaches (theirs also load and convert)."""
-    from engine import native_build
-
-    library = native_build.build_source(Path(__file__).with_name("fma_peak.c"))
+    library = fma_peak.load()
     if library is None:
         return None
-    library.fma_peak_isa.restype = ctypes.c_char_p
-    library.fma_peak_flops_per_iteration.restype = ctypes.c_int64
-    library.fma_peak_run.restype = ctypes.c_float
-    library.fma_peak_run.argtypes = [ctypes.c_int, ctypes.c_int64]
     threads, iterations = torch.get_num_threads(), 50_000_000
     seconds = timed(lambda: library.fma_peak_run(threads, iterations), repeat)
     flops = threads * iterations * library.fma_peak_flops_per_iteration()

@@ -48,4 +48,13 @@ static inline void f32x16_store_bf16(__m512 v, uint16_t *y, int64_t n, int64_t N
 }
 #endif
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+
+/* 8 bf16 values -> 8 float32 (exact) */
+static inline __m256 bf16x8_to_f32(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+#endif
+
 #endif

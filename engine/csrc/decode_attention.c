@@ -206,11 +206,6 @@ static inline __attribute__((always_inline)) void fast_kv(
 #include <immintrin.h>
 #define HAVE_AVX2_QK 1
 
-/* 8 bf16 values -> 8 float32 (the AVX2 twin of widen_bf16 above) */
-static inline __m256 widen8_bf16(const uint16_t *src) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)src)), 16));
-}
-
 /* The 8 sums of 8 vectors: r[j] = sum of v[j]'s lanes, in one fixed order. */
 static inline __m256 sum8(const __m256 v[8]) {
     const __m256 h01 = _mm256_hadd_ps(v[0], v[1]), h23 = _mm256_hadd_ps(v[2], v[3]);
@@ -237,7 +232,7 @@ static inline __attribute__((always_inline)) void qk_avx2(
         const uint16_t *k = k_base + (table[b / 16] * 16 + b % 16) * row_stride;
         for (int t = 0; t < 8; t++)
             for (int64_t j = 0; j < head_dim; j += 8)
-                _mm256_store_ps(kf + t * head_dim + j, widen8_bf16(k + t * row_stride + j));
+                _mm256_store_ps(kf + t * head_dim + j, bf16x8_to_f32(k + t * row_stride + j));
         for (int64_t h = 0; h < heads; h++) {
             __m256 acc[8];
             for (int t = 0; t < 8; t++) acc[t] = _mm256_setzero_ps();
@@ -268,7 +263,7 @@ static inline __attribute__((always_inline)) void pv_avx2(
             const int64_t pos = first + t;
             const uint16_t *v = v_base + (table[pos / 16] * 16 + pos % 16) * row_stride + j0;
             __m256 vf[4];
-            for (int c = 0; c < 4; c++) vf[c] = widen8_bf16(v + 8 * c);
+            for (int c = 0; c < 4; c++) vf[c] = bf16x8_to_f32(v + 8 * c);
             for (int h = 0; h < NH; h++) {
                 const __m256 p = _mm256_set1_ps(scores[h * score_stride + t]);
                 for (int c = 0; c < 4; c++) a[h][c] = _mm256_fmadd_ps(p, vf[c], a[h][c]);

@@ -104,8 +104,7 @@ static void quantize_group_avx2(const uint16_t *xr, int64_t m, int64_t g, rows_t
     __m256 v[4], top4 = _mm256_setzero_ps();
     int finite = 1;
     for (int i = 0; i < 4; i++) {
-        const __m128i h = _mm_loadu_si128((const __m128i *)(xr + k0 + 8 * i));
-        v[i] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+        v[i] = bf16x8_to_f32(xr + k0 + 8 * i);
         const __m256 a = _mm256_and_ps(v[i], magnitude);
         finite &= _mm256_movemask_ps(_mm256_cmp_ps(a, big, _CMP_LE_OQ)) == 0xff; /* NaN: false */
         top4 = _mm256_max_ps(top4, a);

@@ -80,10 +80,6 @@ static inline __m256i f32x8_to_bf16_vec(__m256 f) {
     return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0xffff), _mm256_castps_si256(nan));
 }
 
-static inline __m256 bf16x8_to_f32(const uint16_t *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-
 /* elements [0, n - n % 8) of one row; returns how many it did */
 static inline int64_t silu_mul_row8(const uint16_t *g, const uint16_t *v, uint16_t *o, int64_t n) {
     int64_t i = 0;

@@ -1,26 +1,21 @@
 """benchmarks/fma_peak.c, the FMA-throughput ceiling roofline.py prints: built for this CPU as the
-kernels are (engine.native_build.build_source), every chain and every thread counted."""
+kernels are (benchmarks/fma_peak.py), every chain and every thread counted."""
 
 import ctypes
 from pathlib import Path
 
 import pytest
 
-from engine import native_build
+from benchmarks import fma_peak
 
-SOURCE = Path(__file__).resolve().parents[2] / "benchmarks" / "fma_peak.c"
 CHAINS = 12
 LANES = {"avx512f": 16, "avx2": 8, "scalar": 1}
 
 
 @pytest.fixture(scope="module")
 def library() -> ctypes.CDLL:
-    library = native_build.build_source(SOURCE)
+    library = fma_peak.load()
     assert library is not None
-    library.fma_peak_isa.restype = ctypes.c_char_p
-    library.fma_peak_flops_per_iteration.restype = ctypes.c_int64
-    library.fma_peak_run.restype = ctypes.c_float
-    library.fma_peak_run.argtypes = [ctypes.c_int, ctypes.c_int64]
     return library
 
 
