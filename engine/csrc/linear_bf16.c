@@ -191,7 +191,8 @@ static void release_rows(const row_t *rows) { free((void *)rows); }
    weight, read as bf16 (half the bytes of float32) and widened in registers: each 32-bit lane of a
    packed pair holds k (low half) and k+1 (high half), so a shift and a mask give both as float32.
    The rows are widened to float32 once per call. Every output is one float32 sum over k in ascending
-   order (two FMAs per pair), whatever the row count: a row's bits never depend on the batch. Here,
+   order (two FMAs per pair), whatever the row count: a row's bits never depend on the batch. Rows go
+   six at a time through `tile6` (12 sums in flight), the last 1-5 through tiles of up to 4 rows. Here,
    without it, torch's bf16 product on such a CPU runs ~4x slower than this (docs/performance.md). */
 #include <immintrin.h>
 #include <stdlib.h>
@@ -265,6 +266,54 @@ static inline __attribute__((always_inline)) void tile(const int R, const int V,
         for (int c = 0; c < V; c++) store_bf16x8(acc[r][c], bias, y + r * ldy, n0 + c * 8, N);
 }
 
+#ifndef AVX2_TILE4 /* -DAVX2_TILE4: tiles of at most 4 rows, as before tile6 (benchmarks/linear_bench.py A/B) */
+#define TILE6 1
+#endif
+
+#ifdef TILE6
+/* 6 rows x one block of 16 columns: 12 sums in flight, which the tile above cannot hold with both
+   halves of every pair widened (12 + 4 + 2 > 16 registers). Per pair: the block's even halves are
+   widened and every row's k-th value multiplied in, then its odd halves (the block read again, from
+   L1): 12 + 2 + 1 registers. Each sum is still fma(x[k], w[k]) then fma(x[k+1], w[k+1]) for k
+   ascending: the same bits as the tile above. */
+#define FMA2(A0, A1, X, W0, W1) A0 = _mm256_fmadd_ps(X, W0, A0), A1 = _mm256_fmadd_ps(X, W1, A1)
+static void tile6(const float *xf, int64_t K, const uint16_t *w, int64_t K2, const float *bias, uint16_t *y,
+                  int64_t ldy, int64_t n0, int64_t N) {
+    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00;
+    __m256 a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
+    const float *x0 = xf, *x1 = xf + K, *x2 = xf + 2 * K, *x3 = xf + 3 * K, *x4 = xf + 4 * K, *x5 = xf + 5 * K;
+    for (int64_t k2 = 0; k2 < K2; k2++) {
+        const __m256i *wk = (const __m256i *)(w + k2 * 2 * BLOCK);
+        const int64_t k = 2 * k2;
+        __m256 w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(wk), 16));
+        __m256 w1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(wk + 1), 16));
+        FMA2(a00, a01, _mm256_broadcast_ss(x0 + k), w0, w1);
+        FMA2(a10, a11, _mm256_broadcast_ss(x1 + k), w0, w1);
+        FMA2(a20, a21, _mm256_broadcast_ss(x2 + k), w0, w1);
+        FMA2(a30, a31, _mm256_broadcast_ss(x3 + k), w0, w1);
+        FMA2(a40, a41, _mm256_broadcast_ss(x4 + k), w0, w1);
+        FMA2(a50, a51, _mm256_broadcast_ss(x5 + k), w0, w1);
+        __asm__ volatile("" ::: "memory"); /* read the block again: kept, it would take two registers */
+        w0 = _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256(wk), high));
+        w1 = _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256(wk + 1), high));
+        FMA2(a00, a01, _mm256_broadcast_ss(x0 + k + 1), w0, w1);
+        FMA2(a10, a11, _mm256_broadcast_ss(x1 + k + 1), w0, w1);
+        FMA2(a20, a21, _mm256_broadcast_ss(x2 + k + 1), w0, w1);
+        FMA2(a30, a31, _mm256_broadcast_ss(x3 + k + 1), w0, w1);
+        FMA2(a40, a41, _mm256_broadcast_ss(x4 + k + 1), w0, w1);
+        FMA2(a50, a51, _mm256_broadcast_ss(x5 + k + 1), w0, w1);
+    }
+    const __m256 acc[6][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}, {a40, a41}, {a50, a51}};
+    for (int r = 0; r < 6; r++) {
+        store_bf16x8(acc[r][0], bias, y + r * ldy, n0, N);
+        store_bf16x8(acc[r][1], bias, y + r * ldy, n0 + 8, N);
+    }
+}
+#undef ROWS
+#define ROWS 6 /* rows per tile: tile6, and 4 + 1 or fewer for the last rows */
+#endif
+
 /* Tiles of R rows x TILE_BLOCKS_R blocks of 16 columns (two vectors each): 8 sums in flight at 4 rows,
    and 14 of the 16 registers in use (measured against other shapes in docs/performance.md). */
 #define VECS_PER_BLOCK 2
@@ -314,13 +363,30 @@ static void add_rows(const uint16_t *y, int64_t ldy, uint16_t *residual, int64_t
             tile(R, VECS_PER_BLOCK, rows, ld, w + b * K2 * 2 * BLOCK, K2, bias, y, ldy, b * BLOCK, N); \
     } while (0)
 
+#ifdef TILE6
+#define TILES6()                                                                                       \
+    for (int64_t b = b0; b < b1; b++) tile6(rows, ld, w + b * K2 * 2 * BLOCK, K2, bias, y, ldy, b * BLOCK, N)
+/* R rows from row M0 of the tile, one block at a time */
+#define TILES_AT(R, M0)                                                                                \
+    do {                                                                                               \
+        const row_t *rows_at = rows + (M0) * ld;                                                       \
+        uint16_t *y_at = y + (M0) * ldy;                                                               \
+        for (int64_t b = b0; b < b1; b++)                                                              \
+            tile(R, VECS_PER_BLOCK, rows_at, ld, w + b * K2 * 2 * BLOCK, K2, bias, y_at, ldy, b * BLOCK, N); \
+    } while (0)
+#endif
+
 static void unit_rows(int R, const row_t *rows, int64_t ld, const uint16_t *w, int64_t K2,
                       const float *bias, uint16_t *y, int64_t ldy, int64_t b0, int64_t b1, int64_t N) {
     switch (R) {
     case 1: TILES(1, TILE_BLOCKS_1); break;
     case 2: TILES(2, TILE_BLOCKS_2); break;
     case 3: TILES(3, TILE_BLOCKS_3); break;
-#if ROWS > 4
+#ifdef TILE6
+    case 4: TILES(4, TILE_BLOCKS_4); break;
+    case 5: TILES(4, TILE_BLOCKS_4); TILES_AT(1, 4); break;
+    default: TILES6(); break;
+#elif ROWS > 4
     case 4: TILES(4, TILE_BLOCKS_4); break;
     case 5: TILES(5, TILE_BLOCKS_5); break;
     case 6: TILES(6, TILE_BLOCKS_6); break;
