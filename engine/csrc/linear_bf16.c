@@ -198,7 +198,7 @@ static void release_rows(const row_t *rows) { free((void *)rows); }
 #include <stdlib.h>
 
 #define UNIT 6 /* column blocks per unit of work */
-#define ROWS 4 /* rows per tile */
+#define TILE_ROWS 4 /* rows of `tile` at most */
 #define MAX_VECS 6
 
 /* y[r][n0 .. n0 + 8) from a float32 vector: bias, round to nearest even as torch does, NaN kept NaN */
@@ -231,7 +231,7 @@ static inline __attribute__((always_inline)) void tile(const int R, const int V,
                                                        int64_t K, const uint16_t *w, int64_t K2,
                                                        const float *bias, uint16_t *y, int64_t ldy,
                                                        int64_t n0, int64_t N) {
-    __m256 acc[ROWS][MAX_VECS];
+    __m256 acc[TILE_ROWS][MAX_VECS];
     const int64_t block_stride = K2 * 2 * BLOCK;
     const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
 #pragma GCC unroll 4
@@ -310,8 +310,9 @@ static void tile6(const float *xf, int64_t K, const uint16_t *w, int64_t K2, con
         store_bf16x8(acc[r][1], bias, y + r * ldy, n0 + 8, N);
     }
 }
-#undef ROWS
-#define ROWS 6 /* rows per tile: tile6, and 4 + 1 or fewer for the last rows */
+#define ROWS 6 /* rows a unit_rows call takes: tile6's, and the last 1-5 as 4 + 1 or fewer */
+#else
+#define ROWS TILE_ROWS
 #endif
 
 /* Tiles of R rows x TILE_BLOCKS_R blocks of 16 columns (two vectors each): 8 sums in flight at 4 rows,
@@ -366,14 +367,6 @@ static void add_rows(const uint16_t *y, int64_t ldy, uint16_t *residual, int64_t
 #ifdef TILE6
 #define TILES6()                                                                                       \
     for (int64_t b = b0; b < b1; b++) tile6(rows, ld, w + b * K2 * 2 * BLOCK, K2, bias, y, ldy, b * BLOCK, N)
-/* R rows from row M0 of the tile, one block at a time */
-#define TILES_AT(R, M0)                                                                                \
-    do {                                                                                               \
-        const row_t *rows_at = rows + (M0) * ld;                                                       \
-        uint16_t *y_at = y + (M0) * ldy;                                                               \
-        for (int64_t b = b0; b < b1; b++)                                                              \
-            tile(R, VECS_PER_BLOCK, rows_at, ld, w + b * K2 * 2 * BLOCK, K2, bias, y_at, ldy, b * BLOCK, N); \
-    } while (0)
 #endif
 
 static void unit_rows(int R, const row_t *rows, int64_t ld, const uint16_t *w, int64_t K2,
@@ -384,7 +377,10 @@ static void unit_rows(int R, const row_t *rows, int64_t ld, const uint16_t *w, i
     case 3: TILES(3, TILE_BLOCKS_3); break;
 #ifdef TILE6
     case 4: TILES(4, TILE_BLOCKS_4); break;
-    case 5: TILES(4, TILE_BLOCKS_4); TILES_AT(1, 4); break;
+    case 5:
+        unit_rows(4, rows, ld, w, K2, bias, y, ldy, b0, b1, N);
+        unit_rows(1, rows + 4 * ld, ld, w, K2, bias, y + 4 * ldy, ldy, b0, b1, N);
+        break;
     default: TILES6(); break;
 #elif ROWS > 4
     case 4: TILES(4, TILE_BLOCKS_4); break;
