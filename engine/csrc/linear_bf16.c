@@ -226,6 +226,12 @@ static inline void store_bf16x8(__m256 v, const float *bias, uint16_t *y, int64_
     }
 }
 
+/* A packed vector of 8 pairs as float32: k from the low halves, k+1 from the high halves */
+static inline __m256 pair_low(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
+static inline __m256 pair_high(__m256i v) {
+    return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
+}
+
 /* R rows x V vectors of 8 columns (V/2 blocks) from float32 rows xf (row stride K) */
 static inline __attribute__((always_inline)) void tile(const int R, const int V, const float *xf,
                                                        int64_t K, const uint16_t *w, int64_t K2,
@@ -233,7 +239,6 @@ static inline __attribute__((always_inline)) void tile(const int R, const int V,
                                                        int64_t n0, int64_t N) {
     __m256 acc[TILE_ROWS][MAX_VECS];
     const int64_t block_stride = K2 * 2 * BLOCK;
-    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 6
@@ -246,8 +251,8 @@ static inline __attribute__((always_inline)) void tile(const int R, const int V,
         for (int c = 0; c < V; c++) {
             const __m256i v = _mm256_loadu_si256(
                 (const __m256i *)(w + (c / 2) * block_stride + k2 * 2 * BLOCK + (c % 2) * BLOCK));
-            even[c] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-            odd[c] = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+            even[c] = pair_low(v);
+            odd[c] = pair_high(v);
         }
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
@@ -281,13 +286,12 @@ static void tile6(const float *xf, int64_t K, const uint16_t *w, int64_t K2, con
                   int64_t ldy, int64_t n0, int64_t N) {
     __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00;
     __m256 a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
-    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
     const float *x0 = xf, *x1 = xf + K, *x2 = xf + 2 * K, *x3 = xf + 3 * K, *x4 = xf + 4 * K, *x5 = xf + 5 * K;
     for (int64_t k2 = 0; k2 < K2; k2++) {
         const __m256i *wk = (const __m256i *)(w + k2 * 2 * BLOCK);
         const int64_t k = 2 * k2;
-        __m256 w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(wk), 16));
-        __m256 w1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(wk + 1), 16));
+        __m256 w0 = pair_low(_mm256_loadu_si256(wk));
+        __m256 w1 = pair_low(_mm256_loadu_si256(wk + 1));
         FMA2(a00, a01, _mm256_broadcast_ss(x0 + k), w0, w1);
         FMA2(a10, a11, _mm256_broadcast_ss(x1 + k), w0, w1);
         FMA2(a20, a21, _mm256_broadcast_ss(x2 + k), w0, w1);
@@ -295,8 +299,8 @@ static void tile6(const float *xf, int64_t K, const uint16_t *w, int64_t K2, con
         FMA2(a40, a41, _mm256_broadcast_ss(x4 + k), w0, w1);
         FMA2(a50, a51, _mm256_broadcast_ss(x5 + k), w0, w1);
         __asm__ volatile("" ::: "memory"); /* read the block again: kept, it would take two registers */
-        w0 = _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256(wk), high));
-        w1 = _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256(wk + 1), high));
+        w0 = pair_high(_mm256_loadu_si256(wk));
+        w1 = pair_high(_mm256_loadu_si256(wk + 1));
         FMA2(a00, a01, _mm256_broadcast_ss(x0 + k + 1), w0, w1);
         FMA2(a10, a11, _mm256_broadcast_ss(x1 + k + 1), w0, w1);
         FMA2(a20, a21, _mm256_broadcast_ss(x2 + k + 1), w0, w1);
@@ -364,11 +368,6 @@ static void add_rows(const uint16_t *y, int64_t ldy, uint16_t *residual, int64_t
             tile(R, VECS_PER_BLOCK, rows, ld, w + b * K2 * 2 * BLOCK, K2, bias, y, ldy, b * BLOCK, N); \
     } while (0)
 
-#ifdef TILE6
-#define TILES6()                                                                                       \
-    for (int64_t b = b0; b < b1; b++) tile6(rows, ld, w + b * K2 * 2 * BLOCK, K2, bias, y, ldy, b * BLOCK, N)
-#endif
-
 static void unit_rows(int R, const row_t *rows, int64_t ld, const uint16_t *w, int64_t K2,
                       const float *bias, uint16_t *y, int64_t ldy, int64_t b0, int64_t b1, int64_t N) {
     switch (R) {
@@ -381,7 +380,10 @@ static void unit_rows(int R, const row_t *rows, int64_t ld, const uint16_t *w, i
         unit_rows(4, rows, ld, w, K2, bias, y, ldy, b0, b1, N);
         unit_rows(1, rows + 4 * ld, ld, w, K2, bias, y + 4 * ldy, ldy, b0, b1, N);
         break;
-    default: TILES6(); break;
+    default:
+        for (int64_t b = b0; b < b1; b++)
+            tile6(rows, ld, w + b * K2 * 2 * BLOCK, K2, bias, y, ldy, b * BLOCK, N);
+        break;
 #elif ROWS > 4
     case 4: TILES(4, TILE_BLOCKS_4); break;
     case 5: TILES(5, TILE_BLOCKS_5); break;
