@@ -308,8 +308,10 @@ class AsyncEngine:
     def _wait_for_refills(self) -> bool:
         """Hold the next step while the refill policy says (engine/refill.py); False when shut down."""
         while True:
-            can_hold = self.core.has_unfinished and not self.core.scheduler.waiting
-            until = self._refill.hold_until(can_hold=can_hold)
+            scheduler = self.core.scheduler
+            until = self._refill.hold_until(
+                num_running=len(scheduler.running), num_waiting=len(scheduler.waiting)
+            )
             if until is None or (left := until - time.monotonic()) <= 0:
                 return True
             if self._inbox.empty():

@@ -2,12 +2,14 @@
 
 A closed-loop client (a chat's next turn, an agent's next call, a benchmark's next request) sends its
 next request when the last one ends. In the engine's own process that request is queued before the
-next step starts; from a remote client it comes a few milliseconds later (HTTP and Serve's hops: 1-7 ms
-measured at the engine, docs/performance.md), after the next step started, and waits all of that step
-out before its prefill. At c=16 that moved TTFT p50 from ~380 to ~530 ms with a 5 ms round trip.
+next step starts; from a remote client it comes later (HTTP and Serve's hops, measured at the engine:
+1-7 ms on an idle Ice Lake, 10-57 ms on a busy 2-core Zen 3; docs/performance.md), after the next step
+started, and waits all of that step out before its prefill. At c=16 that moved TTFT p50 from ~380 to
+~530 ms with a 5 ms round trip.
 
-So after a step that finished requests, with others still running and nobody waiting, the engine may
-wait up to `window_s` for as many new requests as finished, and steps as soon as they are in. It holds
+So after a step that finished requests, with others still running and nobody waiting but those
+replacements, the engine may wait up to `window_s` for as many new requests as finished, and steps as
+soon as they are all in (the first ones to come wait beside the rest rather than end the hold). It holds
 only while recent finishes were followed by a new request within the window (a closed loop): with open
 arrivals or at the end of a burst nobody comes, the history says so, and steps go on at once. What a
 hold costs is the wait itself, on the running streams' next token.
@@ -55,10 +57,14 @@ class RefillPolicy:
         elif self._finish_s is None:
             self._sent.clear()
 
-    def hold_until(self, *, can_hold: bool) -> float | None:
+    def hold_until(self, *, num_running: int, num_waiting: int) -> float | None:
         """The time until which the next step should wait for arrivals, or None to step now.
-        `can_hold`: other requests are still running and none is waiting (else there is nothing to gain)."""
-        if not can_hold or self._finish_s is None or len(self._sent) >= self._expected:
+        `num_running`, `num_waiting`: the engine's requests running and waiting. Holding pays only while
+        others run and every waiting request is one of the refills (a request waiting from before, say
+        for KV space, is better served by the next step at once)."""
+        if not num_running or num_waiting > len(self._sent):
+            return None
+        if self._finish_s is None or len(self._sent) >= self._expected:
             return None
         if sum(self.history) < MIN_HITS:
             return None  # not a closed loop lately

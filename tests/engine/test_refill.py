@@ -3,11 +3,13 @@ closed-loop replacements, only while recent finishes were followed by new reques
 
 import asyncio
 import contextlib
+import time
 
 from engine.refill import HISTORY, MIN_HITS, RefillPolicy
 from tests.engine.conftest import make_async_engine, request
 
 WINDOW_S = 0.04
+RUNNING = {"num_running": 4, "num_waiting": 0}  # others running, nobody waiting
 
 
 def closed_loop(policy: RefillPolicy, steps: int, start_s: float = 0.0) -> float:
@@ -24,21 +26,21 @@ def test_no_hold_before_the_history_shows_a_closed_loop():
     policy = RefillPolicy(WINDOW_S)
     now = closed_loop(policy, MIN_HITS - 1)
     policy.on_step(now + 0.1, 1)  # closes the last window: MIN_HITS - 1 hits so far
-    assert policy.hold_until(can_hold=True) is None
+    assert policy.hold_until(**RUNNING) is None
     policy.on_arrival(now + 0.105)
     policy.on_step(now + 0.2, 1)  # MIN_HITS hits: now it holds, until the window's end
-    assert policy.hold_until(can_hold=True) == now + 0.2 + WINDOW_S
+    assert policy.hold_until(**RUNNING) == now + 0.2 + WINDOW_S
 
 
 def test_the_hold_ends_when_as_many_arrived_as_finished():
     policy = RefillPolicy(WINDOW_S)
     now = closed_loop(policy, HISTORY) + 0.1
     policy.on_step(now, 2)
-    assert policy.hold_until(can_hold=True) == now + WINDOW_S
+    assert policy.hold_until(**RUNNING) == now + WINDOW_S
     policy.on_arrival(now + 0.002)
-    assert policy.hold_until(can_hold=True) == now + WINDOW_S  # one of two
+    assert policy.hold_until(**RUNNING) == now + WINDOW_S  # one of two
     policy.on_arrival(now + 0.004)
-    assert policy.hold_until(can_hold=True) is None
+    assert policy.hold_until(**RUNNING) is None
 
 
 def test_requests_sent_after_the_step_ended_and_already_here_count():
@@ -47,15 +49,28 @@ def test_requests_sent_after_the_step_ended_and_already_here_count():
     policy.on_arrival(now - 0.01)  # sent during the step: not a refill of its finishes
     policy.on_arrival(now + 0.001)  # sent after it ended, drained before the step was closed
     policy.on_step(now, 1)
-    assert policy.hold_until(can_hold=True) is None
+    assert policy.hold_until(**RUNNING) is None
 
 
 def test_no_hold_when_nothing_else_runs_or_requests_wait():
     policy = RefillPolicy(WINDOW_S)
     now = closed_loop(policy, HISTORY) + 0.1
     policy.on_step(now, 1)
-    assert policy.hold_until(can_hold=False) is None
-    assert policy.hold_until(can_hold=True) is not None
+    assert policy.hold_until(num_running=0, num_waiting=0) is None
+    assert policy.hold_until(num_running=3, num_waiting=1) is None  # one waiting from before the finish
+    assert policy.hold_until(**RUNNING) is not None
+
+
+def test_the_refills_already_waiting_do_not_end_the_hold():
+    """Three finished: the first two replacements are in (waiting for the next step), the hold goes on
+    for the third; a request waiting besides them ends it."""
+    policy = RefillPolicy(WINDOW_S)
+    now = closed_loop(policy, HISTORY) + 0.1
+    policy.on_step(now, 3)
+    policy.on_arrival(now + 0.002)
+    policy.on_arrival(now + 0.004)
+    assert policy.hold_until(num_running=5, num_waiting=2) == now + WINDOW_S
+    assert policy.hold_until(num_running=5, num_waiting=3) is None
 
 
 def test_late_or_missing_replacements_turn_the_hold_off():
@@ -67,14 +82,14 @@ def test_late_or_missing_replacements_turn_the_hold_off():
         policy.on_arrival(now + 0.5)
     policy.on_step(now + 0.1, 1)
     assert sum(policy.history) == MIN_HITS - 1
-    assert policy.hold_until(can_hold=True) is None
+    assert policy.hold_until(**RUNNING) is None
 
 
 def test_a_zero_window_never_holds():
     policy = RefillPolicy(0.0)
     now = closed_loop(policy, HISTORY) + 0.1
     policy.on_step(now, 1)
-    assert policy.hold_until(can_hold=True) is None
+    assert policy.hold_until(**RUNNING) is None
 
 
 async def test_a_late_replacement_joins_the_step_right_after_the_finish(tiny):
@@ -121,6 +136,56 @@ async def test_a_late_replacement_joins_the_step_right_after_the_finish(tiny):
     ]
     held = gaps[MIN_HITS:]  # the first MIN_HITS finishes build the history
     assert held == [1] * len(held), gaps
+
+
+async def test_replacements_of_one_step_join_the_next_step_together(tiny):
+    """Two closed-loop clients whose requests finish in the same step, each sending its next one 5 and
+    10 ms later: once the history shows the loop, the hold waits for both (the first one waiting for
+    the next step does not end it), so each replacement is prefilled in the step right after its
+    predecessor's last one. Each step takes 100 ms more than it would (a sleep before it), so that
+    until the history holds both replacements come during the next step and the clients stay in step."""
+    _, tokenizer = tiny
+    engine = make_async_engine(tiny, max_model_len=1024, refill_wait_ms=5000)
+    steps: list[list] = []  # each engine step's deltas
+    real_step = engine.core.step
+
+    def recorded_step():
+        time.sleep(0.1)
+        deltas = real_step()
+        steps.append(deltas)
+        return deltas
+
+    async def client(name: str, gap_s: float, rounds: int) -> None:
+        for i in range(rounds):
+            params = {"max_new_tokens": 3, "ignore_eos": True}
+            async for _ in engine.add_request(request(tokenizer, f"Short {i}", f"{name}-{i}", **params)):
+                pass
+            await asyncio.sleep(gap_s)
+
+    engine.core.step = recorded_step
+    num_rounds = MIN_HITS + 4
+    try:
+        background = engine.add_request(
+            request(tokenizer, "Keep going", "long", max_new_tokens=1000, ignore_eos=True)
+        )
+        reader = asyncio.ensure_future(_drain(background))
+        await asyncio.gather(client("a", 0.005, num_rounds), client("b", 0.010, num_rounds))
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+    finally:
+        engine.shutdown()
+    first, last = {}, {}  # request id -> index of its first and of its last step
+    for index, deltas in enumerate(steps):
+        for delta in deltas:
+            first.setdefault(delta.request_id, index)
+            if delta.is_finished:
+                last[delta.request_id] = index
+    for name in ("a", "b"):
+        gaps = [first[f"{name}-{i + 1}"] - last[f"{name}-{i}"] for i in range(num_rounds - 1)]
+        assert gaps[MIN_HITS:] == [1] * (num_rounds - 1 - MIN_HITS), (name, gaps)
+    together = [last[f"a-{i}"] == last[f"b-{i}"] for i in range(MIN_HITS, num_rounds)]
+    assert all(together), together  # the case this checks: both finished in one step
 
 
 async def _drain(stream) -> None:
