@@ -81,7 +81,8 @@ class EngineSettings(BaseModel):
         le=1000,
         description="After a step that finished requests, how long the engine may wait for the requests "
         "that replace them (a client's next turn) before its next step, while recent finishes were "
-        "followed by new requests within this time; 0 (the default) = never wait (docs/engine.md).",
+        "followed by new requests within this time; 0 (the default) = never wait; the served SmolLM2 "
+        "config sets 80 (docs/engine.md).",
     )
     enable_prefix_caching: bool = Field(
         _ENGINE_DEFAULTS.enable_prefix_caching,
