@@ -92,19 +92,31 @@ def test_a_zero_window_never_holds():
     assert policy.hold_until(**RUNNING) is None
 
 
-async def test_a_late_replacement_joins_the_step_right_after_the_finish(tiny):
-    """A closed loop whose client sends its next request 5 ms after the last one ended (a remote
-    client's round trip): once the history shows the loop, each replacement is prefilled in the very
-    step after its predecessor's last one, whatever the machine's speed (the window is 5 s)."""
+NUM_ROUNDS = MIN_HITS + 4  # the first MIN_HITS finishes build the history
+
+
+async def closed_loop_steps(tiny, gaps_s: dict[str, float], step_sleep_s: float = 0.0):
+    """Closed-loop clients (name -> the wait between a request's end and its next) sending NUM_ROUNDS
+    short requests each ("name-i") beside a long one, on an engine whose refill window is 5 s (so the
+    machine's speed does not matter); each step sleeps `step_sleep_s` first. Returns the index of each
+    request's first and of its last step."""
     _, tokenizer = tiny
     engine = make_async_engine(tiny, max_model_len=1024, refill_wait_ms=5000)
     steps: list[list] = []  # each engine step's deltas
     real_step = engine.core.step
 
     def recorded_step():
+        time.sleep(step_sleep_s)
         deltas = real_step()
         steps.append(deltas)
         return deltas
+
+    async def client(name: str, gap_s: float) -> None:
+        for i in range(NUM_ROUNDS):
+            params = {"max_new_tokens": 3, "ignore_eos": True}
+            async for _ in engine.add_request(request(tokenizer, f"Short {i}", f"{name}-{i}", **params)):
+                pass
+            await asyncio.sleep(gap_s)
 
     engine.core.step = recorded_step
     try:
@@ -112,30 +124,32 @@ async def test_a_late_replacement_joins_the_step_right_after_the_finish(tiny):
             request(tokenizer, "Keep going", "long", max_new_tokens=1000, ignore_eos=True)
         )
         reader = asyncio.ensure_future(_drain(background))
-        num_short = MIN_HITS + 4
-        for i in range(num_short):
-            short = engine.add_request(
-                request(tokenizer, f"Short {i}", f"short-{i}", max_new_tokens=3, ignore_eos=True)
-            )
-            async for _ in short:
-                pass
-            await asyncio.sleep(0.005)
+        await asyncio.gather(*(client(name, gap_s) for name, gap_s in gaps_s.items()))
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reader
     finally:
         engine.shutdown()
-    step_of = {}  # (request id, first or last) -> step index
+    first, last = {}, {}
     for index, deltas in enumerate(steps):
         for delta in deltas:
-            step_of.setdefault((delta.request_id, "first"), index)
+            first.setdefault(delta.request_id, index)
             if delta.is_finished:
-                step_of[(delta.request_id, "last")] = index
-    gaps = [
-        step_of[(f"short-{i + 1}", "first")] - step_of[(f"short-{i}", "last")] for i in range(num_short - 1)
-    ]
-    held = gaps[MIN_HITS:]  # the first MIN_HITS finishes build the history
-    assert held == [1] * len(held), gaps
+                last[delta.request_id] = index
+    return first, last
+
+
+def held_gaps(first: dict, last: dict, name: str) -> list[int]:
+    """Steps from each of a client's requests' last to its next one's first, once the history holds."""
+    return [first[f"{name}-{i + 1}"] - last[f"{name}-{i}"] for i in range(MIN_HITS, NUM_ROUNDS - 1)]
+
+
+async def test_a_late_replacement_joins_the_step_right_after_the_finish(tiny):
+    """A closed loop whose client sends its next request 5 ms after the last one ended (a remote
+    client's round trip): once the history shows the loop, each replacement is prefilled in the very
+    step after its predecessor's last one."""
+    first, last = await closed_loop_steps(tiny, {"short": 0.005})
+    assert held_gaps(first, last, "short") == [1] * (NUM_ROUNDS - 1 - MIN_HITS)
 
 
 async def test_replacements_of_one_step_join_the_next_step_together(tiny):
@@ -144,47 +158,10 @@ async def test_replacements_of_one_step_join_the_next_step_together(tiny):
     the next step does not end it), so each replacement is prefilled in the step right after its
     predecessor's last one. Each step takes 100 ms more than it would (a sleep before it), so that
     until the history holds both replacements come during the next step and the clients stay in step."""
-    _, tokenizer = tiny
-    engine = make_async_engine(tiny, max_model_len=1024, refill_wait_ms=5000)
-    steps: list[list] = []  # each engine step's deltas
-    real_step = engine.core.step
-
-    def recorded_step():
-        time.sleep(0.1)
-        deltas = real_step()
-        steps.append(deltas)
-        return deltas
-
-    async def client(name: str, gap_s: float, rounds: int) -> None:
-        for i in range(rounds):
-            params = {"max_new_tokens": 3, "ignore_eos": True}
-            async for _ in engine.add_request(request(tokenizer, f"Short {i}", f"{name}-{i}", **params)):
-                pass
-            await asyncio.sleep(gap_s)
-
-    engine.core.step = recorded_step
-    num_rounds = MIN_HITS + 4
-    try:
-        background = engine.add_request(
-            request(tokenizer, "Keep going", "long", max_new_tokens=1000, ignore_eos=True)
-        )
-        reader = asyncio.ensure_future(_drain(background))
-        await asyncio.gather(client("a", 0.005, num_rounds), client("b", 0.010, num_rounds))
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
-    finally:
-        engine.shutdown()
-    first, last = {}, {}  # request id -> index of its first and of its last step
-    for index, deltas in enumerate(steps):
-        for delta in deltas:
-            first.setdefault(delta.request_id, index)
-            if delta.is_finished:
-                last[delta.request_id] = index
+    first, last = await closed_loop_steps(tiny, {"a": 0.005, "b": 0.010}, step_sleep_s=0.1)
     for name in ("a", "b"):
-        gaps = [first[f"{name}-{i + 1}"] - last[f"{name}-{i}"] for i in range(num_rounds - 1)]
-        assert gaps[MIN_HITS:] == [1] * (num_rounds - 1 - MIN_HITS), (name, gaps)
-    together = [last[f"a-{i}"] == last[f"b-{i}"] for i in range(MIN_HITS, num_rounds)]
+        assert held_gaps(first, last, name) == [1] * (NUM_ROUNDS - 1 - MIN_HITS), name
+    together = [last[f"a-{i}"] == last[f"b-{i}"] for i in range(MIN_HITS, NUM_ROUNDS)]
     assert all(together), together  # the case this checks: both finished in one step
 
 
