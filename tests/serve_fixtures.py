@@ -22,6 +22,7 @@ import httpx
 import ray
 from ray import serve
 
+from deployments import serve_status
 from deployments.haproxy_launcher import LAUNCHER as HAPROXY_LAUNCHER
 from deployments.haproxy_launcher import LAUNCHER_COMMAND
 
@@ -110,7 +111,7 @@ def use_readme_serve_env() -> None:
     # to it. The tests delete apps with no traffic left, so 1 s (a whole suite ran ~6 min longer at 30).
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
     # Serve's handles and replicas push autoscaling metrics every 10 s; once a second here, so that the
-    # autoscaling tests see each step in ~1-2 s (they wait on serve.status(), never on a fixed time).
+    # autoscaling tests see each step in ~1-2 s (they wait on Serve's status, never on a fixed time).
     for name in ("HANDLE", "REPLICA"):
         os.environ.setdefault(f"RAY_SERVE_{name}_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
     # Serve's controller reconciles every 0.1 s, busy or idle; every 0.5 s here. Three Serve-heavy modules
@@ -220,12 +221,12 @@ def delete_app(name: str) -> None:
 
 
 def replica_states(app_name: str, deployment_name: str) -> dict[str, int]:
-    """Replica counts by state ("RUNNING", "STARTING"...) of one deployment; {} while it does not exist."""
-    status = serve.status().applications.get(app_name)
+    """Replica counts by state ("RUNNING", "STARTING"...) of one deployment; {} while it does not exist.
+    From Serve's details (deployments/serve_status.py): the autoscaling tests ask several times a second."""
+    status = serve_status.applications().get(app_name)
     if status is None or deployment_name not in status.deployments:
         return {}
-    states = status.deployments[deployment_name].replica_states
-    return {str(getattr(state, "value", state)): n for state, n in states.items()}
+    return status.deployments[deployment_name].replica_states
 
 
 def replica_pid(app_name: str, model: str) -> int:

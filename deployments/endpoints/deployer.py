@@ -17,6 +17,7 @@ from ray import serve
 from ray.serve import RunTarget
 from ray.serve.handle import DeploymentHandle
 
+from deployments import serve_status
 from deployments.config import EndpointSettings, ModelConfig
 from deployments.endpoints.resources import Resources, code_version
 from deployments.engines.placement import deployment_for
@@ -24,10 +25,11 @@ from deployments.model_server import EngineFactory, ModelServer
 
 MAX_REASON_CHARS = 2000
 # Serve's client API is not thread-safe in Ray 2.60: every DeploymentConfig it builds (a deployment's
-# options, and each one `serve.status()` reads back) registers, then unregisters, a module with
-# cloudpickle's process-wide "pickle by value" set. The endpoint controller calls Serve from several
-# threads (each change, and the watcher), which unregistered each other's module: a create failed with
-# "is not registered for pickle by value" (found by the schema fuzzer's success paths). One call at a time.
+# options, and each one `serve.status()` reads back; states() does not call it) registers, then
+# unregisters, a module with cloudpickle's process-wide "pickle by value" set. The endpoint controller
+# calls Serve from several threads (each change, and the watcher), which unregistered each other's
+# module: a create failed with "is not registered for pickle by value" (found by the schema fuzzer's
+# success paths). One call at a time.
 _SERVE_LOCK = threading.Lock()
 
 
@@ -83,29 +85,25 @@ def delete(app_name: str) -> None:
 
 
 def states(app_names: set[str] | None = None) -> dict[str, AppState]:
-    """Serve's state of each application (all, or those named)."""
-    with _SERVE_LOCK:
-        applications = serve.status().applications
+    """Serve's state of each application (all, or those named). Serve's details, not `serve.status()`
+    (deployments/serve_status.py): no config is built, so no `_SERVE_LOCK` either."""
     return {
-        name: _app_state(app) for name, app in applications.items() if app_names is None or name in app_names
+        name: _app_state(app)
+        for name, app in serve_status.applications().items()
+        if app_names is None or name in app_names
     }
 
 
-def _app_state(app) -> AppState:
+def _app_state(app: serve_status.ApplicationStatus) -> AppState:
     messages = [d.message for d in app.deployments.values()] + [app.message]
     counts: dict[str, int] = {}
     for deployment in app.deployments.values():
         for state, count in deployment.replica_states.items():
-            counts[_name(state)] = counts.get(_name(state), 0) + count
+            counts[state] = counts.get(state, 0) + count
     num_running = counts.pop("RUNNING", 0)
     message = next((m for m in messages if m), "")
     names = tuple(app.deployments)
-    return AppState(_name(app.status), shorten(message), num_running, sum(counts.values()), names)
-
-
-def _name(status) -> str:
-    """An enum of Serve's (ApplicationStatus, ReplicaState) as its plain value: "RUNNING"."""
-    return str(getattr(status, "value", status))
+    return AppState(app.status, shorten(message), num_running, sum(counts.values()), names)
 
 
 def shorten(message: str) -> str:

@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 import ray
-from ray import serve
 
+from deployments import serve_status
 from deployments.app import build_app_from_configs
 from deployments.batch.config import BatchSettings
 from deployments.batch.registry import RESTART_REASON, JobRegistry, registry_name
@@ -172,7 +172,7 @@ def fill_the_cluster(leave_cpus: float) -> list:
     """Actors holding all free CPUs but `leave_cpus`, once no app of an earlier test is still being
     deleted (their replicas' CPUs come back then, not later)."""
     deadline = time.monotonic() + 120
-    while any(app.status == "DELETING" for app in serve.status().applications.values()):
+    while any(app.status == "DELETING" for app in serve_status.applications().values()):
         assert time.monotonic() < deadline, "an app is still being deleted"
         time.sleep(0.2)
     hogs = []

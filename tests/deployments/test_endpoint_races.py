@@ -13,9 +13,9 @@ import time
 import httpx
 import pytest
 import ray
-from ray import serve
 from ray.serve.context import _get_global_client
 
+from deployments import serve_status
 from deployments.endpoints.client import CONTROLLER_NAME
 from deployments.state.owner import NAMESPACE
 
@@ -72,7 +72,7 @@ def _possible_ends(exists: bool, outcomes: list[tuple[str, int]]) -> set[bool]:
 def _disagreements(records: dict[str, dict | None]) -> list[str]:
     """Names whose record and application disagree: a live change without an application, or an
     application (not being deleted) without a record or for a create that failed."""
-    apps = {name: app.status.value for name, app in serve.status().applications.items()}
+    apps = {name: app.status for name, app in serve_status.applications().items()}
     wrong = []
     for name, record in records.items():
         app = apps.get(f"{APP}.{name}")

@@ -19,6 +19,7 @@ from ray import serve
 from ray.serve.context import _get_global_client
 from ray.serve.schema import ServeDeploySchema
 
+from deployments import serve_status
 from deployments.app import build_app_from_configs
 from deployments.config import DeploymentSettings, ModelConfig
 from deployments.limits import AuthSettings
@@ -69,7 +70,7 @@ def settled(name: str, timeout_s: float = READY_TIMEOUT_S):
 
 
 def serve_apps() -> dict[str, str]:
-    return {name: app.status.value for name, app in serve.status().applications.items()}
+    return {name: app.status for name, app in serve_status.applications().items()}
 
 
 def replica_ids(app: str, deployment: str) -> list[str]:

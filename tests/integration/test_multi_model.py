@@ -1,7 +1,7 @@
 """Several models behind one ingress: independent autoscaling, scale from zero, base models.
 
-Serve's handles push autoscaling metrics every 10 s, so each scaling step here takes 10-20 s; every
-wait polls `serve.status()` against a deadline.
+Serve's handles push autoscaling metrics every second here (tests/serve_fixtures.py); every wait polls
+Serve's status against a deadline.
 """
 
 import json
