@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from model_zoo.errors import ModelZooError
-from model_zoo.gguf_cache import find_package_dir
+from model_zoo.gguf_files import find_package_dir
 
 Assembler = Callable[[Path], Path]  # (folder to hold the GGUF) -> path of the verified GGUF
 

@@ -11,13 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from model_zoo.assembled import assembled_gguf
 from model_zoo.errors import ModelZooError
-from model_zoo.gguf_cache import (
-    converted_dir,
-    default_cache_dir,
-    ensure_converted,
-    find_gguf,
-    find_package_dir,
-)
+from model_zoo.gguf_cache import ensure_converted
+from model_zoo.gguf_files import converted_dir, default_cache_dir, find_gguf, find_package_dir
 from model_zoo.spec import ModelSource, ModelSpec
 
 logger = logging.getLogger("model_zoo")

@@ -11,6 +11,10 @@ Blocking (file reads): called from a worker thread.
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import functools
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -21,6 +25,7 @@ from deployments.engines import resolve_engine_kind
 from engine.errors import InvalidRequestError
 from model_zoo import resolve
 from model_zoo.errors import ModelZooError
+from model_zoo.gguf_files import converted_dir, find_gguf, find_package_dir
 from model_zoo.spec import ModelSource, ModelSpec
 
 # Bytes per KV element by engine dtype; "auto" is counted at its smallest (bf16/fp16) so that only a
@@ -56,14 +61,35 @@ def check_fits(config: ModelConfig) -> None:
 
 
 def _check_architecture(hf_config: dict[str, Any], model: str) -> None:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     model_type = hf_config.get("model_type")
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if model_type not in causal_lm_model_types():
         raise InvalidRequestError(
             f"checkpoint_path: {model!r} has model_type {model_type!r} (architectures "
             f"{hf_config.get('architectures')}), which transformers cannot run as a causal language model"
         )
+
+
+_CAUSAL_LM_TABLE = "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"
+
+
+@functools.cache
+def causal_lm_model_types() -> frozenset[str]:
+    """The model types transformers runs as causal language models (its MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+    read from the source of transformers' modeling_auto.py: importing that module imports torch, ~3 CPU-s
+    and hundreds of MB in the endpoint controller, which loads no model. Imported only where the source
+    does not hold the table as a literal (another transformers version)."""
+    found = importlib.util.find_spec("transformers")  # finds the package without importing it
+    if found is not None and found.origin is not None:
+        source = Path(found.origin).parent / "models" / "auto" / "modeling_auto.py"
+        with contextlib.suppress(OSError, SyntaxError, ValueError, TypeError, IndexError, AttributeError):
+            for node in ast.parse(source.read_text(encoding="utf-8")).body:
+                if isinstance(node, ast.Assign) and any(
+                    getattr(t, "id", None) == _CAUSAL_LM_TABLE for t in node.targets
+                ):
+                    return frozenset(name for name, _ in ast.literal_eval(node.value.args[0]))
+    from transformers.models.auto import modeling_auto
+
+    return frozenset(getattr(modeling_auto, _CAUSAL_LM_TABLE))
 
 
 def _kv_bytes_per_token(hf_config: dict[str, Any]) -> int:
@@ -99,8 +125,6 @@ def _config_path(spec: ModelSpec) -> Path | None:
             cached = try_to_load_from_cache(spec.location, "config.json")
             return Path(cached) if isinstance(cached, str) else None
         if spec.source == ModelSource.packaged_gguf:
-            from model_zoo.gguf_cache import converted_dir, find_gguf, find_package_dir  # imports torch
-
             gguf = find_gguf(find_package_dir(spec.location), spec.gguf_file)
             return converted_dir(spec.name, gguf) / "config.json"
     except (ModelZooError, OSError, ValueError):

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from deployments.config import EngineSettings
+from deployments.config import REPO_ROOT, EngineSettings
+from deployments.endpoints.checks import causal_lm_model_types
 from engine.errors import InvalidRequestError
 from tests.deployments.endpoint_fakes import INGRESS_APP, FakeServe, make_service, request
 
@@ -95,3 +98,30 @@ async def test_a_kv_cache_that_cannot_hold_one_sequence_is_400(serve_fake, tmp_p
 async def test_an_architecture_transformers_cannot_run_is_400(serve_fake, tmp_path, roots):
     t5 = str(tmp_path / "models" / "t5")
     await _refused(serve_fake, tmp_path, "model_type 't5'", roots, model_name="b", checkpoint_path=t5)
+
+
+def test_the_causal_lm_types_read_from_source_are_transformers_own():
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    assert causal_lm_model_types() == frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+# The checks run in the endpoint controller, which loads no model: they must not import torch (~3-5 CPU-s
+# and hundreds of MB per controller process). A fresh interpreter, as a controller starts.
+NO_TORCH_CHECK = """
+import sys
+from deployments.config import ModelConfig
+from deployments.endpoints.checks import check_fits
+check_fits(ModelConfig(name="a", model=sys.argv[1]))
+check_fits(ModelConfig(name="b", model="smollm2-135m-instruct"))  # a packaged GGUF: its converted config
+print(sorted(name for name in ("torch", "transformers") if name in sys.modules))
+"""
+
+
+def test_the_create_checks_import_neither_torch_nor_transformers(tiny_model_dir: Path):
+    done = subprocess.run(
+        [sys.executable, "-c", NO_TORCH_CHECK, str(tiny_model_dir)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[-2] == "[]", done.stdout

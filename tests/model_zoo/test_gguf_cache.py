@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from model_zoo import ModelZooError, gguf_cache
-from model_zoo.gguf_cache import cache_key, converted_dir, ensure_converted, find_gguf, find_package_dir
+from model_zoo import ModelZooError, gguf_files
+from model_zoo.gguf_cache import ensure_converted
+from model_zoo.gguf_files import cache_key, converted_dir, find_gguf, find_package_dir
 
 
 def entries(folder: Path) -> list[str]:
@@ -77,10 +78,10 @@ def test_the_key_reads_both_ends_of_a_large_file(gguf: Path) -> None:
 
 
 def test_converted_dir_uses_env_then_argument(gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv(gguf_cache.CACHE_DIR_ENV, str(tmp_path / "env"))
+    monkeypatch.setenv(gguf_files.CACHE_DIR_ENV, str(tmp_path / "env"))
     assert converted_dir("m", gguf) == tmp_path / "env" / f"m-{cache_key(gguf)}"
     assert converted_dir("m", gguf, tmp_path / "arg").parent == tmp_path / "arg"
-    monkeypatch.delenv(gguf_cache.CACHE_DIR_ENV)
+    monkeypatch.delenv(gguf_files.CACHE_DIR_ENV)
     assert converted_dir("m", gguf).parent == Path.home() / ".cache" / "llmserve" / "converted"
 
 
