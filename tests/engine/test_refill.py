@@ -3,7 +3,7 @@ closed-loop replacements, only while recent finishes were followed by new reques
 
 import asyncio
 import contextlib
-import time
+import threading
 
 from engine.refill import HISTORY, MIN_HITS, RefillPolicy
 from tests.engine.conftest import make_async_engine, request
@@ -95,26 +95,41 @@ def test_a_zero_window_never_holds():
 NUM_ROUNDS = MIN_HITS + 4  # the first MIN_HITS finishes build the history
 
 
-async def closed_loop_steps(tiny, gaps_s: dict[str, float], step_sleep_s: float = 0.0):
+async def closed_loop_steps(tiny, gaps_s: dict[str, float], lockstep: bool = False):
     """Closed-loop clients (name -> the wait between a request's end and its next) sending NUM_ROUNDS
     short requests each ("name-i") beside a long one, on an engine whose refill window is 5 s (so the
-    machine's speed does not matter); each step sleeps `step_sleep_s` first. Returns the index of each
-    request's first and of its last step."""
+    machine's speed does not matter). With `lockstep`, each step first waits (up to 30 s) until every
+    client whose request the last step finished has sent its next one: a replacement that the engine
+    does not hold for then joins the step after next, whatever the machine's speed. Returns the index
+    of each request's first and of its last step."""
     _, tokenizer = tiny
     engine = make_async_engine(tiny, max_model_len=1024, refill_wait_ms=5000)
     steps: list[list] = []  # each engine step's deltas
+    owed: set[str] = set()  # clients whose request the last step finished, until they send the next
+    sent = threading.Condition()
     real_step = engine.core.step
 
     def recorded_step():
-        time.sleep(step_sleep_s)
+        if lockstep:
+            with sent:
+                sent.wait_for(lambda: not owed, timeout=30)
         deltas = real_step()
         steps.append(deltas)
+        with sent:
+            for delta in deltas:
+                name, _, index = delta.request_id.partition("-")
+                if delta.is_finished and index and int(index) < NUM_ROUNDS - 1:
+                    owed.add(name)
         return deltas
 
     async def client(name: str, gap_s: float) -> None:
         for i in range(NUM_ROUNDS):
             params = {"max_new_tokens": 3, "ignore_eos": True}
-            async for _ in engine.add_request(request(tokenizer, f"Short {i}", f"{name}-{i}", **params)):
+            stream = engine.add_request(request(tokenizer, f"Short {i}", f"{name}-{i}", **params))
+            with sent:  # queued: the engine thread may take it from here
+                owed.discard(name)
+                sent.notify_all()
+            async for _ in stream:
                 pass
             await asyncio.sleep(gap_s)
 
@@ -156,9 +171,10 @@ async def test_replacements_of_one_step_join_the_next_step_together(tiny):
     """Two closed-loop clients whose requests finish in the same step, each sending its next one 5 and
     10 ms later: once the history shows the loop, the hold waits for both (the first one waiting for
     the next step does not end it), so each replacement is prefilled in the step right after its
-    predecessor's last one. Each step takes 100 ms more than it would (a sleep before it), so that
-    until the history holds both replacements come during the next step and the clients stay in step."""
-    first, last = await closed_loop_steps(tiny, {"a": 0.005, "b": 0.010}, step_sleep_s=0.1)
+    predecessor's last one. The steps go in lockstep with the clients (each waits until both sent their
+    next request), so that until the history holds both replacements join the step after next and the
+    two clients stay in step whatever the machine's speed."""
+    first, last = await closed_loop_steps(tiny, {"a": 0.005, "b": 0.010}, lockstep=True)
     for name in ("a", "b"):
         assert held_gaps(first, last, name) == [1] * (NUM_ROUNDS - 1 - MIN_HITS), name
     together = [last[f"a-{i}"] == last[f"b-{i}"] for i in range(MIN_HITS, NUM_ROUNDS)]
