@@ -89,6 +89,16 @@ static inline __m512 sum16(const __m512 v[16]) {
                          _mm512_shuffle_f32x4(u01, u23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+/* 16 floats -> 16 bf16 as f32_to_bf16 rounds (nearest even, NaN kept NaN) */
+static inline void store16_bf16(__m512 v, uint16_t *y) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    f32x16_store_bf16(v, y, 0, 16);
+#else
+    float row[16];
+    _mm512_storeu_ps(row, v);
+    for (int i = 0; i < 16; i++) y[i] = f32_to_bf16(row[i]);
+#endif
+}
 static inline __m512 widen_bf16(const uint16_t *src) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src)), 16));
 }
@@ -147,21 +157,20 @@ static inline __m512 widen_bf16(const uint16_t *src) {
         __m512 acc[NH][HD / 16];                                                                        \
         for (int h = 0; h < NH; h++)                                                                    \
             for (int j = 0; j < HD / 16; j++) acc[h][j] = _mm512_setzero_ps();                          \
-        for (int64_t t = 0; t < n; t++) {                                                               \
-            const int64_t pos = first + t;                                                              \
-            const uint16_t *v = v_base + (table[pos / 16] * 16 + pos % 16) * row_stride;                \
-            __m512 vf[HD / 16];                                                                         \
-            for (int j = 0; j < HD / 16; j++) vf[j] = widen_bf16(v + 16 * j);                           \
-            for (int h = 0; h < NH; h++) {                                                              \
-                const __m512 p = _mm512_set1_ps(scores[h * score_stride + off + t]);                    \
-                for (int j = 0; j < HD / 16; j++) acc[h][j] = _mm512_fmadd_ps(p, vf[j], acc[h][j]);     \
+        for (int64_t pg = 0, t = 0; pg < pages; pg++) { /* positions in ascending order, a page at a time */ \
+            const int64_t from = pg == 0 ? off : 0, to = pg == pages - 1 ? (len - 1) % 16 + 1 : 16;     \
+            const uint16_t *v = v_base + (table[page0 + pg] * 16 + from) * row_stride;                  \
+            for (int64_t i = from; i < to; i++, t++, v += row_stride) {                                 \
+                __m512 vf[HD / 16];                                                                     \
+                for (int j = 0; j < HD / 16; j++) vf[j] = widen_bf16(v + 16 * j);                       \
+                for (int h = 0; h < NH; h++) {                                                          \
+                    const __m512 p = _mm512_set1_ps(scores[h * score_stride + off + t]);                \
+                    for (int j = 0; j < HD / 16; j++) acc[h][j] = _mm512_fmadd_ps(p, vf[j], acc[h][j]); \
+                }                                                                                       \
             }                                                                                           \
         }                                                                                               \
-        for (int h = 0; h < NH; h++) {                                                                  \
-            float row[HD];                                                                              \
-            for (int j = 0; j < HD / 16; j++) _mm512_storeu_ps(row + 16 * j, acc[h][j]);                \
-            for (int i = 0; i < HD; i++) orows[h][i] = f32_to_bf16(row[i]);                             \
-        }                                                                                               \
+        for (int h = 0; h < NH; h++) /* rounded as f32_to_bf16 rounds, sixteen at a time */           \
+            for (int j = 0; j < HD / 16; j++) store16_bf16(acc[h][j], orows[h] + 16 * j);               \
     }
 FAST_KV(64, 1)
 FAST_KV(64, 2)
