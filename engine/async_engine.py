@@ -302,8 +302,11 @@ class AsyncEngine:
                 logger.exception("engine step failed")
                 self._fail_all(exc)
                 continue
-            self._deliver(deltas)
+            # the step's end is read before its deltas go out: a client's next request, sent once it has
+            # its finish, is then always sent after the step ended (a refill), however late this thread
+            # gets the core back after handing the deltas over
             last_step = (time.monotonic(), sum(1 for delta in deltas if delta.is_finished))
+            self._deliver(deltas)
 
     def _wait_for_refills(self) -> bool:
         """Hold the next step while the refill policy says (engine/refill.py); False when shut down."""
