@@ -5,7 +5,8 @@ Markers in the prompt: "[slow]" 0.2 s per token, "[fail-after-2]" a failure of t
 (500) after two tokens, "[crash]" a plain RuntimeError before the first token, "[overload]" a
 refusal (429), "[stop]" ends with finish reason STOP after 3 tokens, "[kill-worker]" ends the whole
 process at once (a worker that dies: a segfault, the OOM killer), "[wait-for:<path>]" holds the first
-token until a file exists at <path> (an event the test controls, not a timing).
+token until a file exists at <path> (an event the test controls, not a timing), "[step-gate:<dir>]"
+holds each token after the first until a file named by its index (1, 2, ...) exists in <dir>.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ FAKE_MODELS = ("fake", "fake-chat.v1:2024-01-01")  # the second name has the cha
 MAX_MODEL_LEN = 256
 SLOW_TOKEN_S = 0.2
 WAIT_FOR = re.compile(r"\[wait-for:([^\]]+)\]")
+STEP_GATE = re.compile(r"\[step-gate:([^\]]+)\]")
 GATE_POLL_S = 0.02
 
 
@@ -75,8 +77,11 @@ class FakeEngine:
             if gate := WAIT_FOR.search(prompt):
                 while not os.path.exists(gate.group(1)):
                     await asyncio.sleep(GATE_POLL_S)
+            step_gate = STEP_GATE.search(prompt)
             for i in range(num_tokens):
                 await asyncio.sleep(SLOW_TOKEN_S if "[slow]" in prompt else 0.001)
+                while step_gate and i and not os.path.exists(os.path.join(step_gate.group(1), str(i))):
+                    await asyncio.sleep(GATE_POLL_S)
                 if request.request_id not in self._running:
                     return  # aborted
                 if "[fail-after-2]" in prompt and i == 2:
