@@ -1,5 +1,8 @@
 """Engine fixtures: the tiny model loaded once, and a fresh EngineCore per test."""
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -79,6 +82,26 @@ def make_async_engine(model_and_tokenizer, **config):
         **config,
     }
     return AsyncEngine(model, tokenizer, EngineConfig(**config))
+
+
+@contextmanager
+def gated_steps(engine: AsyncEngine) -> Iterator[threading.Semaphore]:
+    """The engine thread takes a step only when the test releases the semaphore (once per step), so a
+    test says how many steps happen between two of its checks instead of timing them; on leaving, the
+    steps run freely again."""
+    gate, real_step = threading.Semaphore(0), engine.core.step
+
+    def gated_step():
+        if not gate.acquire(timeout=30):
+            raise TimeoutError("the test never let the engine step")
+        return real_step()
+
+    engine.core.step = gated_step
+    try:
+        yield gate
+    finally:
+        engine.core.step = real_step
+        gate.release(1000)  # a step already waiting at the gate
 
 
 def request(tokenizer, prompt: str, request_id: str | None = None, **params) -> GenerationRequest:

@@ -7,7 +7,7 @@ import pytest
 from deployments.served_stream import ServedStream
 from engine.errors import ContextLengthError, OverloadedError, RequestFailedError
 from engine.types import FinishReason
-from tests.engine.conftest import make_async_engine, request, text_of
+from tests.engine.conftest import gated_steps, make_async_engine, request, text_of
 from tests.stream_helpers import ManualClock, RecordingTimer
 
 
@@ -125,17 +125,19 @@ async def test_chunks_carry_the_same_deltas_as_single_iteration(engine, tiny):
 
 
 async def test_a_chunk_without_linger_is_what_is_ready_and_never_waits_for_more(engine, tiny):
+    """The engine steps only when the test lets it: the first chunk is the one token ready, and after
+    three more steps the next chunk is those three, not more."""
     _, tokenizer = tiny
-    source = engine.add_request(request(tokenizer, "Hello", max_new_tokens=50, ignore_eos=True))
-    stream = served(engine, source)
-    first = await stream.next_chunk()
-    # Whatever was ready when the loop woke: usually one token, more on a loaded machine.
-    assert [d.num_completion_tokens for d in first] == list(range(1, 1 + len(first)))
-    await wait_until(lambda: source._out.qsize() >= 3)  # three more steps delivered meanwhile
-    piled = await stream.next_chunk()
-    assert len(piled) >= 3
-    start = 1 + len(first)
-    assert [d.num_completion_tokens for d in piled] == list(range(start, start + len(piled)))
+    with gated_steps(engine) as gate:
+        source = engine.add_request(request(tokenizer, "Hello", max_new_tokens=50, ignore_eos=True))
+        stream = served(engine, source)
+        gate.release()  # the prefill: token 1
+        first = await asyncio.wait_for(stream.next_chunk(), 30)  # a chunk that waited for more: never
+        assert [d.num_completion_tokens for d in first] == [1]
+        gate.release(3)
+        await wait_until(lambda: source._out.qsize() >= 3)  # three more steps delivered meanwhile
+        piled = await asyncio.wait_for(stream.next_chunk(), 30)
+        assert [d.num_completion_tokens for d in piled] == [2, 3, 4]
     await stream.aclose()
     await wait_until(lambda: engine.stats().num_running == 0)  # the one abort freed its slot
     assert not engine._streams
@@ -143,11 +145,14 @@ async def test_a_chunk_without_linger_is_what_is_ready_and_never_waits_for_more(
 
 async def test_an_error_comes_after_the_deltas_before_it(engine, tiny):
     _, tokenizer = tiny
-    source = engine.add_request(request(tokenizer, "Hello", max_new_tokens=200, ignore_eos=True))
-    stream = served(engine, source)
-    await stream.next_chunk()
-    await wait_until(lambda: source._out.qsize() >= 1)
-    engine._send_out({source.request_id: [RequestFailedError("boom")]})  # as a failed step delivers it
+    with gated_steps(engine) as gate:  # two steps: the request is still running when the error comes
+        source = engine.add_request(request(tokenizer, "Hello", max_new_tokens=200, ignore_eos=True))
+        stream = served(engine, source)
+        gate.release()
+        await stream.next_chunk()
+        gate.release()
+        await wait_until(lambda: source._out.qsize() >= 1)
+        engine._send_out({source.request_id: [RequestFailedError("boom")]})  # as a failed step delivers it
     await wait_until(lambda: any(isinstance(i, Exception) for items in source._out._queue for i in items))
     async with asyncio.timeout(30):  # the clock stands still: only the error can end this linger
         chunk = await stream.next_chunk(linger_s=1.0)

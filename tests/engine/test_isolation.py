@@ -10,7 +10,7 @@ import torch
 
 from engine.errors import EngineDeadError, InvalidRequestError, RequestFailedError
 from engine.types import FinishReason
-from tests.engine.conftest import make_async_engine, make_core, request, run_to_completion
+from tests.engine.conftest import gated_steps, make_async_engine, make_core, request, run_to_completion
 
 PROMPTS = ["The quick brown fox", "Hello, world!", "def add(a, b):", "Numbers: 0 1 2"]
 
@@ -173,10 +173,14 @@ def engine(tiny):
 
 async def test_a_dead_engine_ends_every_open_stream_and_refuses_new_requests_at_once(engine, tiny):
     _, tokenizer = tiny
-    stream_a = engine.add_request(request(tokenizer, "Hello", "a", max_new_tokens=200, ignore_eos=True))
-    stream_b = engine.add_request(request(tokenizer, "World", "b", max_new_tokens=200, ignore_eos=True))
-    await anext(stream_a), await anext(stream_b)  # both are running
-    fail_forward_when(engine.core, lambda seq: True)  # the device breaks mid-stream
+    with gated_steps(engine) as gate:  # two steps at most: both have a token, both still running
+        stream_a = engine.add_request(request(tokenizer, "Hello", "a", max_new_tokens=200, ignore_eos=True))
+        stream_b = engine.add_request(request(tokenizer, "World", "b", max_new_tokens=200, ignore_eos=True))
+        gate.release()
+        await anext(stream_a)
+        gate.release()  # b, if the first step came before b was queued
+        await anext(stream_b)
+        fail_forward_when(engine.core, lambda seq: True)  # the device breaks mid-stream
     for stream in (stream_a, stream_b):
         with pytest.raises(EngineDeadError, match="device looks broken"):
             async with asyncio.timeout(30):
