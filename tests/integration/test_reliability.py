@@ -80,8 +80,9 @@ def app_url(serve_port: int) -> Iterator[str]:
 
 
 async def test_past_the_queue_bound_requests_get_an_immediate_429(app_url: str, tmp_path: Path):
-    """One slot + one queued: of six requests held at their first token (a gate the test opens), four
-    are refused at once: their 429s come back while the two accepted ones are still held."""
+    """One slot + one queued: of six requests held at their first token (a gate the test opens), at
+    least four are refused at once: their 429s come back while the accepted ones are still held. (Five
+    when the first one waits in the queue for the replica rather than in its slot.)"""
     gate = tmp_path / "gate"
     async with httpx.AsyncClient(base_url=app_url, timeout=60) as client:
 
@@ -96,12 +97,13 @@ async def test_past_the_queue_bound_requests_get_an_immediate_429(app_url: str, 
             done, _ = await asyncio.wait(tasks, timeout=0.1)
             refused = [task.result() for task in done]
         answers = "\n".join(f"{r.url.path} {r.status_code} {r.text[:300]}" for r in refused)
-        assert len(refused) == 4, f"{len(refused)} of 6 answered before the gate opened:\n{answers}"
+        assert len(refused) >= 4, f"{len(refused)} of 6 answered before the gate opened:\n{answers}"
         assert all(r.status_code == 429 and "overloaded" in r.json()["detail"] for r in refused), answers
         gate.touch()
         results = await asyncio.gather(*tasks)
         openai = await client.post("v1/completions", json={"model": SLOW_LANE, "prompt": "hi"})
-    assert sorted(r.status_code for r in results) == [200, 200, 429, 429, 429, 429]
+    statuses = sorted(r.status_code for r in results)
+    assert statuses in ([200, 200, 429, 429, 429, 429], [200, 429, 429, 429, 429, 429]), statuses
     assert openai.status_code == 200  # the lane is free again afterwards
 
 
