@@ -417,7 +417,7 @@ int decode_attention(int dtype, const void *query, const void *k_cache, const vo
     attend(DTYPE, query, k_cache, v_cache, block_tables + s * table_width, ctx_lens[s], s, kv_begin,    \
            kv_begin + kv_per_item, num_heads, num_kv_heads, HD, BS, scale, window, softcap, out,        \
            score_stride, scores, q, acc, row)
-#pragma omp for schedule(static, 1) /* round robin: a prefill's rows grow in length */
+#pragma omp for schedule(dynamic, 1) /* taken as threads come free: a prefill's rows grow in length, and a thread that starts late (or loses its core a while) leaves its items to the others */
         for (int64_t item = 0; item < num_seqs * split; item++) {
             if (failed) continue;
             const int64_t s = item / split, kv_begin = (item % split) * kv_per_item;
