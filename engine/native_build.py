@@ -82,6 +82,13 @@ class IsaVariant:
 NATIVE = IsaVariant("native")
 VARIANTS = (
     NATIVE,  # everything this CPU has (-march=native): what the server runs
+    # AVX512-BF16 without AMX (Cooper Lake, AMD Zen 4 and 5): forced on CPUs that have AMX too
+    IsaVariant(
+        "avx512bf16",
+        ("-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8"),
+        ("avx512_bf16", "amx_tile", "amx_bf16"),
+        x86_only=True,
+    ),
     # AVX-512F/BW/VL without AVX512-BF16 (Skylake-SP to Ice Lake): forced on CPUs that have BF16 too
     IsaVariant("avx512f", ("-mno-avx512bf16",), ("avx512f", "avx512bw", "avx512vl"), x86_only=True),
     IsaVariant("avx2", ("-mno-avx512f",), ("avx2", "fma"), x86_only=True),  # AVX2 + FMA, no AVX-512

@@ -92,6 +92,122 @@ static void release_rows(const row_t *rows) { (void)rows; }
 #define HAVE_LINEAR_BF16 1
 #define ISA_NAME "avx512bf16"
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__x86_64__)
+/* AMX (Intel Sapphire Rapids and later): tile products. The packed weight is already AMX's B layout: a
+   block's k pairs one 64-byte row each (16 columns x 2), so 16 pairs (32 k) of a block are one B tile
+   (16 rows of 64 bytes, stride 64). An A tile holds up to 16 rows of x, 32 k each, read in place (stride
+   ldx); a C tile 16 rows x 16 float32 columns. For each block, every output is a float32 sum over k in
+   chunks of 32, in ascending order, each chunk one tdpbf16ps: the same instructions whatever the row count
+   or a row's place in the batch (a batch of M > 16 rows runs in tiles of 16, the last one ending at row M
+   and overlapping the one before: those rows are computed twice, with the same bits). So a row's bits do
+   not depend on the batch here either; they differ from the AVX512-BF16 path's (another order inside a
+   chunk). Products whose K is not a multiple of 32, and processes where Linux refuses the tile state
+   (arch_prctl), run on the AVX512-BF16 path above. Measured on a 2-core Xeon with AMX (SmolLM2's products
+   of one step, 2026-12-07): docs/performance.md. */
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define HAVE_AMX 1
+#define AMX_UNIT 4 /* column blocks per unit of work: four C tiles */
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+static int amx_ready;
+
+/* Linux hands a process AMX's tile state only once asked (arch_prctl), per process. */
+__attribute__((constructor)) static void amx_request(void) {
+    amx_ready = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+struct tile_config {
+    uint8_t palette;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+/* tmm0-3: C (one column block each), tmm4: A, tmm5-7: B. */
+static void amx_configure(int R) {
+    struct tile_config config;
+    memset(&config, 0, sizeof config);
+    config.palette = 1;
+    for (int t = 0; t < 4; t++) config.rows[t] = (uint8_t)R, config.colsb[t] = 64;
+    config.rows[4] = (uint8_t)R, config.colsb[4] = 64;
+    for (int t = 5; t < 8; t++) config.rows[t] = 16, config.colsb[t] = 64;
+    _tile_loadconfig(&config);
+}
+
+/* One C tile's R rows: + bias, rounded to bf16, stored into y's columns n.. (masked at N). */
+static inline void amx_store(const float *c, int R, const float *bias, uint16_t *y, int64_t ldy, int64_t n,
+                             int64_t N) {
+    const int64_t left = N - n;
+    if (left <= 0) return;
+    const __mmask16 mask = left >= BLOCK ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n) : _mm512_setzero_ps();
+    for (int r = 0; r < R; r++) {
+        __m512 v = _mm512_loadu_ps(c + r * BLOCK);
+        if (bias) v = _mm512_add_ps(v, b);
+        _mm256_mask_storeu_epi16(y + r * ldy + n, mask, (__m256i)_mm512_cvtneps_pbh(v));
+    }
+}
+
+#define AMX_DP(C, B, OFFSET)                                                                        \
+    do {                                                                                           \
+        _tile_loadd(B, wb + (OFFSET) + kc * 16 * 2 * BLOCK, 64);                                    \
+        _tile_dpbf16ps(C, 4, B);                                                                   \
+    } while (0)
+
+/* Rows [m0, m0 + R) (R as configured) x blocks [b0, b1) of at most AMX_UNIT blocks. */
+static void amx_rows(const uint16_t *x, int64_t ldx, int R, const uint16_t *w, int64_t K2, const float *bias,
+                     uint16_t *y, int64_t ldy, int64_t b0, int64_t b1, int64_t N) {
+    const int64_t block_stride = K2 * 2 * BLOCK, chunks = K2 / 16;
+    const int nb = (int)(b1 - b0);
+    const uint16_t *wb = w + b0 * block_stride;
+    float c[16 * BLOCK];
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t kc = 0; kc < chunks; kc++) {
+        _tile_loadd(4, x + kc * 32, ldx * 2);
+        switch (nb) { /* falls through: block 3, then 2, 1, 0 */
+        case 4: AMX_DP(3, 5, 3 * block_stride); /* fallthrough */
+        case 3: AMX_DP(2, 7, 2 * block_stride); /* fallthrough */
+        case 2: AMX_DP(1, 6, block_stride); /* fallthrough */
+        default: AMX_DP(0, 5, 0);
+        }
+    }
+    const int64_t n0 = b0 * BLOCK;
+    _tile_stored(0, c, 64);
+    amx_store(c, R, bias, y, ldy, n0, N);
+    if (nb > 1) {
+        _tile_stored(1, c, 64);
+        amx_store(c, R, bias, y, ldy, n0 + BLOCK, N);
+    }
+    if (nb > 2) {
+        _tile_stored(2, c, 64);
+        amx_store(c, R, bias, y, ldy, n0 + 2 * BLOCK, N);
+    }
+    if (nb > 3) {
+        _tile_stored(3, c, 64);
+        amx_store(c, R, bias, y, ldy, n0 + 3 * BLOCK, N);
+    }
+}
+
+/* Every row of x for blocks [b0, b1): tiles of 16 rows (the last one ending at row M), AMX_UNIT blocks at
+   a time. The thread's tiles are configured for min(M, 16) rows. */
+static void amx_unit(const uint16_t *x, int64_t M, int64_t ldx, const uint16_t *w, int64_t K2,
+                     const float *bias, uint16_t *y, int64_t ldy, int64_t b0, int64_t b1, int64_t N) {
+    const int R = M < 16 ? (int)M : 16;
+    for (int64_t m = 0; m < M; m += 16) {
+        const int64_t m0 = m + R <= M ? m : M - R;
+        for (int64_t b = b0; b < b1; b += AMX_UNIT)
+            amx_rows(x + m0 * ldx, ldx, R, w, K2, bias, y + m0 * ldy, ldy, b, b + AMX_UNIT < b1 ? b + AMX_UNIT : b1, N);
+    }
+}
+#endif
+
 #elif defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 /* AVX-512F without the bf16 dot product (e.g. Intel Skylake-SP to Ice Lake, AMD before Zen 4): the
    AVX2 path's arithmetic in 512-bit registers. A 512-bit load holds one block's 16 columns for a pair
@@ -398,7 +514,11 @@ static void unit_rows(int R, const row_t *rows, int64_t ld, const uint16_t *w, i
 
 int linear_bf16_supported(void) { return 1; }
 
+#ifdef HAVE_AMX
+const char *linear_bf16_isa(void) { return amx_ready ? "amx-bf16" : ISA_NAME; }
+#else
 const char *linear_bf16_isa(void) { return ISA_NAME; }
+#endif
 
 /* What a unit does with the columns it just wrote, before it takes the next unit. */
 enum after_unit { WRITE_ONLY, SILU_MUL, ADD };
@@ -415,6 +535,25 @@ static int run_units(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const
     if (M == 0 || N == 0) return 0;
     const int64_t K2 = K / 2, num_blocks = pair > 0 ? pair : (N + BLOCK - 1) / BLOCK;
     const int64_t num_units = (num_blocks + UNIT - 1) / UNIT, width = pair > 0 ? pair * BLOCK : N;
+#ifdef HAVE_AMX
+    if (amx_ready && K % 32 == 0) {
+#pragma omp parallel if (num_units > 1 && M * N * K > 65536)
+        {
+            amx_configure(M < 16 ? (int)M : 16);
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t unit = 0; unit < num_units; unit++) {
+                const int64_t b0 = unit * UNIT, b1 = b0 + UNIT < num_blocks ? b0 + UNIT : num_blocks;
+                amx_unit(x, M, ldx, w, K2, bias, y, ldy, b0, b1, N);
+                if (pair > 0) amx_unit(x, M, ldx, w, K2, bias, y, ldy, pair + b0, pair + b1, N);
+                const int64_t n0 = b0 * BLOCK, n1 = b1 * BLOCK < width ? b1 * BLOCK : width;
+                if (after == SILU_MUL) silu_mul_rows(y + n0, ldy, y + width + n0, ldy, M, n1 - n0, out + n0, ldo);
+                if (after == ADD) add_rows(y + n0, ldy, out + n0, ldo, M, n1 - n0);
+            }
+            _tile_release();
+        }
+        return 0;
+    }
+#endif
     int64_t ld;
     const row_t *rows = tile_rows(x, M, K, ldx, &ld);
     if (!rows) return -2;

@@ -208,3 +208,12 @@ def test_the_residual_add_refuses_a_residual_of_another_shape(kernel):
     weight, x, _ = case(64, 48, 3)
     with pytest.raises(ValueError, match="residual must be"):
         kernel.add_into(x, kernel.pack(weight), 64, None, torch.zeros(3, 32, dtype=torch.bfloat16))
+
+
+def test_the_native_build_runs_on_amx_tiles_where_the_cpu_has_them():
+    """On a CPU with AMX (and Linux granting its tile state) the server's build takes the tile path; a
+    K that is not a multiple of 32 runs on AVX512-BF16 inside the same build (SHAPES covers both)."""
+    flags = set(native_build._cpu_fingerprint().split())
+    if not {"amx_tile", "amx_bf16"} <= flags:
+        pytest.skip("this CPU has no AMX")
+    assert kernel_of(native_linear.load, "linear_bf16", native_build.NATIVE).isa == "amx-bf16"
