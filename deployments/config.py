@@ -95,7 +95,8 @@ class EngineSettings(BaseModel):
     native_linear: bool = Field(
         _ENGINE_DEFAULTS.native_linear,
         description="CPU bf16 matrix products in the engine's C kernel (CPUs with AVX512-BF16 or "
-        "AVX2 + FMA); false = oneDNN's (torch's where oneDNN has no bf16 path).",
+        "AVX2 + FMA; on AMX tiles where the CPU has them); false = oneDNN's (torch's where oneDNN has "
+        "no bf16 path).",
     )
     int8_weights: bool = Field(
         _ENGINE_DEFAULTS.int8_weights,

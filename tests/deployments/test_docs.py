@@ -34,7 +34,7 @@ _SCRIPT = re.compile(r"(?:benchmarks/)?\b(\w+)\.py\b|\b(llmserve)\s+(?:serve|env
 _FLAG = re.compile(r"(?<![\w-])(--[a-z][\w-]*)")
 _RATIO = re.compile(r"\b\d+(?:\.\d+)?(?:-\d+(?:\.\d+)?)?x\b")
 _DATE = re.compile(r"\b20\d\d-\d\d-\d\d\b")
-_CPU = re.compile(r"Zen 5|Zen 4|Zen 3|Ice Lake")
+_CPU = re.compile(r"Zen 5|Zen 4|Zen 3|Ice Lake|Xeon with AMX")
 _DTYPE = re.compile(r"\bbf16\b|bfloat16|float32")
 
 
