@@ -124,6 +124,19 @@ static inline __m512 widen_bf16(const uint16_t *src) {
     for (int j = 0; j < HD / 16; j++) a = _mm512_fmadd_ps(q[j], widen_bf16((key) + 16 * j), a)
 #endif
 
+/* While the first head's q.k reads page pg: the next page's keys and this page's values of this kv head
+   asked for ahead (the pages lie anywhere in the cache, where no hardware prefetcher looks). */
+#define PREFETCH_PAGES(HD, pg)                                                                          \
+    do {                                                                                                \
+        const char *nk = pg + 1 < pages ? (const char *)(k_base + table[page0 + pg + 1] * 16 * row_stride) : 0; \
+        const char *pv = (const char *)(v_base + table[page0 + pg] * 16 * row_stride);                  \
+        for (int t = 0; t < 16; t++)                                                                    \
+            for (int l = 0; l < HD * 2; l += 64) {                                                      \
+                if (nk) _mm_prefetch(nk + t * row_stride * 2 + l, _MM_HINT_T0);                         \
+                _mm_prefetch(pv + t * row_stride * 2 + l, _MM_HINT_T0);                                 \
+            }                                                                                           \
+    } while (0)
+
 /* q.k * scale of NH heads against the pages of one kv head, sixteen keys (a page) at a time. */
 #define QK_SCORES(HD, NH)                                                                               \
     for (int h = 0; h < NH; h++) {                                                                      \
@@ -131,6 +144,7 @@ static inline __m512 widen_bf16(const uint16_t *src) {
         float *sh = scores + h * score_stride;                                                          \
         for (int64_t pg = 0; pg < pages; pg++) {                                                        \
             const uint16_t *k = k_base + table[page0 + pg] * 16 * row_stride;                           \
+            if (h == 0) PREFETCH_PAGES(HD, pg);                                                         \
             __m512 acc[16];                                                                             \
             for (int t = 0; t < 16; t++) {                                                              \
                 __m512 a = _mm512_setzero_ps();                                                         \
