@@ -21,6 +21,7 @@ from tests.serve_fixtures import delete_app, replica_pid, run_app
 APP = "enginedeath"
 SYNC, STREAM = "v1/llm/completions-sync", "v1/llm/completions-stream"
 QUERY = {"model_endpoint_name": TINY_MODEL}
+STREAMS = 4  # opened at once; the engine holds their decoding at 4 until the device breaks
 
 
 def body(prompt: str, max_new_tokens: int) -> dict:
@@ -43,7 +44,7 @@ async def _streams_end_with_errors_when_the_device_breaks(url: str, marker: Path
                             started.release()
             return events
 
-        tasks = [asyncio.create_task(stream(i)) for i in range(4)]
+        tasks = [asyncio.create_task(stream(i)) for i in range(STREAMS)]
         for _ in tasks:
             await asyncio.wait_for(started.acquire(), 60)
         marker.touch()  # the device breaks while all four stream
@@ -55,7 +56,7 @@ def test_a_dead_engine_fails_its_streams_answers_503_and_serve_replaces_it(
     serve_port: int, tiny_model_dir: Path, tmp_path: Path
 ):
     marker = tmp_path / "device-broken"
-    app = build_tiny_app(tiny_model_dir, engine_factory=BreakableFactory(marker))
+    app = build_tiny_app(tiny_model_dir, engine_factory=BreakableFactory(marker, hold_at=STREAMS))
     url = run_app(app, name=APP, route_prefix=f"/{APP}", port=serve_port)
     try:
         dead_pid = replica_pid(APP, TINY_MODEL)
