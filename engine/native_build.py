@@ -10,7 +10,8 @@ logs why and returns None, and the caller keeps its torch path; with `LLMSERVE_N
 A kernel's source holds several instruction-set paths chosen at compile time (`<kernel>_isa()` in the
 library names the one compiled). The server builds the `native` variant; the tests also build each
 other variant this CPU can execute (`runnable_variants()`: on an AVX-512 machine, the AVX2 path
-needs its own build with AVX-512 switched off), so every path that some CPU takes is tested.
+needs its own build with AVX-512 switched off; on one with AMX, the AVX512-BF16 path one with AMX
+switched off), so every path that some CPU takes is tested.
 
 `python -m engine.native_build` builds every kernel in every variant this CPU can execute into the
 cache, and nothing else: it needs only the standard library and the compiler, so .ci/run runs it on the
