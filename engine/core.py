@@ -247,7 +247,10 @@ class EngineCore:
         meta = SamplingMetadata.build(
             [s.params for s in seqs], [s.output_ids for s in seqs], [r.generator for r in states], self.device
         )
-        result = sample(apply_guides(logits, [r.guide for r in states]), meta, logits, self._argmax)
+        guides = [r.guide for r in states]
+        if any(guide is not None for guide in guides):
+            logits = logits.float()  # the guides' masks have their fast path on float32 rows
+        result = sample(apply_guides(logits, guides), meta, logits, self._argmax)
         log_probs = result.log_probs or [None] * len(seqs)
         tops = result.top_log_probs or [None] * len(seqs)
         return [_Sampled(*row) for row in zip(result.token_ids, log_probs, tops, strict=True)]

@@ -163,8 +163,10 @@ class ModelRunner:
         )
 
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Run one step; returns float32 logits (S, V) for the sequences whose last token was fed. The
-        sequences' positions are left as they are: the core advances them once the step succeeded."""
+        """Run one step; returns the logits (S, V) for the sequences whose last token was fed, in the model's
+        dtype (the sampler widens them where it needs float32: a greedy pick needs nothing, and a bf16 row's
+        argmax is its float32 copy's). The sequences' positions are left as they are: the core advances
+        them once the step succeeded."""
         ids, pos, meta, sample_index = self.prepare(batch)
         keep = torch.tensor(sample_index, dtype=torch.long, device=self.device)
         if self.fast_forward is not None:
@@ -174,4 +176,4 @@ class ModelRunner:
                 input_ids=ids, position_ids=pos, attn_meta=meta, logits_to_keep=keep, use_cache=False
             )
             logits = out.logits[0]
-        return logits.float()
+        return logits
