@@ -30,6 +30,15 @@
 #define UNIT 6 /* column blocks per unit of work */
 #define ROWS 4 /* rows per tile */
 
+/* v (+ bias) rounded to bf16 (vcvtneps2bf16) into y's columns [n, min(n + 16, N)); nothing when n >= N. */
+static inline void store_bf16x16(__m512 v, const float *bias, uint16_t *y, int64_t n, int64_t N) {
+    const int64_t left = N - n;
+    if (left <= 0) return;
+    const __mmask16 mask = left >= BLOCK ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
+    if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + n));
+    _mm256_mask_storeu_epi16(y + n, mask, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
 static inline __attribute__((always_inline)) void tile(const int R, const int C, const uint16_t *x,
                                                        int64_t ldx, const uint16_t *w, int64_t K2,
                                                        const float *bias, uint16_t *y, int64_t ldy,
@@ -60,15 +69,7 @@ static inline __attribute__((always_inline)) void tile(const int R, const int C,
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 6
-        for (int c = 0; c < C; c++) {
-            const int64_t n = n0 + c * BLOCK;
-            const int64_t left = N - n;
-            if (left <= 0) break;
-            const __mmask16 mask = left >= BLOCK ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
-            __m512 v = acc[r][c];
-            if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + n));
-            _mm256_mask_storeu_epi16(y + r * ldy + n, mask, (__m256i)_mm512_cvtneps_pbh(v));
-        }
+        for (int c = 0; c < C; c++) store_bf16x16(acc[r][c], bias, y + r * ldy, n0 + c * BLOCK, N);
 }
 
 /* Tiles of R rows x TILE_BLOCKS_R blocks of 16 columns (one vector each), so that R x C sums are in
@@ -132,25 +133,17 @@ static void amx_configure(int R) {
     struct tile_config config;
     memset(&config, 0, sizeof config);
     config.palette = 1;
-    for (int t = 0; t < 4; t++) config.rows[t] = (uint8_t)R, config.colsb[t] = 64;
-    config.rows[4] = (uint8_t)R, config.colsb[4] = 64;
-    for (int t = 5; t < 8; t++) config.rows[t] = 16, config.colsb[t] = 64;
+    for (int t = 0; t < 8; t++) config.rows[t] = (uint8_t)(t < 5 ? R : 16), config.colsb[t] = 64;
     _tile_loadconfig(&config);
 }
 
-/* One C tile's R rows: + bias, rounded to bf16, stored into y's columns n.. (masked at N). */
-static inline void amx_store(const float *c, int R, const float *bias, uint16_t *y, int64_t ldy, int64_t n,
-                             int64_t N) {
-    const int64_t left = N - n;
-    if (left <= 0) return;
-    const __mmask16 mask = left >= BLOCK ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
-    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n) : _mm512_setzero_ps();
-    for (int r = 0; r < R; r++) {
-        __m512 v = _mm512_loadu_ps(c + r * BLOCK);
-        if (bias) v = _mm512_add_ps(v, b);
-        _mm256_mask_storeu_epi16(y + r * ldy + n, mask, (__m256i)_mm512_cvtneps_pbh(v));
-    }
-}
+/* C tile T (R rows) + bias, rounded to bf16, into y's columns of block T of the call (nothing past N). */
+#define AMX_STORE(T)                                                                                 \
+    do {                                                                                           \
+        _tile_stored(T, c, 64);                                                                    \
+        for (int r = 0; r < R; r++)                                                                \
+            store_bf16x16(_mm512_loadu_ps(c + r * BLOCK), bias, y + r * ldy, n0 + (T) * BLOCK, N);  \
+    } while (0)
 
 #define AMX_DP(C, B, OFFSET)                                                                        \
     do {                                                                                           \
@@ -179,20 +172,10 @@ static void amx_rows(const uint16_t *x, int64_t ldx, int R, const uint16_t *w, i
         }
     }
     const int64_t n0 = b0 * BLOCK;
-    _tile_stored(0, c, 64);
-    amx_store(c, R, bias, y, ldy, n0, N);
-    if (nb > 1) {
-        _tile_stored(1, c, 64);
-        amx_store(c, R, bias, y, ldy, n0 + BLOCK, N);
-    }
-    if (nb > 2) {
-        _tile_stored(2, c, 64);
-        amx_store(c, R, bias, y, ldy, n0 + 2 * BLOCK, N);
-    }
-    if (nb > 3) {
-        _tile_stored(3, c, 64);
-        amx_store(c, R, bias, y, ldy, n0 + 3 * BLOCK, N);
-    }
+    AMX_STORE(0);
+    if (nb > 1) AMX_STORE(1);
+    if (nb > 2) AMX_STORE(2);
+    if (nb > 3) AMX_STORE(3);
 }
 
 /* Every row of x for blocks [b0, b1): tiles of 16 rows (the last one ending at row M), AMX_UNIT blocks at
@@ -536,42 +519,43 @@ static int run_units(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const
     const int64_t K2 = K / 2, num_blocks = pair > 0 ? pair : (N + BLOCK - 1) / BLOCK;
     const int64_t num_units = (num_blocks + UNIT - 1) / UNIT, width = pair > 0 ? pair * BLOCK : N;
 #ifdef HAVE_AMX
-    if (amx_ready && K % 32 == 0) {
+    const int amx = amx_ready && K % 32 == 0; /* else the vector path of this build */
+#else
+    const int amx = 0;
+#endif
+    int64_t ld = ldx;
+    const row_t *rows = amx ? NULL : tile_rows(x, M, K, ldx, &ld);
+    if (!amx && !rows) return -2;
 #pragma omp parallel if (num_units > 1 && M * N * K > 65536)
-        {
-            amx_configure(M < 16 ? (int)M : 16);
+    {
+#ifdef HAVE_AMX
+        if (amx) amx_configure(M < 16 ? (int)M : 16); /* each thread's own tile state */
+#endif
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t unit = 0; unit < num_units; unit++) {
-                const int64_t b0 = unit * UNIT, b1 = b0 + UNIT < num_blocks ? b0 + UNIT : num_blocks;
+        for (int64_t unit = 0; unit < num_units; unit++) {
+            const int64_t b0 = unit * UNIT, b1 = b0 + UNIT < num_blocks ? b0 + UNIT : num_blocks;
+#ifdef HAVE_AMX
+            if (amx) {
                 amx_unit(x, M, ldx, w, K2, bias, y, ldy, b0, b1, N);
                 if (pair > 0) amx_unit(x, M, ldx, w, K2, bias, y, ldy, pair + b0, pair + b1, N);
-                const int64_t n0 = b0 * BLOCK, n1 = b1 * BLOCK < width ? b1 * BLOCK : width;
-                if (after == SILU_MUL) silu_mul_rows(y + n0, ldy, y + width + n0, ldy, M, n1 - n0, out + n0, ldo);
-                if (after == ADD) add_rows(y + n0, ldy, out + n0, ldo, M, n1 - n0);
             }
-            _tile_release();
-        }
-        return 0;
-    }
 #endif
-    int64_t ld;
-    const row_t *rows = tile_rows(x, M, K, ldx, &ld);
-    if (!rows) return -2;
-#pragma omp parallel for schedule(dynamic, 1) if (num_units > 1 && M * N * K > 65536)
-    for (int64_t unit = 0; unit < num_units; unit++) {
-        const int64_t b0 = unit * UNIT, b1 = b0 + UNIT < num_blocks ? b0 + UNIT : num_blocks;
-        for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
-            const int R = M - m0 < ROWS ? (int)(M - m0) : ROWS;
-            const row_t *tile_x = rows + m0 * ld;
-            uint16_t *tile_y = y + m0 * ldy;
-            unit_rows(R, tile_x, ld, w, K2, bias, tile_y, ldy, b0, b1, N);
-            if (pair > 0) unit_rows(R, tile_x, ld, w, K2, bias, tile_y, ldy, pair + b0, pair + b1, N);
+            for (int64_t m0 = 0; !amx && m0 < M; m0 += ROWS) {
+                const int R = M - m0 < ROWS ? (int)(M - m0) : ROWS;
+                const row_t *tile_x = rows + m0 * ld;
+                uint16_t *tile_y = y + m0 * ldy;
+                unit_rows(R, tile_x, ld, w, K2, bias, tile_y, ldy, b0, b1, N);
+                if (pair > 0) unit_rows(R, tile_x, ld, w, K2, bias, tile_y, ldy, pair + b0, pair + b1, N);
+            }
+            const int64_t n0 = b0 * BLOCK, n1 = b1 * BLOCK < width ? b1 * BLOCK : width;
+            if (after == SILU_MUL) silu_mul_rows(y + n0, ldy, y + width + n0, ldy, M, n1 - n0, out + n0, ldo);
+            if (after == ADD) add_rows(y + n0, ldy, out + n0, ldo, M, n1 - n0);
         }
-        const int64_t n0 = b0 * BLOCK, n1 = b1 * BLOCK < width ? b1 * BLOCK : width;
-        if (after == SILU_MUL) silu_mul_rows(y + n0, ldy, y + width + n0, ldy, M, n1 - n0, out + n0, ldo);
-        if (after == ADD) add_rows(y + n0, ldy, out + n0, ldo, M, n1 - n0);
+#ifdef HAVE_AMX
+        if (amx) _tile_release();
+#endif
     }
-    release_rows(rows);
+    if (rows) release_rows(rows);
     return 0;
 }
 
