@@ -1,7 +1,7 @@
 """The test profile: `quick` (the default, what `.ci/run` runs) or `full` (`.ci/run --full`).
 
 Every test module runs in both. Only example counts and durations differ (the schema fuzzer's cases
-per operation, the soak's length, how many tokens the real-model equality tests compare); the full
+per operation, the soak's request count, how many tokens the real-model equality tests compare); the full
 profile runs them at their full size and is run before resolving any issue that changes `engine/` or
 `deployments/`.
 """

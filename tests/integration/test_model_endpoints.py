@@ -21,7 +21,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from deployments import serve_status
 from deployments.app import build_app_from_configs
-from deployments.config import DeploymentSettings, ModelConfig
+from deployments.config import DRAIN_CHECK_PERIOD_S, DeploymentSettings, ModelConfig
 from deployments.limits import AuthSettings
 from tests.deployments.fake_engine import fake_factory
 from tests.integration.tiny_app import TINY_MODEL
@@ -109,6 +109,15 @@ def test_created_endpoint_is_ready_and_listed(endpoint):
     listed = {e.name: e.status for e in Model.list().model_endpoints}
     assert listed == {TINY_MODEL: "READY", NAME: "READY"}
     assert serve_apps()[f"{INGRESS_APP}.{NAME}"] == "RUNNING"
+    # every replica of the app and of the endpoint checks its drain every 0.2 s (Serve's default: 2 s)
+    apps = _get_global_client().get_serve_details()["applications"]
+    periods = {
+        (app, name): deployment["deployment_config"]["graceful_shutdown_wait_loop_s"]
+        for app in (INGRESS_APP, f"{INGRESS_APP}.{NAME}")
+        for name, deployment in apps[app]["deployments"].items()
+    }
+    assert (INGRESS_APP, "Ingress") in periods and len(periods) >= 3, periods
+    assert set(periods.values()) == {DRAIN_CHECK_PERIOD_S}, periods
 
 
 def test_completions_route_to_it_on_both_protocols(endpoint, tiny_app_url: str):
