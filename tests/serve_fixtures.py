@@ -23,6 +23,7 @@ import ray
 from ray import serve
 
 from deployments import serve_status
+from deployments.cli import CONTROLLER_ENV
 from deployments.haproxy_launcher import LAUNCHER as HAPROXY_LAUNCHER
 from deployments.haproxy_launcher import LAUNCHER_COMMAND
 
@@ -115,10 +116,12 @@ def use_readme_serve_env() -> None:
     # autoscaling tests see each step in ~1-2 s (they wait on Serve's status, never on a fixed time).
     for name in ("HANDLE", "REPLICA"):
         os.environ.setdefault(f"RAY_SERVE_{name}_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
-    # Serve's controller reconciles every 0.1 s, busy or idle; every 0.5 s here. Three Serve-heavy modules
+    # Serve's controller reconciles every 0.1 s, busy or idle; every 0.5 s here, as `llmserve serve` sets
+    # it (deployments/cli.py: CONTROLLER_ENV). Three Serve-heavy modules
     # on two workers (endpoint races, model endpoints, multi-model): the two controllers used 15.0 CPU-s
     # at 0.1 s and 9.6 at 0.5, the modules' wall unchanged (156 / 158 s; 2026-12-05, Ice Lake, 2 cores).
-    os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5")
+    for name, value in CONTROLLER_ENV.items():
+        os.environ.setdefault(name, value)
     # A proxy that answers its ready or health check in over 5 / 10 s is replaced (and a test that
     # deploys meanwhile fails): on a loaded 2-core machine, with pytest-xdist's workers each running a
     # Serve, a proxy starting beside model loads took that long. The tests test the app, not that bound.

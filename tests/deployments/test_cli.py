@@ -123,6 +123,7 @@ def test_serve_runs_serve_run_with_the_settings(monkeypatch):
         "HOME": "/h",
         **OURS,
         **cli.DRAIN_ENV,
+        **cli.CONTROLLER_ENV,
         PID_DIR_ENV: str(pid_dir),
     }
     cli.main(["serve", "configs/gpu/serve_multi_gpu.yaml", "--address", "10.0.0.1:6379"], environ={})
