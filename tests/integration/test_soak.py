@@ -1,8 +1,9 @@
 """A soak against the tiny-model app: mixed load, nothing unexpected, nothing left running.
 
 Bounded by a request count, not a clock, so that its outcome does not depend on the machine's speed:
-150 requests in the default test profile, 850 (about 30 s here) in the full one (tests/suite_profile.py).
-Select it with `-m soak`; the 10-minute run on the default app is `python benchmarks/soak.py`.
+150 requests in the default test profile (~2.5 s on 2 cores), 850 in the full one (~10 s;
+tests/suite_profile.py). Select it with `-m soak`; the 10-minute run on the default app is
+`python benchmarks/soak.py`.
 """
 
 import asyncio
