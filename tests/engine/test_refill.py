@@ -100,18 +100,24 @@ async def closed_loop_steps(tiny, gaps_s: dict[str, float], lockstep: bool = Fal
     short requests each ("name-i") beside a long one, on an engine whose refill window is 5 s (so the
     machine's speed does not matter). With `lockstep`, each step first waits (up to 30 s) until every
     client whose request the last step finished has sent its next one: a replacement that the engine
-    does not hold for then joins the step after next, whatever the machine's speed. Returns the index
-    of each request's first and of its last step."""
+    does not hold for then joins the step after next, whatever the machine's speed. The clients' first
+    requests then wait for the engine's first step (the long request's) and join the next one together:
+    sent one after the other from the event loop, the engine thread could otherwise take the first
+    alone (seen once under load, in the full profile). Returns the index of each request's first and
+    of its last step."""
     _, tokenizer = tiny
     engine = make_async_engine(tiny, max_model_len=1024, refill_wait_ms=5000)
     steps: list[list] = []  # each engine step's deltas
-    owed: set[str] = set()  # clients whose request the last step finished, until they send the next
+    # clients whose request the last step finished, until they send the next (every client, at first)
+    owed: set[str] = set(gaps_s) if lockstep else set()
     sent = threading.Condition()
+    in_step = threading.Event()  # the engine thread is in a step, waiting for the clients (lockstep)
     real_step = engine.core.step
 
     def recorded_step():
         if lockstep:
             with sent:
+                in_step.set()
                 sent.wait_for(lambda: not owed, timeout=30)
         deltas = real_step()
         steps.append(deltas)
@@ -139,6 +145,8 @@ async def closed_loop_steps(tiny, gaps_s: dict[str, float], lockstep: bool = Fal
             request(tokenizer, "Keep going", "long", max_new_tokens=1000, ignore_eos=True)
         )
         reader = asyncio.ensure_future(_drain(background))
+        if lockstep:  # the first requests are queued while the engine waits in its first step
+            assert await asyncio.to_thread(in_step.wait, 30)
         await asyncio.gather(*(client(name, gap_s) for name, gap_s in gaps_s.items()))
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
