@@ -80,31 +80,42 @@ const char *rms_norm_isa(void) {
 #endif
 }
 
+/* One row: the float32 row and its squares in `xf` and `sq` (n floats each, the caller's scratch). */
+static void norm_row(int kind, const uint16_t *xr, int64_t n, const void *weight, float eps, uint16_t *o,
+                     float *xf, float *sq) {
+    for (int64_t e = 0; e < n; e++) {
+        xf[e] = bf16_to_f32(xr[e]);
+        sq[e] = xf[e] * xf[e];
+    }
+    const float variance = torch_sum(sq, n) / (float)n;
+    const float inv = 1.0f / sqrtf(variance + eps);
+    if (kind == 0) {
+        const uint16_t *w = (const uint16_t *)weight;
+        for (int64_t e = 0; e < n; e++) {
+            const float normed = bf16_to_f32(f32_to_bf16(xf[e] * inv));
+            o[e] = f32_to_bf16(bf16_to_f32(w[e]) * normed);
+        }
+    } else {
+        const float *scale = (const float *)weight;
+        for (int64_t e = 0; e < n; e++) o[e] = f32_to_bf16((xf[e] * inv) * scale[e]);
+    }
+}
+
+/* Rows are independent (each is the same arithmetic whichever thread runs it), so a batch of at least
+   PARALLEL_ROWS rows is split over the threads; fewer rows are not worth waking them. */
+#define PARALLEL_ROWS 16
+
 int rms_norm(int kind, const uint16_t *x, int64_t rows, int64_t n, int64_t ldx, const void *weight,
              float eps, uint16_t *out) {
-    float *xf = malloc(2 * (size_t)n * sizeof(float));
-    if (xf == NULL) return -1;
-    float *sq = xf + n;
-    for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *xr = x + r * ldx;
-        uint16_t *o = out + r * n;
-        for (int64_t e = 0; e < n; e++) {
-            xf[e] = bf16_to_f32(xr[e]);
-            sq[e] = xf[e] * xf[e];
-        }
-        const float variance = torch_sum(sq, n) / (float)n;
-        const float inv = 1.0f / sqrtf(variance + eps);
-        if (kind == 0) {
-            const uint16_t *w = (const uint16_t *)weight;
-            for (int64_t e = 0; e < n; e++) {
-                const float normed = bf16_to_f32(f32_to_bf16(xf[e] * inv));
-                o[e] = f32_to_bf16(bf16_to_f32(w[e]) * normed);
-            }
-        } else {
-            const float *scale = (const float *)weight;
-            for (int64_t e = 0; e < n; e++) o[e] = f32_to_bf16((xf[e] * inv) * scale[e]);
-        }
+    int failed = 0;
+#pragma omp parallel if (rows >= PARALLEL_ROWS) reduction(| : failed)
+    {
+        float *xf = malloc(2 * (size_t)n * sizeof(float));
+        if (xf == NULL) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++)
+            if (xf != NULL) norm_row(kind, x + r * ldx, n, weight, eps, out + r * n, xf, xf + n);
+        free(xf);
     }
-    free(xf);
-    return 0;
+    return failed ? -1 : 0;
 }
