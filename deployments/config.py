@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -160,10 +160,15 @@ class EngineSettings(BaseModel):
 # A stopping replica (a scale-down, a deleted endpoint, Ctrl-C) waits this long between checks of its
 # requests in flight before it exits; Serve's default, 2 s, made every stop take at least 2 s.
 DRAIN_CHECK_PERIOD_S = 0.2
-DRAIN_CHECK_DESCRIPTION = (
-    "How often a stopping replica checks whether its requests in flight have ended (Serve's "
-    "graceful_shutdown_wait_loop_s; Serve's own default, 2 s, makes every stop take at least 2 s)."
-)
+DrainCheckPeriod = Annotated[
+    float,
+    Field(
+        gt=0,
+        le=60,
+        description="How often a stopping replica checks whether its requests in flight have ended (Serve's "
+        "graceful_shutdown_wait_loop_s; Serve's own default, 2 s, makes every stop take at least 2 s).",
+    ),
+]
 
 
 class DeploymentSettings(BaseModel):
@@ -194,9 +199,7 @@ class DeploymentSettings(BaseModel):
     health_check_period_s: float = Field(
         10.0, gt=0, le=3600, description="How often Serve asks a replica whether its engine is alive."
     )
-    graceful_shutdown_wait_loop_s: float = Field(
-        DRAIN_CHECK_PERIOD_S, gt=0, le=60, description=DRAIN_CHECK_DESCRIPTION
-    )
+    graceful_shutdown_wait_loop_s: DrainCheckPeriod = DRAIN_CHECK_PERIOD_S
 
     @model_validator(mode="after")
     def _replicas_or_autoscaling(self) -> DeploymentSettings:
@@ -284,9 +287,7 @@ class IngressSettings(BaseModel):
     )
     max_ongoing_requests: int = Field(1024, ge=1, description="Requests one ingress replica handles at once.")
     num_replicas: int = Field(1, ge=1, description="Ingress replicas.")
-    graceful_shutdown_wait_loop_s: float = Field(
-        DRAIN_CHECK_PERIOD_S, gt=0, le=60, description=DRAIN_CHECK_DESCRIPTION
-    )
+    graceful_shutdown_wait_loop_s: DrainCheckPeriod = DRAIN_CHECK_PERIOD_S
 
     def to_options(self) -> dict[str, Any]:
         return self.model_dump()

@@ -117,9 +117,9 @@ def use_readme_serve_env() -> None:
     for name in ("HANDLE", "REPLICA"):
         os.environ.setdefault(f"RAY_SERVE_{name}_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
     # Serve's controller reconciles every 0.1 s, busy or idle; every 0.5 s here, as `llmserve serve` sets
-    # it (deployments/cli.py: CONTROLLER_ENV). Three Serve-heavy modules
-    # on two workers (endpoint races, model endpoints, multi-model): the two controllers used 15.0 CPU-s
-    # at 0.1 s and 9.6 at 0.5, the modules' wall unchanged (156 / 158 s; 2026-12-05, Ice Lake, 2 cores).
+    # it (deployments/cli.py: CONTROLLER_ENV). Three Serve-heavy modules on two workers (endpoint races,
+    # model endpoints, multi-model): the two controllers used 15.0 CPU-s at 0.1 s and 9.6 at 0.5, the
+    # modules' wall unchanged (156 / 158 s; 2026-12-05, Ice Lake, 2 cores).
     for name, value in CONTROLLER_ENV.items():
         os.environ.setdefault(name, value)
     # A proxy that answers its ready or health check in over 5 / 10 s is replaced (and a test that
