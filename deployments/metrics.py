@@ -94,6 +94,19 @@ class ModelMetrics:
             "prefix_cache_queries": counter("llmserve_prefix_cache_queries", "Prompt tokens looked up."),
             "prefix_cache_hits": counter("llmserve_prefix_cache_hits", "Prompt tokens found cached."),
         }
+        # the engine's steps by kind: their rates give the mean step time and how often prompts are fed
+        steps = counter("llmserve_engine_steps", "Engine steps: decode only, or with a prompt chunk.", "kind")
+        step_s = counter("llmserve_engine_step_seconds", "Wall time of the engine's steps, by kind.", "kind")
+        hold_s = counter("llmserve_engine_refill_hold_seconds", "Time a next step waited for refills.")
+        self.engine_totals |= {
+            "num_decode_steps": steps, "num_prefill_steps": steps,
+            "decode_step_time_s": step_s, "prefill_step_time_s": step_s,
+            "refill_hold_time_s": hold_s,
+        }  # fmt: skip
+        self._total_tags = {
+            "num_decode_steps": {"kind": "decode"}, "num_prefill_steps": {"kind": "prefill"},
+            "decode_step_time_s": {"kind": "decode"}, "prefill_step_time_s": {"kind": "prefill"},
+        }  # fmt: skip
         self._last_totals = dict.fromkeys(self.engine_totals, 0)
         self.prompt_tokens = counter("llmserve_prompt_tokens", "Prompt tokens of finished requests.")
         self.generation_tokens = counter("llmserve_generation_tokens", "Tokens generated.")
@@ -115,7 +128,7 @@ class ModelMetrics:
         for name, metric in self.engine_totals.items():
             total = getattr(stats, name)
             if total > self._last_totals[name]:
-                metric.inc(total - self._last_totals[name])
+                metric.inc(total - self._last_totals[name], tags=self._total_tags.get(name))
             self._last_totals[name] = total
 
     def ensure_stats_task(self, read_stats: Callable[[], EngineStats]) -> None:

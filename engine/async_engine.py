@@ -134,6 +134,7 @@ class AsyncEngine:
         self._lock = threading.Lock()  # guards _streams and _dead
         self._wakeup = threading.Event()
         self._refill = RefillPolicy(config.refill_wait_ms / 1000)  # engine thread only
+        self._refill_hold_time_s = 0.0  # since start, written by the engine thread only
         self._dead: EngineDeadError | None = None  # set once, when the engine loop ends for any reason
         self._guides = GuideCompilePool(self._compile, NUM_COMPILE_WORKERS, config.guided_compile_timeout_s)
         self._compiler: GuidedCompiler | None = None
@@ -230,7 +231,7 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
 
     def stats(self) -> EngineStats:
-        sched = self.core.scheduler
+        sched, steps = self.core.scheduler, self.core.step_totals
         return EngineStats(
             len(sched.running),
             len(sched.waiting),
@@ -239,6 +240,11 @@ class AsyncEngine:
             num_preemptions=sched.num_preemptions,
             prefix_cache_queries=sched.allocator.num_queries,
             prefix_cache_hits=sched.allocator.num_hits,
+            num_decode_steps=steps.num_decode_steps,
+            num_prefill_steps=steps.num_prefill_steps,
+            decode_step_time_s=steps.decode_step_time_s,
+            prefill_step_time_s=steps.prefill_step_time_s,
+            refill_hold_time_s=self._refill_hold_time_s,
         )
 
     def check_health(self) -> None:
@@ -310,18 +316,24 @@ class AsyncEngine:
 
     def _wait_for_refills(self) -> bool:
         """Hold the next step while the refill policy says (engine/refill.py); False when shut down."""
-        while True:
-            scheduler = self.core.scheduler
-            until = self._refill.hold_until(
-                num_running=len(scheduler.running), num_waiting=len(scheduler.waiting)
-            )
-            if until is None or (left := until - time.monotonic()) <= 0:
-                return True
-            if self._inbox.empty():
-                self._wakeup.wait(left)
-            self._wakeup.clear()
-            if not self._drain_inbox():
-                return False
+        held_from: float | None = None
+        try:
+            while True:
+                scheduler = self.core.scheduler
+                until = self._refill.hold_until(
+                    num_running=len(scheduler.running), num_waiting=len(scheduler.waiting)
+                )
+                if until is None or (left := until - time.monotonic()) <= 0:
+                    return True
+                held_from = held_from or time.monotonic()
+                if self._inbox.empty():
+                    self._wakeup.wait(left)
+                self._wakeup.clear()
+                if not self._drain_inbox():
+                    return False
+        finally:
+            if held_from is not None:
+                self._refill_hold_time_s += time.monotonic() - held_from
 
     def _die(self, reason: BaseException) -> None:
         """Record why the engine stopped and end every open stream (queued, compiling or running) with it."""

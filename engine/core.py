@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ from engine.output import RequestOutput
 from engine.params import normalize_params
 from engine.sampler import SamplingMetadata, make_generator, sample
 from engine.scheduler import ScheduledBatch, Scheduler, Sequence
-from engine.types import EngineConfig, GenerationRequest, TokenDelta
+from engine.types import EngineConfig, GenerationRequest, StepTotals, TokenDelta
 
 logger = logging.getLogger("engine")
 
@@ -112,6 +113,7 @@ class EngineCore:
         release_free_memory()
         self._requests: dict[str, _RequestState] = {}
         self._num_consecutive_failures = 0  # lone-sequence forward failures since the last success
+        self.step_totals = StepTotals()  # read by the engine's stats (metrics), written here only
 
     def check_request(self, num_prompt_tokens: int, max_new_tokens: int) -> None:
         """Refuse what can never fit in the context."""
@@ -172,6 +174,7 @@ class EngineCore:
 
     def step(self) -> list[TokenDelta]:
         """One forward pass and one sampled token per ready sequence; failed requests get ERROR deltas."""
+        start_s = time.perf_counter()
         batch = self.scheduler.schedule()
         if batch.is_empty():
             return []
@@ -183,6 +186,8 @@ class EngineCore:
             for seq, sampled in zip(ready, self._sample(ready, logits, deltas), strict=True):
                 if sampled is not None:
                     deltas.append(self._emit(self._requests[seq.request_id], sampled))
+        is_prefill = len(batch.items) > batch.num_decode
+        self.step_totals.add(is_prefill=is_prefill, seconds=time.perf_counter() - start_s)
         return deltas
 
     def _forward(

@@ -88,6 +88,31 @@ class EngineStats:
     num_preemptions: int = 0  # since start: running sequences sent back to recompute (KV cache full)
     prefix_cache_queries: int = 0  # since start: prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # since start: of those, tokens found cached
+    # since start: steps and their wall time, decode-only ones and those that fed a prompt chunk (0 from
+    # engines that do not count them), and the time the next step was held for refills (engine/refill.py)
+    num_decode_steps: int = 0
+    num_prefill_steps: int = 0
+    decode_step_time_s: float = 0.0
+    prefill_step_time_s: float = 0.0
+    refill_hold_time_s: float = 0.0
+
+
+@dataclass(slots=True)
+class StepTotals:
+    """An engine's steps since start, by kind: decode only, or feeding some sequence a prompt chunk."""
+
+    num_decode_steps: int = 0
+    num_prefill_steps: int = 0
+    decode_step_time_s: float = 0.0
+    prefill_step_time_s: float = 0.0
+
+    def add(self, *, is_prefill: bool, seconds: float) -> None:
+        if is_prefill:
+            self.num_prefill_steps += 1
+            self.prefill_step_time_s += seconds
+        else:
+            self.num_decode_steps += 1
+            self.decode_step_time_s += seconds
 
 
 @dataclass(frozen=True, slots=True)

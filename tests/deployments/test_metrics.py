@@ -109,6 +109,23 @@ def test_engine_totals_become_counter_increments():
     assert totals["prefix_cache_hits"].name == "llmserve_prefix_cache_hits"
 
 
+def test_engine_steps_and_holds_become_counters_by_kind():
+    metrics = ModelMetrics("m", backend=FAKE_BACKEND)
+    for decode, prefill, decode_s, prefill_s, hold_s in [(3, 1, 0.3, 0.2, 0.0), (5, 1, 0.5, 0.2, 0.05)]:
+        stats = EngineStats(
+            1, 0, 0.0, 64, num_decode_steps=decode, num_prefill_steps=prefill, decode_step_time_s=decode_s,
+            prefill_step_time_s=prefill_s, refill_hold_time_s=hold_s,
+        )  # fmt: skip
+        metrics.record_stats(stats)
+    steps, step_s = metrics.engine_totals["num_decode_steps"], metrics.engine_totals["decode_step_time_s"]
+    assert steps.name == "llmserve_engine_steps" and step_s.name == "llmserve_engine_step_seconds"
+    assert [(v, tags["kind"]) for _, v, tags in steps.calls] == [(3, "decode"), (1, "prefill"), (2, "decode")]
+    assert [(round(v, 6), tags["kind"]) for _, v, tags in step_s.calls] == [
+        (0.3, "decode"), (0.2, "prefill"), (0.2, "decode"),
+    ]  # fmt: skip
+    assert values(metrics.engine_totals["refill_hold_time_s"]) == [0.05]
+
+
 @pytest.fixture
 def server() -> ModelServer:
     server = ModelServer(ModelConfig(name="fake", model="fake"), engine_factory=fake_factory)

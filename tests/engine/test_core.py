@@ -55,6 +55,22 @@ def _recorder(on_token, sink):
     return wrapped
 
 
+def test_steps_are_counted_by_kind(tiny):
+    """A prompt prefilled in chunks of 4 tokens, then decoded: a chunk of several tokens makes a prefill
+    step; single tokens (decode, or a prompt's last lone token) a decode step; each step's time counts."""
+    _, tokenizer = tiny
+    core = make_core(tiny, max_num_batched_tokens=4)
+    prompt = "Once upon a time there was a small village by the sea"
+    num_prompt = len(tokenizer(prompt).input_ids)
+    core.add_request(request(tokenizer, prompt, max_new_tokens=5, ignore_eos=True))
+    run_to_completion(core)
+    chunks = [min(4, num_prompt - start) for start in range(0, num_prompt, 4)]
+    totals = core.step_totals
+    assert totals.num_prefill_steps == sum(1 for n in chunks if n > 1)
+    assert totals.num_decode_steps == sum(1 for n in chunks if n == 1) + 4  # tokens 2-5
+    assert totals.prefill_step_time_s > 0 and totals.decode_step_time_s > 0
+
+
 def test_greedy_is_deterministic_and_batch_invariant(tiny):
     _, tokenizer = tiny
     alone = make_core(tiny)

@@ -95,7 +95,9 @@ def test_a_zero_window_never_holds():
 NUM_ROUNDS = MIN_HITS + 4  # the first MIN_HITS finishes build the history
 
 
-async def closed_loop_steps(tiny, gaps_s: dict[str, float], lockstep: bool = False):
+async def closed_loop_steps(
+    tiny, gaps_s: dict[str, float], lockstep: bool = False, held_s: list | None = None
+):
     """Closed-loop clients (name -> the wait between a request's end and its next) sending NUM_ROUNDS
     short requests each ("name-i") beside a long one, on an engine whose refill window is 5 s (so the
     machine's speed does not matter). With `lockstep`, each step first waits (up to 30 s) until every
@@ -104,7 +106,8 @@ async def closed_loop_steps(tiny, gaps_s: dict[str, float], lockstep: bool = Fal
     requests then wait for the engine's first step (the long request's) and join the next one together:
     sent one after the other from the event loop, the engine thread could otherwise take the first
     alone (seen once under load, in the full profile). Returns the index of each request's first and
-    of its last step."""
+    of its last step; `held_s` receives the engine's total hold time."""
+    held_s = [] if held_s is None else held_s
     _, tokenizer = tiny
     engine = make_async_engine(tiny, max_model_len=1024, refill_wait_ms=5000)
     steps: list[list] = []  # each engine step's deltas
@@ -151,6 +154,7 @@ async def closed_loop_steps(tiny, gaps_s: dict[str, float], lockstep: bool = Fal
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reader
+        held_s.append(engine.stats().refill_hold_time_s)
     finally:
         engine.shutdown()
     first, last = {}, {}
@@ -171,8 +175,25 @@ async def test_a_late_replacement_joins_the_step_right_after_the_finish(tiny):
     """A closed loop whose client sends its next request 5 ms after the last one ended (a remote
     client's round trip): once the history shows the loop, each replacement is prefilled in the very
     step after its predecessor's last one."""
-    first, last = await closed_loop_steps(tiny, {"short": 0.005})
+    held_s: list[float] = []
+    first, last = await closed_loop_steps(tiny, {"short": 0.005}, held_s=held_s)
     assert held_gaps(first, last, "short") == [1] * (NUM_ROUNDS - 1 - MIN_HITS)
+    assert held_s[0] > 0  # the engine's stats count the holds (the metrics' refill hold seconds)
+
+
+async def test_an_engine_that_never_holds_reports_no_hold_time(tiny):
+    _, tokenizer = tiny
+    engine = make_async_engine(tiny, max_model_len=1024)
+    try:
+        for i in range(3):
+            params = {"max_new_tokens": 3, "ignore_eos": True}
+            async for _ in engine.add_request(request(tokenizer, f"Short {i}", f"r{i}", **params)):
+                pass
+        stats = engine.stats()
+    finally:
+        engine.shutdown()
+    assert stats.refill_hold_time_s == 0.0
+    assert stats.num_prefill_steps == 3 and stats.num_decode_steps >= 1
 
 
 async def test_replacements_of_one_step_join_the_next_step_together(tiny):
