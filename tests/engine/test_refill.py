@@ -95,9 +95,7 @@ def test_a_zero_window_never_holds():
 NUM_ROUNDS = MIN_HITS + 4  # the first MIN_HITS finishes build the history
 
 
-async def closed_loop_steps(
-    tiny, gaps_s: dict[str, float], lockstep: bool = False, held_s: list | None = None
-):
+async def closed_loop_steps(tiny, gaps_s: dict[str, float], lockstep: bool = False):
     """Closed-loop clients (name -> the wait between a request's end and its next) sending NUM_ROUNDS
     short requests each ("name-i") beside a long one, on an engine whose refill window is 5 s (so the
     machine's speed does not matter). With `lockstep`, each step first waits (up to 30 s) until every
@@ -106,8 +104,7 @@ async def closed_loop_steps(
     requests then wait for the engine's first step (the long request's) and join the next one together:
     sent one after the other from the event loop, the engine thread could otherwise take the first
     alone (seen once under load, in the full profile). Returns the index of each request's first and
-    of its last step; `held_s` receives the engine's total hold time."""
-    held_s = [] if held_s is None else held_s
+    of its last step, and the engine's total hold time."""
     _, tokenizer = tiny
     engine = make_async_engine(tiny, max_model_len=1024, refill_wait_ms=5000)
     steps: list[list] = []  # each engine step's deltas
@@ -154,7 +151,7 @@ async def closed_loop_steps(
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reader
-        held_s.append(engine.stats().refill_hold_time_s)
+        held_s = engine.stats().refill_hold_time_s
     finally:
         engine.shutdown()
     first, last = {}, {}
@@ -163,7 +160,7 @@ async def closed_loop_steps(
             first.setdefault(delta.request_id, index)
             if delta.is_finished:
                 last[delta.request_id] = index
-    return first, last
+    return first, last, held_s
 
 
 def held_gaps(first: dict, last: dict, name: str) -> list[int]:
@@ -175,10 +172,9 @@ async def test_a_late_replacement_joins_the_step_right_after_the_finish(tiny):
     """A closed loop whose client sends its next request 5 ms after the last one ended (a remote
     client's round trip): once the history shows the loop, each replacement is prefilled in the very
     step after its predecessor's last one."""
-    held_s: list[float] = []
-    first, last = await closed_loop_steps(tiny, {"short": 0.005}, held_s=held_s)
+    first, last, held_s = await closed_loop_steps(tiny, {"short": 0.005})
     assert held_gaps(first, last, "short") == [1] * (NUM_ROUNDS - 1 - MIN_HITS)
-    assert held_s[0] > 0  # the engine's stats count the holds (the metrics' refill hold seconds)
+    assert held_s > 0  # the engine's stats count the holds (the metrics' refill hold seconds)
 
 
 async def test_an_engine_that_never_holds_reports_no_hold_time(tiny):
@@ -203,7 +199,7 @@ async def test_replacements_of_one_step_join_the_next_step_together(tiny):
     predecessor's last one. The steps go in lockstep with the clients (each waits until both sent their
     next request), so that until the history holds both replacements join the step after next and the
     two clients stay in step whatever the machine's speed."""
-    first, last = await closed_loop_steps(tiny, {"a": 0.005, "b": 0.010}, lockstep=True)
+    first, last, _ = await closed_loop_steps(tiny, {"a": 0.005, "b": 0.010}, lockstep=True)
     for name in ("a", "b"):
         assert held_gaps(first, last, name) == [1] * (NUM_ROUNDS - 1 - MIN_HITS), name
     together = [last[f"a-{i}"] == last[f"b-{i}"] for i in range(MIN_HITS, NUM_ROUNDS)]
