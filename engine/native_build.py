@@ -63,6 +63,7 @@ KERNEL_FLAGS: dict[str, tuple[str, ...]] = {
     "linear_int8": ("-ffp-contract=off",),
     "rms_norm": ("-ffp-contract=off",),  # no fused multiply-adds: each operation rounds as torch's does
     "rotary_kv": ("-ffp-contract=off",),  # no fused multiply-adds: each product rounds before the sum
+    "llama_layers": (),  # calls the other kernels through pointers: no arithmetic of its own
 }
 
 

@@ -10,15 +10,22 @@ rows, cache slots, block tables and rotary tables) once a step for all layers, w
 wrappers make; and the layers share one set of scratch buffers. The same C functions get the same
 arguments, so the logits are the same bits (tests/engine/test_fast_forward.py compares them with
 transformers' at every step). `EngineConfig.native_layers` turns it off.
+
+The sequence itself runs in C (csrc/llama_layers.c, the kernels passed to it as function pointers): one
+call a step, so the engine thread releases the GIL once for all the layers instead of at each of the
+240 calls of a SmolLM2 step, where a served replica's event loop would take it in between. Where that
+library does not build, the same calls are made from here.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from dataclasses import dataclass
 
 import torch
 
-from engine import native_attention, native_norm
+from engine import native_attention, native_build, native_norm
 from engine.attention import AttentionMetadata
 from engine.fusion import PackedLinear
 from engine.native_linear import LinearKernel
@@ -70,6 +77,64 @@ def _check_memory(status: int, what: str) -> None:
         raise MemoryError(f"{what}: no memory for its scratch space")
 
 
+_p, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+# The call each status comes from, by its index in a layer (csrc/llama_layers.c): the name the Python
+# loop's checks give it, and whether any non-zero status means memory (norms, attention).
+_CALLS = (
+    ("rms_norm", True),
+    ("qkv", False),
+    ("rotary_kv", False),
+    ("attention", True),
+    ("o", False),
+    ("rms_norm", True),
+    ("gate_up", False),
+    ("down", False),
+)
+
+
+class _Kernels(ctypes.Structure):
+    _fields_ = [(name, _p) for name in ("norm", "product", "silu_mul", "add", "rotary", "attention")]
+
+
+class _CLayer(ctypes.Structure):
+    _fields_ = [
+        *[(name, _p) for name in ("norm1", "norm2", "qkv", "o", "gate_up", "down")],
+        *[(name, _p) for name in ("qkv_bias", "o_bias", "gate_up_bias", "down_bias", "k_cache", "v_cache")],
+        ("eps1", _f32),
+        ("eps2", _f32),
+        ("scale", _f32),
+        ("window", _i64),
+    ]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [
+        *[(name, _p) for name in ("hidden", "normed", "qkv", "query", "attended", "product", "both")],
+        *[(name, _p) for name in ("gated", "cos", "sin", "tables", "lens", "slots")],
+        *[(name, _i64) for name in ("rows", "table_width", "block_size", "width", "qkv_size", "q_size")],
+        *[(name, _i64) for name in ("attn_size", "mlp_size", "num_q_heads", "num_kv_heads", "head_dim")],
+        ("norm_kind", ctypes.c_int32),
+        ("dtype_code", ctypes.c_int32),
+    ]
+
+
+@functools.cache
+def _driver() -> ctypes._CFuncPtr | None:
+    """csrc/llama_layers.c's entry point, or None where it cannot be built (the layers then run as a
+    sequence of calls from Python, with the same bits)."""
+    library = native_build.build_kernel("llama_layers")
+    if library is None:
+        return None
+    function = library.llama_layers
+    function.argtypes = [ctypes.POINTER(_Kernels), ctypes.POINTER(_CLayer), _i64, ctypes.POINTER(_Step), _p]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _address(function: ctypes._CFuncPtr) -> int:
+    return ctypes.cast(function, _p).value
+
+
 class NativeLayers:
     """Runs `layers` (fast_forward's `_LlamaLayer`s, each with rotary, SiLU and the residual adds in C)
     on a step's hidden states, in place; built by `of`, which says None where a layer does not qualify."""
@@ -85,7 +150,7 @@ class NativeLayers:
         self.num_kv_heads = self.k_size // self.head_dim
         self._norm, self._rotary = norm.raw, rotary.raw
         self._product, self._silu_mul, self._add = linear.raw_product, linear.raw_silu_mul, linear.raw_add
-        self.layers = []
+        built = []
         for layer in layers:
             attn, mlp = layer.attn, layer.mlp
             qkv, qkv_bias = _packed(attn.qkv)
@@ -93,7 +158,7 @@ class NativeLayers:
             gate_up, gate_up_bias = _packed(mlp.gate_up)
             down, down_bias = _packed(mlp.down)
             scale = attn.head_dim**-0.5 if attn.scaling is None else attn.scaling
-            self.layers.append(
+            built.append(
                 _Layer(
                     attn.index,
                     *(layer.norm1.data_ptr(), layer.eps1, layer.norm2.data_ptr(), layer.eps2),
@@ -103,6 +168,26 @@ class NativeLayers:
                 )
             )
         self._sources = layers  # the modules and tensors whose pointers are held: alive with this object
+        # The same calls from C in one call a step (csrc/llama_layers.c), where it builds; None: from here.
+        self.driver = _driver()
+        self._kernels = _Kernels(
+            *map(_address, (self._norm, self._product, self._silu_mul, self._add, self._rotary)), None
+        )
+        self._failed = ctypes.c_int64(-1)
+        self.layers = built
+
+    @property
+    def layers(self) -> list[_Layer]:
+        return self._layers
+
+    @layers.setter
+    def layers(self, layers: list[_Layer]) -> None:
+        """The layers' constant arguments, here and in the array the C sequence reads."""
+        self._layers = layers
+        self._c_layers = (_CLayer * len(layers))(
+            *(_CLayer(**{name: getattr(layer, name) for name, _ in _CLayer._fields_ if hasattr(layer, name)})
+              for layer in layers)
+        )  # fmt: skip
 
     @classmethod
     def of(cls, layers: list) -> NativeLayers | None:
@@ -180,6 +265,15 @@ class NativeLayers:
             self._add,
         )
         attend, llama = meta.kernel.raw, native_norm.LLAMA
+        if self.driver is not None:
+            c_step = _Step(
+                *(h, n, x, q, a, p, b, g, cos.data_ptr(), sin.data_ptr()),
+                *(tables.data_ptr(), lens.data_ptr(), slots.data_ptr()),
+                *(rows, tables.shape[1], cache.block_size),
+                *(width, qkv_size, self.q_size, attn_size, mlp, *heads, llama, code),
+            )
+            self._run_in_c(c_step, attend, cache)
+            return hidden
         for layer in self.layers:
             kc, vc = cache.keys[layer.index].data_ptr(), cache.values[layer.index].data_ptr()
             _check_memory(norm(llama, h, *step, width, layer.norm1, layer.eps1, n), "rms_norm")
@@ -194,3 +288,15 @@ class NativeLayers:
             _check(silu_mul(n, *step, width, *up), "gate_up")
             _check(add(g, rows, mlp, mlp, layer.down, width, layer.down_bias, p, width, h, width), "down")
         return hidden
+
+    def _run_in_c(self, step: _Step, attend: ctypes._CFuncPtr, cache) -> None:
+        """Every layer through csrc/llama_layers.c, its status raised as the Python loop raises it."""
+        keys, values = cache.keys, cache.values
+        for c_layer, layer in zip(self._c_layers, self.layers, strict=True):
+            c_layer.k_cache, c_layer.v_cache = keys[layer.index].data_ptr(), values[layer.index].data_ptr()
+        self._kernels.attention = _address(attend)
+        layers, failed = self._c_layers, self._failed
+        status = self.driver(self._kernels, layers, len(layers), step, ctypes.byref(failed))
+        if status != 0:
+            what, any_status_is_memory = _CALLS[failed.value % len(_CALLS)]
+            (_check_memory if any_status_is_memory else _check)(status, what)
