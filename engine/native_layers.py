@@ -11,10 +11,10 @@ wrappers make; and the layers share one set of scratch buffers. The same C funct
 arguments, so the logits are the same bits (tests/engine/test_fast_forward.py compares them with
 transformers' at every step). `EngineConfig.native_layers` turns it off.
 
-The sequence itself runs in C (csrc/llama_layers.c, the kernels passed to it as function pointers): one
-call a step, so the engine thread releases the GIL once for all the layers instead of at each of the
-240 calls of a SmolLM2 step, where a served replica's event loop would take it in between. Where that
-library does not build, the same calls are made from here.
+The sequence itself runs in C (csrc/llama_layers.c, handed the kernels as function pointers): one call
+a step, so the engine thread releases the GIL once for all the layers instead of at each of the 240
+calls of a SmolLM2 step, where a served replica's event loop would take it in between. Where that
+library does not build, `of` says None and the layers run on the kernels' wrappers.
 """
 
 from __future__ import annotations
@@ -78,8 +78,8 @@ def _check_memory(status: int, what: str) -> None:
 
 
 _p, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-# The call each status comes from, by its index in a layer (csrc/llama_layers.c): the name the Python
-# loop's checks give it, and whether any non-zero status means memory (norms, attention).
+# The call a status comes from, by its index in a layer (csrc/llama_layers.c): its name in the error,
+# and whether any non-zero status means memory (the norms, attention) or only -2 does (_check).
 _CALLS = (
     ("rms_norm", True),
     ("qkv", False),
@@ -118,10 +118,12 @@ class _Step(ctypes.Structure):
     ]
 
 
+_Driver = ctypes._CFuncPtr  # llama_layers(kernels, layers, num_layers, step, failed) -> status
+
+
 @functools.cache
-def _driver() -> ctypes._CFuncPtr | None:
-    """csrc/llama_layers.c's entry point, or None where it cannot be built (the layers then run as a
-    sequence of calls from Python, with the same bits)."""
+def _driver() -> _Driver | None:
+    """csrc/llama_layers.c's entry point, or None where it cannot be built."""
     library = native_build.build_kernel("llama_layers")
     if library is None:
         return None
@@ -139,7 +141,14 @@ class NativeLayers:
     """Runs `layers` (fast_forward's `_LlamaLayer`s, each with rotary, SiLU and the residual adds in C)
     on a step's hidden states, in place; built by `of`, which says None where a layer does not qualify."""
 
-    def __init__(self, layers: list, norm: NormKernel, linear: LinearKernel, rotary: RotaryKernel) -> None:
+    def __init__(
+        self,
+        layers: list,
+        norm: NormKernel,
+        linear: LinearKernel,
+        rotary: RotaryKernel,
+        driver: ctypes._CFuncPtr,
+    ) -> None:
         first = layers[0].attn
         self.q_size, self.k_size, self.head_dim = first.q_size, first.k_size, first.head_dim
         self.qkv_size = first.qkv.out_features
@@ -148,8 +157,6 @@ class NativeLayers:
         self.mlp_size = layers[0].mlp.down.in_features
         self.num_q_heads = self.q_size // self.head_dim
         self.num_kv_heads = self.k_size // self.head_dim
-        self._norm, self._rotary = norm.raw, rotary.raw
-        self._product, self._silu_mul, self._add = linear.raw_product, linear.raw_silu_mul, linear.raw_add
         built = []
         for layer in layers:
             attn, mlp = layer.attn, layer.mlp
@@ -168,11 +175,9 @@ class NativeLayers:
                 )
             )
         self._sources = layers  # the modules and tensors whose pointers are held: alive with this object
-        # The same calls from C in one call a step (csrc/llama_layers.c), where it builds; None: from here.
-        self.driver = _driver()
-        self._kernels = _Kernels(
-            *map(_address, (self._norm, self._product, self._silu_mul, self._add, self._rotary)), None
-        )
+        self._driver = driver
+        kernels = (norm.raw, linear.raw_product, linear.raw_silu_mul, linear.raw_add, rotary.raw)
+        self._kernels = _Kernels(*map(_address, kernels), None)  # attention: the step's kernel, each call
         self._failed = ctypes.c_int64(-1)
         self.layers = built
 
@@ -198,7 +203,8 @@ class NativeLayers:
         first = layers[0]
         norm, rotary = first.kernel, first.rotary
         linear = getattr(first.attn.qkv, "native_kernel", None)
-        if norm is None or rotary is None or linear is None:
+        driver = _driver()
+        if norm is None or rotary is None or linear is None or driver is None:
             return None
         for layer in layers:
             attn, mlp = layer.attn, layer.mlp
@@ -214,7 +220,7 @@ class NativeLayers:
             for weight in (layer.norm1, layer.norm2):
                 if weight.dtype != torch.bfloat16 or not weight.is_contiguous():
                     return None
-        return cls(layers, norm, linear, rotary)
+        return cls(layers, norm, linear, rotary, driver)
 
     def __call__(
         self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata
@@ -247,56 +253,26 @@ class NativeLayers:
         product = torch.empty(num_tokens, width, dtype=bf16)  # each residual add's product, then dropped
         both = torch.empty(num_tokens, 2 * self.mlp_size, dtype=bf16)  # gate and up, as written
         gated = torch.empty(num_tokens, self.mlp_size, dtype=bf16)
-        q_view = qkv[:, : self.q_size].view(num_tokens, self.num_q_heads, self.head_dim)
-        h, n, x, q = hidden.data_ptr(), normed.data_ptr(), qkv.data_ptr(), query.data_ptr()
-        a, p, b, g = attended.data_ptr(), product.data_ptr(), both.data_ptr(), gated.data_ptr()
-        rows = num_tokens
-        step = (rows, width)  # rows and width of hidden and normed
-        qkv_size, attn_size, mlp = self.qkv_size, self.attn_size, self.mlp_size
         heads = (self.num_q_heads, self.num_kv_heads, self.head_dim)
-        rotary_args = (cos.data_ptr(), sin.data_ptr(), x, rows, qkv_size, *heads, slots.data_ptr())
-        table_args = (tables.data_ptr(), tables.shape[1], lens.data_ptr(), rows, *heads, cache.block_size)
-        code = native_attention.DTYPE_CODES[bf16]
-        norm, product_fn, rotary, silu_mul, add = (
-            self._norm,
-            self._product,
-            self._rotary,
-            self._silu_mul,
-            self._add,
+        step = _Step(
+            *(hidden.data_ptr(), normed.data_ptr(), qkv.data_ptr(), query.data_ptr(), attended.data_ptr()),
+            *(product.data_ptr(), both.data_ptr(), gated.data_ptr(), cos.data_ptr(), sin.data_ptr()),
+            *(tables.data_ptr(), lens.data_ptr(), slots.data_ptr(), num_tokens, tables.shape[1]),
+            cache.block_size,
+            *(width, self.qkv_size, self.q_size, self.attn_size, self.mlp_size, *heads),
+            *(native_norm.LLAMA, native_attention.DTYPE_CODES[bf16]),
         )
-        attend, llama = meta.kernel.raw, native_norm.LLAMA
-        if self.driver is not None:
-            c_step = _Step(
-                *(h, n, x, q, a, p, b, g, cos.data_ptr(), sin.data_ptr()),
-                *(tables.data_ptr(), lens.data_ptr(), slots.data_ptr()),
-                *(rows, tables.shape[1], cache.block_size),
-                *(width, qkv_size, self.q_size, attn_size, mlp, *heads, llama, code),
-            )
-            self._run_in_c(c_step, attend, cache)
-            return hidden
-        for layer in self.layers:
-            kc, vc = cache.keys[layer.index].data_ptr(), cache.values[layer.index].data_ptr()
-            _check_memory(norm(llama, h, *step, width, layer.norm1, layer.eps1, n), "rms_norm")
-            _check(product_fn(n, *step, width, layer.qkv, qkv_size, layer.qkv_bias, x, qkv_size), "qkv")
-            _check(rotary(*rotary_args, kc, vc), "rotary_kv")
-            query.copy_(q_view)
-            attention = (layer.scale, layer.window, 0.0, a)  # softcap 0: none
-            _check_memory(attend(code, q, kc, vc, *table_args, *attention), "attention")
-            _check(add(a, rows, attn_size, attn_size, layer.o, width, layer.o_bias, p, width, h, width), "o")
-            _check_memory(norm(llama, h, *step, width, layer.norm2, layer.eps2, n), "rms_norm")
-            up = (layer.gate_up, mlp, layer.gate_up_bias, b, 2 * mlp, g, mlp)
-            _check(silu_mul(n, *step, width, *up), "gate_up")
-            _check(add(g, rows, mlp, mlp, layer.down, width, layer.down_bias, p, width, h, width), "down")
+        self._run_in_c(step, meta.kernel.raw, cache)
         return hidden
 
     def _run_in_c(self, step: _Step, attend: ctypes._CFuncPtr, cache) -> None:
-        """Every layer through csrc/llama_layers.c, its status raised as the Python loop raises it."""
+        """Every layer through csrc/llama_layers.c; a kernel's status raised as its wrapper raises it."""
         keys, values = cache.keys, cache.values
         for c_layer, layer in zip(self._c_layers, self.layers, strict=True):
             c_layer.k_cache, c_layer.v_cache = keys[layer.index].data_ptr(), values[layer.index].data_ptr()
         self._kernels.attention = _address(attend)
         layers, failed = self._c_layers, self._failed
-        status = self.driver(self._kernels, layers, len(layers), step, ctypes.byref(failed))
+        status = self._driver(self._kernels, layers, len(layers), step, ctypes.byref(failed))
         if status != 0:
             what, any_status_is_memory = _CALLS[failed.value % len(_CALLS)]
             (_check_memory if any_status_is_memory else _check)(status, what)

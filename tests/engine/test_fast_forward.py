@@ -138,37 +138,32 @@ def all_kernels_in_c() -> bool:
     return all(load() is not None for load in (native_linear.load, native_rotary.load, native_norm.load))
 
 
-def native_layers_of(core: EngineCore, in_c: bool) -> NativeLayers:
-    """The core's C sequence, run from csrc/llama_layers.c in one call (in_c) or call by call from Python."""
+def native_layers_of(core: EngineCore) -> NativeLayers:
     native = core.runner.fast_forward.native_layers
-    assert native is not None and native.driver is not None  # built wherever the kernels are
-    if not in_c:
-        native.driver = None
+    assert native is not None  # wherever the kernels build, csrc/llama_layers.c does
     return native
 
 
-@pytest.mark.parametrize("in_c", [True, False], ids=["one-call", "from-python"])
 @pytest.mark.parametrize("mistral", [False, True], ids=["llama", "mistral"])
 @pytest.mark.parametrize("max_num_batched_tokens", [256, 24])
-def test_bf16_layers_as_one_c_sequence_equal_transformers(tiny, mistral, max_num_batched_tokens, in_c):
+def test_bf16_layers_as_one_c_sequence_equal_transformers(tiny, mistral, max_num_batched_tokens):
     """engine/native_layers.py: chunked and packed prefills, prefix-cache hits and decodes, the window."""
     if not all_kernels_in_c():
         pytest.skip("no C compiler: the layers stay on the kernels' wrappers or torch")
     model_and_tokenizer = tiny_bf16(tiny[1], mistral)
     core = make_core(model_and_tokenizer, max_num_batched_tokens=max_num_batched_tokens)
-    native = native_layers_of(core, in_c)
+    native = native_layers_of(core)
     assert [layer.window for layer in native.layers] == ([8, 8] if mistral else [0, 0])
     equal = steps_equal(core, tiny[1])
     assert len(equal) >= 20 and all(equal)
 
 
-@pytest.mark.parametrize("in_c", [True, False], ids=["one-call", "from-python"])
-def test_a_wrong_window_in_the_c_sequence_would_be_seen(tiny, in_c):
+def test_a_wrong_window_in_the_c_sequence_would_be_seen(tiny):
     """The check above can fail: the C sequence with the window dropped differs from transformers."""
     if not all_kernels_in_c():
         pytest.skip("no C compiler")
     core = make_core(tiny_bf16(tiny[1], mistral=True), max_num_batched_tokens=24)
-    native = native_layers_of(core, in_c)
+    native = native_layers_of(core)
     native.layers = [replace(layer, window=0) for layer in native.layers]
     assert not all(steps_equal(core, tiny[1]))
 
@@ -187,12 +182,12 @@ FAILING = ctypes.CFUNCTYPE(ctypes.c_int)  # a kernel that ignores its arguments 
         ("silu_mul", -2, MemoryError, "gate_up: no memory"),
     ],
 )
-def test_a_kernel_status_in_one_call_raises_what_the_python_loop_raises(tiny, kernel, status, error, message):
+def test_a_failing_kernel_in_the_c_sequence_raises_as_its_wrapper(tiny, kernel, status, error, message):
     """csrc/llama_layers.c stops at the first non-zero status and says which call it was."""
     if not all_kernels_in_c():
         pytest.skip("no C compiler")
     core = make_core(tiny_bf16(tiny[1], mistral=False))
-    native = native_layers_of(core, in_c=True)
+    native = native_layers_of(core)
     failing = FAILING(lambda: status)
     setattr(native._kernels, kernel, ctypes.cast(failing, ctypes.c_void_p).value)
     core.add_request(request(tiny[1], "Hello there", "r0", max_new_tokens=2))
