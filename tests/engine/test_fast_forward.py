@@ -195,6 +195,31 @@ def test_a_failing_kernel_in_the_c_sequence_raises_as_its_wrapper(tiny, kernel, 
         core.runner.execute(core.scheduler.schedule())
 
 
+@pytest.mark.parametrize(
+    ("kernel", "calls_before", "message"),
+    [("add", 1, "^down refused"), ("add", 2, "^o refused"), ("silu_mul", 1, "^gate_up refused")],
+)
+def test_a_later_call_of_a_kernel_is_named_by_its_place_in_the_layer(tiny, kernel, calls_before, message):
+    """A kernel called twice a layer (add: o, then down) or once a layer (gate/up, in the second layer):
+    the status is named by the call it came from, in whichever layer."""
+    if not all_kernels_in_c():
+        pytest.skip("no C compiler")
+    core = make_core(tiny_bf16(tiny[1], mistral=False))
+    native = native_layers_of(core)
+    real = ctypes.CFUNCTYPE(ctypes.c_int, *[ctypes.c_void_p] * 11)(getattr(native._kernels, kernel))
+    calls = []
+
+    def fails_later(*args):
+        calls.append(1)
+        return real(*args) if len(calls) <= calls_before else -1
+
+    later = ctypes.CFUNCTYPE(ctypes.c_int, *[ctypes.c_void_p] * 11)(fails_later)
+    setattr(native._kernels, kernel, ctypes.cast(later, ctypes.c_void_p).value)
+    core.add_request(request(tiny[1], "Hello there", "r0", max_new_tokens=2))
+    with pytest.raises(RuntimeError, match=message):
+        core.runner.execute(core.scheduler.schedule())
+
+
 def test_the_c_sequence_can_be_switched_off(tiny):
     core = make_core(tiny_bf16(tiny[1], mistral=False), native_layers=False)
     assert core.runner.fast_forward is not None and core.runner.fast_forward.native_layers is None
