@@ -147,7 +147,7 @@ class NativeLayers:
         norm: NormKernel,
         linear: LinearKernel,
         rotary: RotaryKernel,
-        driver: ctypes._CFuncPtr,
+        driver: _Driver,
     ) -> None:
         first = layers[0].attn
         self.q_size, self.k_size, self.head_dim = first.q_size, first.k_size, first.head_dim

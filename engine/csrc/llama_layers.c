@@ -1,7 +1,7 @@
 /* A step's Llama layers as one C call: the kernels of engine/native_layers.py (RMSNorm, the q/k/v product,
    rotary with the KV-cache write, attention, the o product with its residual add, RMSNorm, gate/up with
-   SiLU, down with its residual add) called in that order for every layer, with the same arguments the
-   Python loop passes them, so the same bits.
+   SiLU, down with its residual add) called in that order for every layer, with the arguments their
+   Python wrappers would pass them, so the same bits.
 
    Why: from Python each of a layer's eight calls costs its argument conversion and a release and
    re-acquisition of the GIL (240 a SmolLM2 step). On the serving path the replica's event loop holds the
@@ -11,7 +11,7 @@
    The kernels are the other libraries' functions, passed as pointers (struct llama_kernels), so each
    keeps its own build flags. Returns 0, or the first non-zero status of a kernel with *failed set to
    layer * 8 + the call's index in the layer (0 norm1, 1 qkv, 2 rotary, 3 attention, 4 o, 5 norm2,
-   6 gate/up, 7 down): engine/native_layers.py raises what the Python loop raised for it. */
+   6 gate/up, 7 down): engine/native_layers.py raises for it what that kernel's wrapper raises. */
 
 #include <stdint.h>
 #include <string.h>
