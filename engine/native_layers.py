@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from dataclasses import dataclass
 
 import torch
 
@@ -35,27 +34,6 @@ from engine.native_rotary import RotaryKernel
 
 def _ptr(tensor: torch.Tensor | None) -> int | None:
     return tensor.data_ptr() if tensor is not None else None
-
-
-@dataclass(frozen=True, slots=True)
-class _Layer:
-    """One layer's constant arguments: its cache index, norms and packed weights (pointers), sizes."""
-
-    index: int
-    norm1: int
-    eps1: float
-    norm2: int
-    eps2: float
-    qkv: int
-    qkv_bias: int | None
-    o: int
-    o_bias: int | None
-    gate_up: int
-    gate_up_bias: int | None
-    down: int
-    down_bias: int | None
-    scale: float
-    window: int
 
 
 def _packed(linear: PackedLinear) -> tuple[int, int | None]:
@@ -97,6 +75,9 @@ class _Kernels(ctypes.Structure):
 
 
 class _CLayer(ctypes.Structure):
+    """One layer's constant arguments as csrc/llama_layers.c reads them: norms and packed weights
+    (pointers; a bias may be None), the attention scale and window; k_cache and v_cache are set each step."""
+
     _fields_ = [
         *[(name, _p) for name in ("norm1", "norm2", "qkv", "o", "gate_up", "down")],
         *[(name, _p) for name in ("qkv_bias", "o_bias", "gate_up_bias", "down_bias", "k_cache", "v_cache")],
@@ -157,7 +138,7 @@ class NativeLayers:
         self.mlp_size = layers[0].mlp.down.in_features
         self.num_q_heads = self.q_size // self.head_dim
         self.num_kv_heads = self.k_size // self.head_dim
-        built = []
+        built, self._cache_indices = [], tuple(layer.attn.index for layer in layers)
         for layer in layers:
             attn, mlp = layer.attn, layer.mlp
             qkv, qkv_bias = _packed(attn.qkv)
@@ -166,12 +147,10 @@ class NativeLayers:
             down, down_bias = _packed(mlp.down)
             scale = attn.head_dim**-0.5 if attn.scaling is None else attn.scaling
             built.append(
-                _Layer(
-                    attn.index,
-                    *(layer.norm1.data_ptr(), layer.eps1, layer.norm2.data_ptr(), layer.eps2),
-                    *(qkv, qkv_bias, o, o_bias, gate_up, gate_up_bias, down, down_bias),
-                    scale,
-                    attn.window or 0,
+                _CLayer(
+                    *(layer.norm1.data_ptr(), layer.norm2.data_ptr(), qkv, o, gate_up, down),
+                    *(qkv_bias, o_bias, gate_up_bias, down_bias, None, None),  # the caches: each step's
+                    *(layer.eps1, layer.eps2, scale, attn.window or 0),
                 )
             )
         self._sources = layers  # the modules and tensors whose pointers are held: alive with this object
@@ -179,20 +158,7 @@ class NativeLayers:
         kernels = (norm.raw, linear.raw_product, linear.raw_silu_mul, linear.raw_add, rotary.raw)
         self._kernels = _Kernels(*map(_address, kernels), None)  # attention: the step's kernel, each call
         self._failed = ctypes.c_int64(-1)
-        self.layers = built
-
-    @property
-    def layers(self) -> list[_Layer]:
-        return self._layers
-
-    @layers.setter
-    def layers(self, layers: list[_Layer]) -> None:
-        """The layers' constant arguments, here and in the array the C sequence reads."""
-        self._layers = layers
-        self._c_layers = (_CLayer * len(layers))(
-            *(_CLayer(**{name: getattr(layer, name) for name, _ in _CLayer._fields_ if hasattr(layer, name)})
-              for layer in layers)
-        )  # fmt: skip
+        self.layers = (_CLayer * len(built))(*built)  # the array the C sequence reads
 
     @classmethod
     def of(cls, layers: list) -> NativeLayers | None:
@@ -268,10 +234,10 @@ class NativeLayers:
     def _run_in_c(self, step: _Step, attend: ctypes._CFuncPtr, cache) -> None:
         """Every layer through csrc/llama_layers.c; a kernel's status raised as its wrapper raises it."""
         keys, values = cache.keys, cache.values
-        for c_layer, layer in zip(self._c_layers, self.layers, strict=True):
-            c_layer.k_cache, c_layer.v_cache = keys[layer.index].data_ptr(), values[layer.index].data_ptr()
+        for layer, index in zip(self.layers, self._cache_indices, strict=True):
+            layer.k_cache, layer.v_cache = keys[index].data_ptr(), values[index].data_ptr()
         self._kernels.attention = _address(attend)
-        layers, failed = self._c_layers, self._failed
+        layers, failed = self.layers, self._failed
         status = self._driver(self._kernels, layers, len(layers), step, ctypes.byref(failed))
         if status != 0:
             what, any_status_is_memory = _CALLS[failed.value % len(_CALLS)]
