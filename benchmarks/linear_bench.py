@@ -6,7 +6,11 @@
     python benchmarks/linear_bench.py --epilogues --define SILU_SCALAR  # the SiLU's AVX2 path A/B
 
 Each build runs SmolLM2-135M's products of one step (30 layers' fused q/k/v, o, fused gate/up and down
-on `rows` rows, the lm head on `rows` rows), random bf16 weights packed as the engine packs them. The
+on `rows` rows, the lm head on `rows` rows), random bf16 weights packed as the engine packs them: by
+default one weight per shape, called once per layer, so the weights stay in cache (the kernels'
+arithmetic); `--distinct-weights` gives every layer its own, as in the model, so that each step reads
+all 270 MB from memory (what a served step pays: a tile shape or prefetch that wins cache-hot may lose
+there, docs/performance-log.md). The
 builds are the instruction-set variants of engine/native_build.py and, with `--define`, the native
 build compiled with extra -D macros (a tile shape to try). Rounds alternate the builds (A, B, A, B, ...)
 so that a shared machine's drift hits each alike; the table gives each build's median ms a step and
@@ -34,6 +38,11 @@ from engine import native_build, native_int8, native_linear
 # (out_features, in_features, times a step) of SmolLM2-135M: 30 layers, then the lm head
 SMOLLM2 = [(960, 576, 30), (576, 576, 30), (3072, 576, 30), (576, 1536, 30), (49152, 576, 1)]
 SMOLLM2_HIDDEN, SMOLLM2_MLP = 576, 1536
+
+
+def distinct_shapes(shapes):
+    """The same products with every call on weights of its own (a layer each), as in the model."""
+    return [(n, k, 1) for n, k, times in shapes for _ in range(times)]
 
 
 def builds(args) -> dict[str, native_linear.LinearKernel]:
@@ -103,6 +112,7 @@ def main() -> None:
     parser.add_argument("--int8", nargs="*", help="also the int8 kernel's builds of these variants")
     parser.add_argument("--int8-define", action="append", help="a native int8 build with these -D macros")
     parser.add_argument("--onednn", action="store_true", help="also torch's oneDNN products (fp32, bf16)")
+    parser.add_argument("--distinct-weights", action="store_true", help="every layer its own weights")
     parser.add_argument("--threads", type=int, default=0, help="torch/OpenMP threads; 0 = every usable core")
     parser.add_argument(
         "--epilogues", action="store_true", help="SiLU in gate/up, residual adds in o/down, as in the engine"
@@ -110,17 +120,18 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     kernels = builds(args)
+    shapes = distinct_shapes(SMOLLM2) if args.distinct_weights else SMOLLM2
     flops = {rows: sum(2 * rows * n * k * t for n, k, t in SMOLLM2) for rows in args.rows}
     print(f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f} at the start\n")
     header = "| build | " + " | ".join(f"{r} rows ms (GFLOP/s)" for r in args.rows) + " |"
     print(header + "\n" + "|---" * (len(args.rows) + 1) + "|")
     with torch.inference_mode():
         for rows in args.rows:
-            fns = {name: step_fn(kernel, rows, SMOLLM2, args.epilogues) for name, kernel in kernels.items()}
+            fns = {name: step_fn(kernel, rows, shapes, args.epilogues) for name, kernel in kernels.items()}
             if args.onednn and torch.backends.mkldnn.is_available():
-                fns["oneDNN float32"] = onednn_fn(rows, SMOLLM2, torch.float32)
+                fns["oneDNN float32"] = onednn_fn(rows, shapes, torch.float32)
                 if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-                    fns["oneDNN bf16"] = onednn_fn(rows, SMOLLM2, torch.bfloat16)
+                    fns["oneDNN bf16"] = onednn_fn(rows, shapes, torch.bfloat16)
             for fn in fns.values():
                 fn()  # warm
             times: dict[str, list[float]] = {name: [] for name in fns}
