@@ -22,20 +22,22 @@ import pytest
 from deployments.serve_process import stop_recorded_haproxy
 
 # Records SIGINT/SIGTERM in its log; exits on the signal named by its second argument. Like `serve run`
-# (Python's KeyboardInterrupt), it catches SIGINT only if SIGINT was not ignored when it started.
+# (Python's KeyboardInterrupt), it catches SIGINT only if SIGINT was not ignored when it started. It
+# writes with os.write: a signal handler that writes to a buffered file can land inside the "ready"
+# line's write to it and fail as a reentrant call.
 FAKE_SERVE_RUN = textwrap.dedent(
     """
     import os, signal, sys, time
-    log, exit_on = open(sys.argv[1], "a", buffering=1), sys.argv[2]
+    log, exit_on = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND), sys.argv[2]
     def record(signum, frame):
         name = signal.Signals(signum).name
-        log.write(name + "\\n")
+        os.write(log, (name + "\\n").encode())
         if name == exit_on:
             sys.exit(3)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, record)
     signal.signal(signal.SIGTERM, record)
-    log.write(f"ready {os.getpid()}\\n")
+    os.write(log, f"ready {os.getpid()}\\n".encode())
     while True:
         time.sleep(0.05)
     """
