@@ -149,13 +149,21 @@ class LevelResult:
     def output_throughput(self) -> float:
         return sum(r.num_output_tokens for r in self.ok) / self.duration_s
 
+    @property
+    def ttfts(self) -> list[float]:
+        return [r.ttft_s for r in self.ok]
+
+    @property
+    def tpots(self) -> list[float]:
+        """The TPOT of every successful request that streamed more than one token."""
+        return [t for r in self.ok if (t := r.tpot_s) is not None]
+
     def ms(self, values: list[float], q: float) -> float:
         return percentile(values, q) * 1e3
 
     def row(self) -> str:
         ok = self.ok
-        ttft, itl = [r.ttft_s for r in ok], [g for r in ok for g in r.itl_s]
-        tpot = [t for r in ok if (t := r.tpot_s) is not None]
+        ttft, tpot, itl = self.ttfts, self.tpots, [g for r in ok for g in r.itl_s]
         mean_out = statistics.mean(r.num_output_tokens for r in ok) if ok else 0.0
         cells = [
             self.label, f"{len(ok)}/{len(self.results)}", f"{self.duration_s:.1f}",
@@ -305,8 +313,8 @@ def save(path: str, args: argparse.Namespace, levels: list[LevelResult]) -> None
             "label": lv.label,
             "concurrency": lv.concurrency,
             "tok_s": lv.output_throughput,
-            "ttft_p50_ms": lv.ms([r.ttft_s for r in lv.ok], 50),
-            "tpot_p50_ms": lv.ms([t for r in lv.ok if (t := r.tpot_s) is not None], 50),
+            "ttft_p50_ms": lv.ms(lv.ttfts, 50),
+            "tpot_p50_ms": lv.ms(lv.tpots, 50),
             "ok": len(lv.ok),
             "requests": len(lv.results),
         }
@@ -343,8 +351,8 @@ def print_ratios(ours: list[LevelResult], peer: list[LevelResult]) -> None:
     print("|---|---|---|---|---|")
     ratios = []
     for a, b in zip(ours, peer, strict=True):
-        ttft = [f"{a.ms([r.ttft_s for r in x.ok], 50):.0f}" for x in (a, b)]
-        tpot = [f"{a.ms([t for r in x.ok if (t := r.tpot_s) is not None], 50):.1f}" for x in (a, b)]
+        ttft = [f"{x.ms(x.ttfts, 50):.0f}" for x in (a, b)]
+        tpot = [f"{x.ms(x.tpots, 50):.1f}" for x in (a, b)]
         ratio = a.output_throughput / b.output_throughput if b.output_throughput else float("nan")
         ratios.append((a, ratio))
         print(
@@ -466,9 +474,8 @@ class EngineAlone:
         print("|---|---|---|---|---|")
         ratios = []
         for http, eng in zip(closed_loop(levels), self.results, strict=True):
-            tpots = [t for r in http.ok if (t := r.tpot_s) is not None]
-            ttft = (http.ms([r.ttft_s for r in http.ok], 50), statistics.median(eng.ttft_s) * 1e3)
-            tpot = (http.ms(tpots, 50), statistics.median(eng.tpot_s) * 1e3)
+            ttft = (http.ms(http.ttfts, 50), statistics.median(eng.ttft_s) * 1e3)
+            tpot = (http.ms(http.tpots, 50), statistics.median(eng.tpot_s) * 1e3)
             ratio = http.output_throughput / eng.tok_per_s
             ratios.append((http, ratio))
             print(
