@@ -36,16 +36,14 @@ def check_same(runs: list[dict], key: str) -> str:
 
 def pairs(this: list[dict], peer: list[dict]) -> list[tuple[dict, dict]]:
     """(this level, peer level) for every level both sides ran, in order of the runs."""
-    ours = [level for run in this for level in run["levels"]]
-    theirs = [level for run in peer for level in run["levels"]]
-    paired, seen = [], {}
-    for level in ours:
-        c = level["concurrency"]
-        k = seen.get(c, 0)
-        matches = [lv for lv in theirs if lv["concurrency"] == c]
-        if k < len(matches):
-            paired.append((level, matches[k]))
-            seen[c] = k + 1
+    theirs: dict[float, list[dict]] = {}
+    for level in (lv for run in peer for lv in run["levels"]):
+        theirs.setdefault(level["concurrency"], []).append(level)
+    waiting = {c: iter(levels) for c, levels in theirs.items()}  # the k-th peer run of each level, in turn
+    paired = []
+    for level in (lv for run in this for lv in run["levels"]):
+        if (match := next(waiting.get(level["concurrency"], iter(())), None)) is not None:
+            paired.append((level, match))
     return paired
 
 
