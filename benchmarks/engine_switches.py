@@ -16,6 +16,7 @@ SWITCHES = {
     "native_silu": "torch's SiLU and multiply after the gate/up product, not inside its C kernel",
     "native_residual": "torch's residual adds after the o_proj and down products, not inside their kernel",
     "native_layers": "each kernel of a Llama layer through its Python wrapper, not one resolved sequence",
+    "huge_pages": "the packed weights and the KV cache on ordinary pages, not advised for huge pages",
 }
 OPT_IN = {  # EngineConfig field (off by default) -> what turning it on runs
     "int8_weights": "bf16 products with int8 weights and rows (engine/native_int8.py)",

@@ -138,6 +138,12 @@ class EngineSettings(BaseModel):
         "run as one fixed sequence of C calls with their weights' pointers read at load (the same C "
         "functions and bits, less Python a layer); false = each kernel through its Python wrapper.",
     )
+    huge_pages: bool = Field(
+        _ENGINE_DEFAULTS.huge_pages,
+        description="On the CPU, the bf16 kernel's packed weights and the KV cache live in memory advised "
+        "for transparent huge pages (2 MiB; where Linux gives them: THP `always` or `madvise`), "
+        "fewer TLB misses a step; false = ordinary pages. Same results either way.",
+    )
     fast_forward: bool = Field(
         _ENGINE_DEFAULTS.fast_forward,
         description="Llama, Mistral and Gemma 3 models step through the engine's own forward (same "

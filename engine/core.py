@@ -81,7 +81,7 @@ class EngineCore:
             max_num_seqs=config.max_num_seqs,
             max_model_len=config.max_model_len,
         )
-        self.kv_cache = KVCache(shape, num_blocks, config.block_size, dtype, device)
+        self.kv_cache = KVCache(shape, num_blocks, config.block_size, dtype, device, config.huge_pages)
         num_slots, mib = num_blocks * config.block_size, self.kv_cache.num_bytes / 2**20
         logger.info("KV cache: %d blocks, %d tokens, %.1f MiB of %s", num_blocks, num_slots, mib, dtype)
         self.runner = ModelRunner(
@@ -98,6 +98,7 @@ class EngineCore:
             config.native_silu,
             config.native_residual,
             config.native_layers,
+            config.huge_pages,
         )
         self.scheduler = Scheduler(
             max_num_seqs=config.max_num_seqs,

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import huge_pages as huge_pages_arena
 from engine import native_int8
 from engine import native_linear as native_linear_kernel
 
@@ -176,11 +177,14 @@ class _Member(nn.Module):
         return self._group[0].output(self.index, x)
 
 
-def optimize_model(model: nn.Module, native_linear: bool = True, int8: bool = False) -> int:
+def optimize_model(
+    model: nn.Module, native_linear: bool = True, int8: bool = False, huge_pages: bool = False
+) -> int:
     """Fuse sibling projections and pack linear weights in place; returns the modules replaced.
 
     `native_linear`: bf16 products on the engine's own kernel where it runs (else oneDNN).
-    `int8`: bf16 products with int8 weights and rows (engine/native_int8.py), but `INT8_SKIP`'s."""
+    `int8`: bf16 products with int8 weights and rows (engine/native_int8.py), but `INT8_SKIP`'s.
+    `huge_pages`: the bf16 kernel's packed weights side by side on huge pages (engine/huge_pages.py)."""
     replaced = 0
     for parent in list(model.modules()):
         for names in _GROUPS:
@@ -200,6 +204,10 @@ def optimize_model(model: nn.Module, native_linear: bool = True, int8: bool = Fa
                 setattr(parent, name, packed)
                 replaced += 1
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    native = [m for m in packed if m.is_native]
+    if huge_pages and native:
+        for module, weight in zip(native, huge_pages_arena.copies([m.weight for m in native]), strict=True):
+            module.weight = weight
     num_native, num_int8 = sum(m.is_native for m in packed), sum(m.is_int8 for m in packed)
     logger.info(
         "optimized %d linear modules (fused siblings, packed CPU weights); of %d products %d on the "

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine import huge_pages as huge_pages_arena
+
 
 @dataclass(frozen=True, slots=True)
 class KVCacheShape:
@@ -30,13 +32,24 @@ class KVCache:
     """Per-layer key and value tensors, each (num_blocks * block_size, num_kv_heads, head_dim)."""
 
     def __init__(
-        self, shape: KVCacheShape, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+        self,
+        shape: KVCacheShape,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        huge_pages: bool = False,
     ) -> None:
+        """`huge_pages`: on a CPU, every layer's tensors in one arena of huge pages (engine/huge_pages.py)."""
         self.shape, self.num_blocks, self.block_size, self.dtype = shape, num_blocks, block_size, dtype
         num_slots = num_blocks * block_size
         dims = (num_slots, shape.num_kv_heads, shape.head_dim)
-        self.keys = [torch.zeros(dims, dtype=dtype, device=device) for _ in range(shape.num_layers)]
-        self.values = [torch.zeros(dims, dtype=dtype, device=device) for _ in range(shape.num_layers)]
+        num_layers = shape.num_layers
+        if huge_pages and torch.device(device).type == "cpu":
+            tensors = huge_pages_arena.zeros([dims] * (2 * num_layers), dtype)
+        else:
+            tensors = [torch.zeros(dims, dtype=dtype, device=device) for _ in range(2 * num_layers)]
+        self.keys, self.values = tensors[:num_layers], tensors[num_layers:]
 
     @property
     def num_bytes(self) -> int:

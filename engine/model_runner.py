@@ -35,6 +35,7 @@ class ModelRunner:
         native_silu: bool = True,
         native_residual: bool = True,
         native_layers: bool = True,
+        huge_pages: bool = True,
     ) -> None:
         """Takes the model over: its attention becomes the paged one and, if `optimize`, its linears fused.
 
@@ -50,10 +51,11 @@ class ModelRunner:
         residual stream inside their C kernel.
         `native_layers`: the fast forward's Llama-like layers with every part in C as one fixed sequence
         of C calls (engine/native_layers.py).
-        `int8_weights`: bf16 CPU products on the int8 kernel (engine/native_int8.py), if `optimize`."""
+        `int8_weights`: bf16 CPU products on the int8 kernel (engine/native_int8.py), if `optimize`.
+        `huge_pages`: the bf16 kernel's packed weights moved onto huge pages (engine/huge_pages.py)."""
         model.set_attn_implementation(attention.register())
         if optimize:
-            optimize_model(model, native_linear, int8_weights)
+            optimize_model(model, native_linear, int8_weights, huge_pages)
         use_fast_forward = fast_forward and FastForward.supports(model)
         bf16_cpu_cache = kv_cache.dtype == torch.bfloat16 and device.type == "cpu"
         rotary = native_rotary and bf16_cpu_cache

@@ -150,6 +150,8 @@ class EngineConfig:
     # the fast forward's Llama-like layers with every part in C as one sequence of C calls whose constant
     # arguments are read once (engine/native_layers.py): the same bits, less Python a layer
     native_layers: bool = True
+    # CPU packed weights and KV cache on transparent huge pages where Linux gives them (engine/huge_pages.py)
+    huge_pages: bool = True
     fast_forward: bool = True  # Llama/Mistral/Gemma 3 skip transformers' module tree (engine/fast_forward.py)
     enable_prefix_caching: bool = True  # reuse the KV blocks of shared prefixes (docs/kv_cache.md)
     # A forward that fails for one sequence alone fails that request; this many such failures in a row,
