@@ -208,7 +208,7 @@ def optimize_model(
     if huge_pages and native:
         for module, weight in zip(native, huge_pages_arena.copies([m.weight for m in native]), strict=True):
             module.weight = weight
-    num_native, num_int8 = sum(m.is_native for m in packed), sum(m.is_int8 for m in packed)
+    num_native, num_int8 = len(native), sum(m.is_int8 for m in packed)
     logger.info(
         "optimized %d linear modules (fused siblings, packed CPU weights); of %d products %d on the "
         "engine's int8 kernel, %d on its bf16 kernel, the rest on %s",

@@ -3,10 +3,11 @@ the KV cache.
 
 Why: a decode step reads every weight (270 MB for SmolLM2) and the batch's KV pages. On 4 KiB pages
 that is ~66,000 pages a step, each a TLB miss, and in a virtual machine each miss walks two page tables
-(guest and host). On a 2-core Xeon with AMX guest the products of a step ran 5-17 % faster from huge
-pages (docs/performance.md, 'Huge pages'). Linux gives an anonymous mapping huge pages on first touch
-once it is advised (`MADV_HUGEPAGE`), where `/sys/kernel/mm/transparent_hugepage/enabled` is `always`
-or `madvise` (most distributions); with `never`, or off Linux, these are ordinary pages, same bits.
+(guest and host). On a 2-core Xeon with AMX guest the products ran 8-17 % faster from huge pages and
+whole decode steps 6-36 % (docs/performance.md, 'Huge pages'). Linux gives an anonymous mapping huge
+pages on first touch once it is advised (`MADV_HUGEPAGE`), where
+`/sys/kernel/mm/transparent_hugepage/enabled` is `always` or `madvise` (most distributions); with
+`never`, or off Linux, these are ordinary pages, same bits.
 """
 
 from __future__ import annotations
