@@ -17,7 +17,17 @@ from tests.engine.conftest import make_core
 from tests.engine.test_fast_forward import run_load, tiny_bf16
 
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-ADVICE_HONOURED = sys.platform == "linux" and THP_MODE.exists() and "[never]" not in THP_MODE.read_text()
+
+
+def advice_honoured() -> bool:
+    """Linux with THP `always` or `madvise`, not switched off for this process (prctl)."""
+    if sys.platform != "linux" or not THP_MODE.exists() or "[never]" in THP_MODE.read_text():
+        return False
+    status = Path("/proc/self/status").read_text()
+    return "THP_enabled:" not in status or "THP_enabled:\t1" in status
+
+
+ADVICE_HONOURED = advice_honoured()
 
 
 def is_advised(tensor: torch.Tensor) -> bool:
