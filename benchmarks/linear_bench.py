@@ -10,7 +10,7 @@ on `rows` rows, the lm head on `rows` rows), random bf16 weights packed as the e
 default one weight per shape, called once per layer, so the weights stay in cache (the kernels'
 arithmetic); `--distinct-weights` gives every layer its own, as in the model, so that each step reads
 all 270 MB from memory (what a served step pays: a tile shape or prefetch that wins cache-hot may lose
-there, docs/performance-log.md). The
+there, docs/performance-log.md); `--huge-pages` puts them on huge pages, as the engine does. The
 builds are the instruction-set variants of engine/native_build.py and, with `--define`, the native
 build compiled with extra -D macros (a tile shape to try). Rounds alternate the builds (A, B, A, B, ...)
 so that a shared machine's drift hits each alike; the table gives each build's median ms a step and
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_setup import kernel_builds
 
-from engine import native_build, native_int8, native_linear
+from engine import huge_pages, native_build, native_int8, native_linear
 
 # (out_features, in_features, times a step) of SmolLM2-135M: 30 layers, then the lm head
 SMOLLM2 = [(960, 576, 30), (576, 576, 30), (3072, 576, 30), (576, 1536, 30), (49152, 576, 1)]
@@ -62,14 +62,19 @@ def builds(args) -> dict[str, native_linear.LinearKernel]:
     return found
 
 
-def step_fn(kernel, rows: int, shapes, epilogues: bool = False):
+def step_fn(kernel, rows: int, shapes, epilogues: bool = False, on_huge_pages: bool = False):
     """One step's products on `kernel` (the bf16 or the int8 one); with `epilogues`, the bf16 kernel's
     gate/up product also applies SiLU and the multiply, and o_proj and down add into a residual, as the
-    engine's Llama layers run them."""
+    engine's Llama layers run them; with `on_huge_pages`, the bf16 weights side by side on huge pages
+    (engine/huge_pages.py), as the engine places them."""
+    is_int8 = isinstance(kernel, native_int8.Int8Kernel)
+    weights = [kernel.pack(torch.randn(n, k).bfloat16()) for n, k, _ in shapes]
+    if on_huge_pages and not is_int8:
+        weights = huge_pages.copies(weights)
     calls = []
-    for n, k, times in shapes:
-        x, packed = torch.randn(rows, k).bfloat16(), kernel.pack(torch.randn(n, k).bfloat16())
-        if isinstance(kernel, native_int8.Int8Kernel):
+    for (n, k, times), packed in zip(shapes, weights, strict=True):
+        x = torch.randn(rows, k).bfloat16()
+        if is_int8:
             calls.append((lambda x=x, w=packed: kernel(x, w, None), times))
         elif epilogues and n == 2 * SMOLLM2_MLP:  # the fused [gate; up]
             calls.append((lambda x=x, w=packed: kernel.silu_mul(x, w, SMOLLM2_MLP, None), times))
@@ -113,6 +118,9 @@ def main() -> None:
     parser.add_argument("--int8-define", action="append", help="a native int8 build with these -D macros")
     parser.add_argument("--onednn", action="store_true", help="also torch's oneDNN products (fp32, bf16)")
     parser.add_argument("--distinct-weights", action="store_true", help="every layer its own weights")
+    parser.add_argument(
+        "--huge-pages", action="store_true", help="the bf16 weights on huge pages, as the engine places them"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch/OpenMP threads; 0 = every usable core")
     parser.add_argument(
         "--epilogues", action="store_true", help="SiLU in gate/up, residual adds in o/down, as in the engine"
@@ -127,7 +135,10 @@ def main() -> None:
     print(header + "\n" + "|---" * (len(args.rows) + 1) + "|")
     with torch.inference_mode():
         for rows in args.rows:
-            fns = {name: step_fn(kernel, rows, shapes, args.epilogues) for name, kernel in kernels.items()}
+            fns = {
+                name: step_fn(kernel, rows, shapes, args.epilogues, args.huge_pages)
+                for name, kernel in kernels.items()
+            }
             if args.onednn and torch.backends.mkldnn.is_available():
                 fns["oneDNN float32"] = onednn_fn(rows, shapes, torch.float32)
                 if torch.ops.mkldnn._is_mkldnn_bf16_supported():

@@ -3,9 +3,9 @@ the KV cache.
 
 Why: a decode step reads every weight (270 MB for SmolLM2) and the batch's KV pages. On 4 KiB pages
 that is ~66,000 pages a step, each a TLB miss, and in a virtual machine each miss walks two page tables
-(guest and host). On a 2-core Xeon with AMX guest the products ran 8-17 % faster from huge pages and
-whole decode steps 6-36 % (docs/performance.md, 'Huge pages'). Linux gives an anonymous mapping huge
-pages on first touch once it is advised (`MADV_HUGEPAGE`), where
+(guest and host). On a 2-core Xeon with AMX guest whole decode steps ran 3-6 % faster from huge pages,
+and 6-36 % while the host's memory was contended (docs/performance.md, 'Huge pages'). Linux gives an
+anonymous mapping huge pages on first touch once it is advised (`MADV_HUGEPAGE`), where
 `/sys/kernel/mm/transparent_hugepage/enabled` is `always` or `madvise` (most distributions); with
 `never`, or off Linux, these are ordinary pages, same bits.
 """
@@ -30,8 +30,10 @@ def _advised_bytes(num_bytes: int) -> torch.Tensor | None:
     None where this system has no such advice."""
     if num_bytes <= 0 or not hasattr(mmap, "MADV_HUGEPAGE"):
         return None
+    # whole huge pages from an aligned start, wherever the kernel places the mapping (its tail untouched)
+    num_mapped = -(-num_bytes // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES + HUGE_PAGE_BYTES
     try:
-        region = mmap.mmap(-1, num_bytes + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        region = mmap.mmap(-1, num_mapped, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         region.madvise(mmap.MADV_HUGEPAGE)  # before the first touch: the faults then take 2 MiB pages
     except (OSError, ValueError) as exc:
         logger.info("huge pages not available (%s): ordinary pages", exc)

@@ -91,3 +91,11 @@ def test_the_same_tokens_on_ordinary_pages(tiny):
     ]
     assert texts[0] == texts[1] and all(texts[0].values())
     assert EngineConfig().huge_pages
+
+
+@pytest.mark.skipif(not ADVICE_HONOURED, reason="this system gives no transparent huge pages")
+def test_a_small_arena_still_spans_a_whole_huge_page():
+    """Wherever the kernel places the mapping (2 MiB-aligned or not), the arena starts a whole huge page:
+    a tiny model's weights or cache (under 2 MiB) are advised too."""
+    arenas = [huge_pages.zeros([(1000 + 37 * i,)], torch.bfloat16)[0] for i in range(30)]
+    assert all(is_advised(t) for t in arenas)
