@@ -47,8 +47,16 @@ def _offsets(tensors: Sequence[torch.Tensor]) -> tuple[list[int], int]:
     offsets, end = [], 0
     for tensor in tensors:
         offsets.append(end)
-        end += -(-tensor.numel() * tensor.element_size() // ALIGN_BYTES) * ALIGN_BYTES
+        end += -(-tensor.nbytes // ALIGN_BYTES) * ALIGN_BYTES
     return offsets, end
+
+
+def _views(arena: torch.Tensor, offsets: list[int], likes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Contiguous tensors in `arena` at `offsets`, each of the shape and dtype of its `likes` entry."""
+    return [
+        arena[offset : offset + like.nbytes].view(like.dtype).view(like.shape)
+        for offset, like in zip(offsets, likes, strict=True)
+    ]
 
 
 def zeros(shapes: Sequence[tuple[int, ...]], dtype: torch.dtype) -> list[torch.Tensor]:
@@ -61,10 +69,7 @@ def zeros(shapes: Sequence[tuple[int, ...]], dtype: torch.dtype) -> list[torch.T
     if arena is None:
         return [torch.zeros(shape, dtype=dtype) for shape in shapes]
     arena[::PAGE_BYTES].zero_()  # a write on each page faults it in (the kernel zeroes the page)
-    return [
-        arena[offset : offset + t.numel() * t.element_size()].view(dtype).view(t.shape)
-        for offset, t in zip(offsets, empties, strict=True)
-    ]
+    return _views(arena, offsets, empties)
 
 
 def copies(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -74,8 +79,4 @@ def copies(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     arena = _advised_bytes(num_bytes)
     if arena is None:
         return list(tensors)
-    moved = []
-    for offset, tensor in zip(offsets, tensors, strict=True):
-        view = arena[offset : offset + tensor.numel() * tensor.element_size()].view(tensor.dtype)
-        moved.append(view.view(tensor.shape).copy_(tensor))
-    return moved
+    return [view.copy_(tensor) for view, tensor in zip(_views(arena, offsets, tensors), tensors, strict=True)]
