@@ -44,7 +44,7 @@ class LoopResult:
     concurrency: int
     num_tokens: int  # completion tokens generated within the timed window
     num_steps: int
-    num_prefill_steps: int  # steps in which some request was fed prompt tokens
+    num_prefill_steps: int  # steps in which some request was fed prompt tokens (EngineCore.step_totals)
     wall_s: float
 
     @property
@@ -98,18 +98,18 @@ def closed_loop(
     for step in range(concurrency + warmup_steps):
         refill(min(step + 1, concurrency))
         new_tokens_of(core.step())
-    num_tokens = num_steps = num_prefill_steps = 0
+    num_tokens = num_steps = 0
+    prefill_steps_before = core.step_totals.num_prefill_steps  # the engine's own count, by kind
     start = time.perf_counter()
     while (seconds is None or time.perf_counter() - start < seconds) and (
         max_steps is None or num_steps < max_steps
     ):
         refill(concurrency)
-        num_prefill_steps += bool(scheduler.waiting) or any(
-            s.num_computed < s.num_tokens - 1 for s in scheduler.running
-        )
         num_tokens += new_tokens_of(core.step())
         num_steps += 1
-    return LoopResult(concurrency, num_tokens, num_steps, num_prefill_steps, time.perf_counter() - start)
+    wall_s = time.perf_counter() - start
+    num_prefill_steps = core.step_totals.num_prefill_steps - prefill_steps_before
+    return LoopResult(concurrency, num_tokens, num_steps, num_prefill_steps, wall_s)
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ class CountingCore:
     """An EngineCore that records, before each step, how many requests it holds and how many are new."""
 
     def __init__(self, core: EngineCore) -> None:
-        self.core, self.scheduler = core, core.scheduler
+        self.core, self.scheduler, self.step_totals = core, core.scheduler, core.step_totals
         self.held: list[int] = []
         self.added: list[int] = []
         self.generated = 0  # one token a step for every sequence that decodes (no prompt left to feed)
