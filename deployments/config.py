@@ -100,9 +100,10 @@ class EngineSettings(BaseModel):
     )
     int8_weights: bool = Field(
         _ENGINE_DEFAULTS.int8_weights,
-        description="bf16 CPU products with int8 weights (one scale per output column) and int8 rows "
-        "(one per row) in the engine's C kernel: about twice the bf16 kernel's speed on CPUs with "
-        "AVX512-VNNI and no bf16 dot product, at a small cost in accuracy (docs/performance-ice-lake.md).",
+        description="bf16 CPU products with int8 weights and int8 rows (a scale per group of 32 "
+        "inputs) in the engine's C kernel: about twice the bf16 kernel's speed on CPUs with "
+        "AVX512-VNNI and no bf16 dot product, slower on CPUs with AMX, at a small cost in accuracy "
+        "(docs/engine.md).",
     )
     native_norm: bool = Field(
         _ENGINE_DEFAULTS.native_norm,

@@ -9,9 +9,9 @@
   and down_proj would otherwise stay unpacked), else
   oneDNN's packed layout instead of repacking the weight inside each call (small-batch products
   about 1.3-2x (bf16) and 1.5-3.5x (float32) faster than torch's default path here).
-- With `int8=True`, bf16 CPU products take int8 weights (one scale per output column) and int8 rows
-  (one scale per row, at each call) on engine/native_int8.py's kernel instead, except the layers named
-  in `INT8_SKIP`.
+- With `int8=True`, bf16 CPU products take int8 weights and int8 rows (a scale per group of 32 inputs,
+  the rows' at each call) on engine/native_int8.py's kernel instead, except the layers named in
+  `INT8_SKIP`. Where the bf16 kernel runs on AMX tiles, that is slower, and a warning says so.
 """
 
 from __future__ import annotations
@@ -177,6 +177,16 @@ class _Member(nn.Module):
         return self._group[0].output(self.index, x)
 
 
+def _warn_if_int8_is_slower(bf16_kernel: native_linear_kernel.LinearKernel | None) -> None:
+    """On AMX the bf16 kernel outruns the int8 one (AVX512-VNNI, a float32 rescale every 32 inputs)."""
+    if bf16_kernel is not None and bf16_kernel.isa == "amx-bf16":
+        logger.warning(
+            "int8_weights: this CPU runs bf16 products on AMX tiles, where the int8 kernel is slower "
+            "(a SmolLM2 decode step took 1.2-1.7x the bf16 one on an Intel Xeon with AMX, "
+            "docs/engine.md); the int8 weights still take half the memory"
+        )
+
+
 def optimize_model(
     model: nn.Module, native_linear: bool = True, int8: bool = False, huge_pages: bool = False
 ) -> int:
@@ -209,6 +219,8 @@ def optimize_model(
         for module, weight in zip(native, huge_pages_arena.copies([m.weight for m in native]), strict=True):
             module.weight = weight
     num_native, num_int8 = len(native), sum(m.is_int8 for m in packed)
+    if num_int8:
+        _warn_if_int8_is_slower(native_linear_kernel.load())
     logger.info(
         "optimized %d linear modules (fused siblings, packed CPU weights); of %d products %d on the "
         "engine's int8 kernel, %d on its bf16 kernel, the rest on %s",

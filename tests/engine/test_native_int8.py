@@ -107,6 +107,19 @@ def test_packed_linear_takes_the_int8_kernel_only_for_bf16_weights():
     assert not PackedLinear(weight, None, int8=False).is_int8
 
 
+@pytest.mark.parametrize(("isa", "warns"), [("amx-bf16", True), ("avx512bf16", False), ("avx2", False)])
+def test_int8_warns_where_the_bf16_kernel_runs_on_amx(isa, warns, caplog):
+    class Kernel:  # what optimize_model reads of the bf16 kernel: the instruction set it runs on
+        pass
+
+    kernel = Kernel()
+    kernel.isa = isa
+    with caplog.at_level("WARNING", logger="engine"):
+        fusion._warn_if_int8_is_slower(kernel)
+        fusion._warn_if_int8_is_slower(None)  # no bf16 kernel here: nothing to compare with
+    assert ("int8 kernel is slower" in caplog.text) is warns
+
+
 @needs_kernel
 def test_an_int8_engine_quantizes_all_but_the_lm_head_and_is_batch_invariant(tiny_model_dir: Path):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
