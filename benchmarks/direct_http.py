@@ -11,9 +11,10 @@ Two rungs below the product (`serve run serve_config.yaml`: HAProxy -> Ingress -
     python benchmarks/serve_bench.py --api openai --compare-engine --rounds 2 --concurrency 16 32 \\
       --num-requests 64
 
-Both serve POST /v1/completions (streamed) on port 8000 with the product's own pieces: its request
-model, `ModelServer` (engine, tokenizer, stream coalescing) and its OpenAI event builders. The Serve
-rung keeps one replica (autoscaling off), as the product's 2-CPU machine can place only one.
+Both serve POST /v1/completions (streamed) and GET /readyz on port 8000 with the product's own
+pieces: its request model, `ModelServer` (engine, tokenizer, stream coalescing) and its OpenAI event
+builders. The Serve rung keeps one replica (autoscaling off), as the product's 2-CPU machine can place
+only one.
 docs/performance.md, "The serving ladder", has what they measured.
 """
 
@@ -47,6 +48,8 @@ class DirectServer(ModelServer):
         super().__init__(load_model_config(model_config_path), engine_factory)
 
     async def __call__(self, request: Request) -> Response:
+        if request.method == "GET" and request.url.path == "/readyz":  # serve_bench waits for it
+            return JSONResponse({"status": "ready"})  # the engine loaded before this replica answered
         if request.method != "POST" or request.url.path != "/v1/completions":
             return JSONResponse({"error": "only POST /v1/completions is served here"}, status_code=404)
         body = CompletionRequest.model_validate_json(await request.body())

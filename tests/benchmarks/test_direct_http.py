@@ -34,6 +34,12 @@ async def test_the_stream_carries_each_token_then_the_usage_then_done(client):
     assert [e["choices"][0]["finish_reason"] for e in events[:-1]] == [None] * 4 + ["length"]
 
 
+async def test_it_answers_readyz_as_serve_bench_waits_for_it(client):
+    async with client:
+        assert (await client.get("/readyz")).status_code == 200
+        assert (await client.post("/readyz")).status_code == 404
+
+
 async def test_other_paths_and_sync_requests_are_refused(client):
     async with client:
         assert (await client.post("/v1/chat/completions", json={})).status_code == 404
