@@ -2,6 +2,7 @@
 invariance, edge rows, and where the engine uses it."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -109,11 +110,7 @@ def test_packed_linear_takes_the_int8_kernel_only_for_bf16_weights():
 
 @pytest.mark.parametrize(("isa", "warns"), [("amx-bf16", True), ("avx512bf16", False), ("avx2", False)])
 def test_int8_warns_where_the_bf16_kernel_runs_on_amx(isa, warns, caplog):
-    class Kernel:  # what optimize_model reads of the bf16 kernel: the instruction set it runs on
-        pass
-
-    kernel = Kernel()
-    kernel.isa = isa
+    kernel = SimpleNamespace(isa=isa)  # what optimize_model reads of the bf16 kernel
     with caplog.at_level("WARNING", logger="engine"):
         fusion._warn_if_int8_is_slower(kernel)
         fusion._warn_if_int8_is_slower(None)  # no bf16 kernel here: nothing to compare with
