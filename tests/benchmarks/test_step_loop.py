@@ -21,7 +21,6 @@ class CountingCore:
         self.core, self.scheduler, self.step_totals = core, core.scheduler, core.step_totals
         self.held: list[int] = []
         self.added: list[int] = []
-        self.generated = 0  # one token a step for every sequence that decodes (no prompt left to feed)
         self._added = 0
 
     def add_request(self, request) -> None:
