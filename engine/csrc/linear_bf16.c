@@ -12,7 +12,11 @@
    padded to a multiple of 16 (see engine/native_linear.py: pack). The work is split into units of
    UNIT column blocks, taken by the threads as they come free (dynamic schedule). Inside a unit, tiles
    of up to 4 rows x 6 blocks (24 float32 accumulators in registers); fewer rows take more blocks at
-   a time, so that even one row keeps several independent sums in flight. Measured on a 2-core EPYC Zen 4
+   a time, so that even one row keeps several independent sums in flight. From 5 rows up (several row
+   tiles a unit, the weight from cache after the first), a thread claims its next unit before it runs
+   this one and prefetches that unit's weight meanwhile, so that the weights stream in while the tiles
+   compute (`ahead_t`; decode steps 8-16 % shorter at 16-64 rows on a 2-core EPYC Zen 5, 2026-12-07,
+   docs/performance.md). Measured on a 2-core EPYC Zen 4
    (SmolLM2's products, bf16): 1 row 6.0 ms a step vs oneDNN 10.5, 16 rows 13.8 vs 16.5, 32 rows 23.5
    vs 26.8, 256 rows 164 vs 166. */
 
@@ -23,6 +27,28 @@
 #include "silu.h"
 
 #define BLOCK 16 /* output columns per packed block (see engine/native_linear.py: pack) */
+
+/* The weight of the unit a thread takes next, asked for a few lines at a k step while the current unit's
+   row tiles run from cache: [at, end), then [at2, end2) (the up half of a gate/up unit); `per_tile`
+   lines are spread over each tile's K2 steps (`credit` counts them out). */
+typedef struct {
+    const char *at, *end, *at2, *end2;
+    int64_t per_tile, credit;
+} ahead_t;
+
+static inline __attribute__((always_inline)) void ahead_step(ahead_t *a, int64_t K2) {
+    if (!a) return;
+    a->credit += a->per_tile;
+    while (a->credit >= K2) {
+        a->credit -= K2;
+        if (a->at >= a->end) {
+            if (a->at2 >= a->end2) return;
+            a->at = a->at2, a->end = a->end2, a->at2 = a->end2;
+        }
+        __builtin_prefetch(a->at, 0, 3); /* prefetcht0 on x86 (measured a little ahead of t1) */
+        a->at += 64;
+    }
+}
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
@@ -42,7 +68,7 @@ static inline void store_bf16x16(__m512 v, const float *bias, uint16_t *y, int64
 static inline __attribute__((always_inline)) void tile(const int R, const int C, const uint16_t *x,
                                                        int64_t ldx, const uint16_t *w, int64_t K2,
                                                        const float *bias, uint16_t *y, int64_t ldy,
-                                                       int64_t n0, int64_t N) {
+                                                       int64_t n0, int64_t N, ahead_t *a) {
     __m512 acc[ROWS][UNIT];
     const int64_t block_stride = K2 * 2 * BLOCK;
 #pragma GCC unroll 4
@@ -65,6 +91,7 @@ static inline __attribute__((always_inline)) void tile(const int R, const int C,
 #pragma GCC unroll 4
             for (int r = 0; r < R; r++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv[r], wv);
         }
+        ahead_step(a, K2);
     }
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++)
@@ -92,6 +119,9 @@ static void release_rows(const row_t *rows) { (void)rows; }
 
 #define HAVE_LINEAR_BF16 1
 #define ISA_NAME "avx512bf16"
+#ifndef PREFETCH_AHEAD
+#define PREFETCH_AHEAD 1 /* the next unit's weight asked for during this one's tiles (not on AMX) */
+#endif
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__x86_64__)
 /* AMX (Intel Sapphire Rapids and later): tile products. The packed weight is already AMX's B layout: a
@@ -221,7 +251,8 @@ static inline void store_bf16x16(__m512 v, const float *bias, uint16_t *y, int64
 static inline __attribute__((always_inline)) void tile(const int R, const int V, const float *xf,
                                                        int64_t K, const uint16_t *w, int64_t K2,
                                                        const float *bias, uint16_t *y, int64_t ldy,
-                                                       int64_t n0, int64_t N) {
+                                                       int64_t n0, int64_t N, ahead_t *a) {
+    (void)a; /* no prefetching ahead on this path (measured on AVX512-BF16 only) */
     __m512 acc[ROWS][MAX_VECS];
     const int64_t block_stride = K2 * 2 * BLOCK;
     const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
@@ -335,7 +366,8 @@ static inline __m256 pair_high(__m256i v) {
 static inline __attribute__((always_inline)) void tile(const int R, const int V, const float *xf,
                                                        int64_t K, const uint16_t *w, int64_t K2,
                                                        const float *bias, uint16_t *y, int64_t ldy,
-                                                       int64_t n0, int64_t N) {
+                                                       int64_t n0, int64_t N, ahead_t *a) {
+    (void)a; /* no prefetching ahead on this path (measured on AVX512-BF16 only) */
     __m256 acc[TILE_ROWS][MAX_VECS];
     const int64_t block_stride = K2 * 2 * BLOCK;
 #pragma GCC unroll 4
@@ -382,7 +414,8 @@ static inline __attribute__((always_inline)) void tile(const int R, const int V,
    ascending: the same bits as the tile above. */
 #define FMA2(A0, A1, X, W0, W1) A0 = _mm256_fmadd_ps(X, W0, A0), A1 = _mm256_fmadd_ps(X, W1, A1)
 static void tile6(const float *xf, int64_t K, const uint16_t *w, int64_t K2, const float *bias, uint16_t *y,
-                  int64_t ldy, int64_t n0, int64_t N) {
+                  int64_t ldy, int64_t n0, int64_t N, ahead_t *a) {
+    (void)a;
     __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00;
     __m256 a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
     const float *x0 = xf, *x1 = xf + K, *x2 = xf + 2 * K, *x3 = xf + 3 * K, *x4 = xf + 4 * K, *x5 = xf + 5 * K;
@@ -454,6 +487,10 @@ static void add_rows(const uint16_t *y, int64_t ldy, uint16_t *residual, int64_t
     }
 }
 
+#ifndef PREFETCH_AHEAD
+#define PREFETCH_AHEAD 0 /* the paths other than AVX512-BF16: not measured */
+#endif
+
 #ifdef HAVE_LINEAR_BF16
 
 /* Blocks [b0, b1) for R rows, B blocks a tile, then the blocks left one at a time. */
@@ -462,13 +499,14 @@ static void add_rows(const uint16_t *y, int64_t ldy, uint16_t *residual, int64_t
         int64_t b = b0;                                                                            \
         for (; b + (B) <= b1; b += (B))                                                            \
             tile(R, (B) * VECS_PER_BLOCK, rows, ld, w + b * K2 * 2 * BLOCK, K2, bias, y, ldy,     \
-                 b * BLOCK, N);                                                                    \
+                 b * BLOCK, N, a);                                                                 \
         for (; b < b1; b++)                                                                        \
-            tile(R, VECS_PER_BLOCK, rows, ld, w + b * K2 * 2 * BLOCK, K2, bias, y, ldy, b * BLOCK, N); \
+            tile(R, VECS_PER_BLOCK, rows, ld, w + b * K2 * 2 * BLOCK, K2, bias, y, ldy, b * BLOCK, N, a); \
     } while (0)
 
 static void unit_rows(int R, const row_t *rows, int64_t ld, const uint16_t *w, int64_t K2,
-                      const float *bias, uint16_t *y, int64_t ldy, int64_t b0, int64_t b1, int64_t N) {
+                      const float *bias, uint16_t *y, int64_t ldy, int64_t b0, int64_t b1, int64_t N,
+                      ahead_t *a) {
     switch (R) {
     case 1: TILES(1, TILE_BLOCKS_1); break;
     case 2: TILES(2, TILE_BLOCKS_2); break;
@@ -476,12 +514,12 @@ static void unit_rows(int R, const row_t *rows, int64_t ld, const uint16_t *w, i
 #ifdef TILE6
     case 4: TILES(4, TILE_BLOCKS_4); break;
     case 5:
-        unit_rows(4, rows, ld, w, K2, bias, y, ldy, b0, b1, N);
-        unit_rows(1, rows + 4 * ld, ld, w, K2, bias, y + 4 * ldy, ldy, b0, b1, N);
+        unit_rows(4, rows, ld, w, K2, bias, y, ldy, b0, b1, N, a);
+        unit_rows(1, rows + 4 * ld, ld, w, K2, bias, y + 4 * ldy, ldy, b0, b1, N, a);
         break;
     default:
         for (int64_t b = b0; b < b1; b++)
-            tile6(rows, ld, w + b * K2 * 2 * BLOCK, K2, bias, y, ldy, b * BLOCK, N);
+            tile6(rows, ld, w + b * K2 * 2 * BLOCK, K2, bias, y, ldy, b * BLOCK, N, a);
         break;
 #elif ROWS > 4
     case 4: TILES(4, TILE_BLOCKS_4); break;
@@ -526,14 +564,35 @@ static int run_units(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const
     int64_t ld = ldx;
     const row_t *rows = amx ? NULL : tile_rows(x, M, K, ldx, &ld);
     if (!amx && !rows) return -2;
+    /* With several row tiles a unit (their weight then comes from cache after the first), a thread
+       claims its next unit before it runs this one and streams that unit's weight in meanwhile. */
+    const int ahead = PREFETCH_AHEAD && !amx && M > ROWS;
+    const int64_t block_bytes = K2 * 2 * BLOCK * 2, tiles = (M + ROWS - 1) / ROWS * (pair > 0 ? 2 : 1);
+    int64_t next_unit = 0; /* units are claimed in order, as threads come free (or one ahead) */
 #pragma omp parallel if (num_units > 1 && M * N * K > 65536)
     {
 #ifdef HAVE_AMX
         if (amx) amx_configure(M < 16 ? (int)M : 16); /* each thread's own tile state */
 #endif
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t unit = 0; unit < num_units; unit++) {
+        int64_t unit = __atomic_fetch_add(&next_unit, 1, __ATOMIC_RELAXED);
+        while (unit < num_units) {
+            /* the last unit goes to whichever thread comes free: one claimed ahead cannot be taken by
+               another thread, should its own lose its core a while */
+            const int64_t following = ahead && __atomic_load_n(&next_unit, __ATOMIC_RELAXED) + 1 < num_units
+                                          ? __atomic_fetch_add(&next_unit, 1, __ATOMIC_RELAXED)
+                                          : -1;
             const int64_t b0 = unit * UNIT, b1 = b0 + UNIT < num_blocks ? b0 + UNIT : num_blocks;
+            ahead_t next, *a = NULL;
+            if (following >= 0 && following < num_units) {
+                const int64_t f0 = following * UNIT, f1 = f0 + UNIT < num_blocks ? f0 + UNIT : num_blocks;
+                const char *wb = (const char *)w;
+                next.at = wb + f0 * block_bytes, next.end = wb + f1 * block_bytes;
+                next.at2 = next.end2 = next.end;
+                if (pair > 0) next.at2 = wb + (pair + f0) * block_bytes, next.end2 = wb + (pair + f1) * block_bytes;
+                const int64_t lines = (f1 - f0) * block_bytes / 64 * (pair > 0 ? 2 : 1);
+                next.per_tile = (lines + tiles - 1) / tiles, next.credit = 0;
+                a = &next;
+            }
 #ifdef HAVE_AMX
             if (amx) {
                 amx_unit(x, M, ldx, w, K2, bias, y, ldy, b0, b1, N);
@@ -544,12 +603,13 @@ static int run_units(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const
                 const int R = M - m0 < ROWS ? (int)(M - m0) : ROWS;
                 const row_t *tile_x = rows + m0 * ld;
                 uint16_t *tile_y = y + m0 * ldy;
-                unit_rows(R, tile_x, ld, w, K2, bias, tile_y, ldy, b0, b1, N);
-                if (pair > 0) unit_rows(R, tile_x, ld, w, K2, bias, tile_y, ldy, pair + b0, pair + b1, N);
+                unit_rows(R, tile_x, ld, w, K2, bias, tile_y, ldy, b0, b1, N, a);
+                if (pair > 0) unit_rows(R, tile_x, ld, w, K2, bias, tile_y, ldy, pair + b0, pair + b1, N, a);
             }
             const int64_t n0 = b0 * BLOCK, n1 = b1 * BLOCK < width ? b1 * BLOCK : width;
             if (after == SILU_MUL) silu_mul_rows(y + n0, ldy, y + width + n0, ldy, M, n1 - n0, out + n0, ldo);
             if (after == ADD) add_rows(y + n0, ldy, out + n0, ldo, M, n1 - n0);
+            unit = following >= 0 ? following : __atomic_fetch_add(&next_unit, 1, __ATOMIC_RELAXED);
         }
 #ifdef HAVE_AMX
         if (amx) _tile_release();
