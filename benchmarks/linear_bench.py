@@ -2,6 +2,7 @@
 
     python benchmarks/linear_bench.py [--rows 1 16 32 64 256] [--rounds 5] [--variants native avx2]
     python benchmarks/linear_bench.py --define "ROWS=4 UNIT=4" --define "ROWS=8 UNIT=6"  # tile A/B
+    python benchmarks/linear_bench.py --distinct-weights --huge-pages --define PREFETCH_AHEAD=0  # prefetching
     python benchmarks/linear_bench.py --int8 native avx2  # the int8 kernel (csrc/linear_int8.c) too
     python benchmarks/linear_bench.py --epilogues --define SILU_SCALAR  # the SiLU's AVX2 path A/B
 

@@ -567,6 +567,7 @@ static int run_units(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const
     /* With several row tiles a unit (their weight then comes from cache after the first), a thread
        claims its next unit before it runs this one and streams that unit's weight in meanwhile. */
     const int ahead = PREFETCH_AHEAD && !amx && M > ROWS;
+    /* tile calls a unit: one per row tile (a unit is one tile wide on the AVX512-BF16 path), twice for gate/up */
     const int64_t block_bytes = K2 * 2 * BLOCK * 2, tiles = (M + ROWS - 1) / ROWS * (pair > 0 ? 2 : 1);
     int64_t next_unit = 0; /* units are claimed in order, as threads come free (or one ahead) */
 #pragma omp parallel if (num_units > 1 && M * N * K > 65536)
