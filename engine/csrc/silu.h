@@ -101,15 +101,76 @@ static inline int64_t silu_mul_row8(const uint16_t *g, const uint16_t *v, uint16
 }
 #endif
 
-/* out[r][i] = silu(gate[r][i]) * up[r][i] for rows r < rows, i < n; row strides ldg, ldu, ldo: 8 lanes
-   at a time with AVX2, the rest (and everything without it) one at a time */
+#if defined(__AVX512F__) && !defined(SILU_SCALAR) && !defined(SILU_AVX2) /* -DSILU_AVX2: 8 lanes at most (A/B) */
+/* sleef_expf8's operations on 16 lanes (512-bit registers: twice the elements an instruction where the
+   CPU runs them at full width, as AMD Zen 5 and Intel's AVX-512 server cores do) */
+static inline __m512 sleef_expf16(__m512 d) {
+    const __m512 q = _mm512_roundscale_ps(
+        _mm512_mul_ps(d, _mm512_set1_ps(1.442695040888963407359924681001892137426645954152985934135449406931f)),
+        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i qi = _mm512_cvttps_epi32(q);
+    __m512 s = _mm512_fmadd_ps(q, _mm512_set1_ps(-0.693145751953125f), d);
+    s = _mm512_fmadd_ps(q, _mm512_set1_ps(-1.428606765330187045e-06f), s);
+    __m512 u = _mm512_set1_ps(0.000198527617612853646278381f);
+    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.00139304355252534151077271f));
+    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.00833336077630519866943359f));
+    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.0416664853692054748535156f));
+    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.166666671633720397949219f));
+    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.5f));
+    u = _mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(_mm512_mul_ps(s, s), u, s));
+    const __m512i half = _mm512_srai_epi32(qi, 1), bias = _mm512_set1_epi32(0x7f);
+    const __m512 low = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(half, bias), 23));
+    const __m512 high = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_sub_epi32(qi, half), bias), 23));
+    u = _mm512_mul_ps(_mm512_mul_ps(u, low), high);
+    u = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(d, _mm512_set1_ps(-104.0f), _CMP_LT_OQ), u, _mm512_setzero_ps());
+    u = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(_mm512_set1_ps(100.0f), d, _CMP_LT_OQ), u, _mm512_set1_ps(INFINITY));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(d, d, _CMP_UNORD_Q), u, _mm512_castsi512_ps(_mm512_set1_epi32(-1)));
+}
+
+/* f32_to_bf16_vec on 16 lanes, each result in the low half of its 32-bit lane */
+static inline __m512i f32x16_to_bf16_vec(__m512 f) {
+    const __m512i u = _mm512_castps_si512(f);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), rounded, _mm512_set1_epi32(0xffff));
+}
+
+static inline __m512 bf16x16_to_f32(const uint16_t *src) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src)), 16));
+}
+
+/* elements [0, n - n % 16) of one row, as silu_mul_row8; returns how many it did */
+static inline int64_t silu_mul_row16(const uint16_t *g, const uint16_t *v, uint16_t *o, int64_t n) {
+    int64_t i = 0;
+    const __m512 one = _mm512_set1_ps(1.0f);
+    const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
+    for (; i + 16 <= n; i += 16) {
+        const __m512 x = bf16x16_to_f32(g + i);
+        const __m512 minus_x = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), sign));
+        const __m512 silu = _mm512_div_ps(x, _mm512_add_ps(one, sleef_expf16(minus_x)));
+        const __m512 rounded = _mm512_castsi512_ps(_mm512_slli_epi32(f32x16_to_bf16_vec(silu), 16));
+        const __m512i product = f32x16_to_bf16_vec(_mm512_mul_ps(rounded, bf16x16_to_f32(v + i)));
+        _mm256_storeu_si256((__m256i *)(o + i), _mm512_cvtepi32_epi16(product));
+    }
+    return i;
+}
+#else
+static inline int64_t silu_mul_row16(const uint16_t *g, const uint16_t *v, uint16_t *o, int64_t n) {
+    (void)g; (void)v; (void)o; (void)n;
+    return 0;
+}
+#endif
+
+/* out[r][i] = silu(gate[r][i]) * up[r][i] for rows r < rows, i < n; row strides ldg, ldu, ldo: 16 lanes
+   at a time with AVX-512, then 8 with AVX2, the rest (and everything without them) one at a time */
 __attribute__((noinline)) static void silu_mul_rows(const uint16_t *gate, int64_t ldg, const uint16_t *up,
                                                     int64_t ldu, int64_t rows, int64_t n, uint16_t *out,
                                                     int64_t ldo) {
     for (int64_t r = 0; r < rows; r++) {
         const uint16_t *g = gate + r * ldg, *v = up + r * ldu;
         uint16_t *o = out + r * ldo;
-        for (int64_t i = silu_mul_row8(g, v, o, n); i < n; i++) {
+        int64_t i = silu_mul_row16(g, v, o, n);
+        for (i += silu_mul_row8(g + i, v + i, o + i, n - i); i < n; i++) {
             const float x = bf16_to_f32(g[i]);
             const float silu = bf16_to_f32(f32_to_bf16_vec(x / (1.0f + sleef_expf(-x))));
             o[i] = f32_to_bf16_vec(silu * bf16_to_f32(v[i]));
