@@ -48,6 +48,15 @@ static inline void f32x16_store_bf16(__m512 v, uint16_t *y, int64_t n, int64_t N
 }
 #endif
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+/* 16 bf16 values -> 16 float32 (exact) */
+static inline __m512 bf16x16_to_f32(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+#endif
+
 #if defined(__AVX2__)
 #include <immintrin.h>
 

@@ -99,9 +99,6 @@ static inline void store16_bf16(__m512 v, uint16_t *y) {
     for (int i = 0; i < 16; i++) y[i] = f32_to_bf16(row[i]);
 #endif
 }
-static inline __m512 widen_bf16(const uint16_t *src) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src)), 16));
-}
 
 /* The query of one head and one key's q.k partial sums (16 lanes, summed by `sum16`), per CPU: */
 #ifdef __AVX512BF16__
@@ -119,9 +116,9 @@ static inline __m512 widen_bf16(const uint16_t *src) {
    group measured no faster on Ice Lake.) */
 #define QK_QUERY(HD, src) \
     __m512 q[HD / 16];    \
-    for (int j = 0; j < HD / 16; j++) q[j] = widen_bf16((src) + 16 * j)
+    for (int j = 0; j < HD / 16; j++) q[j] = bf16x16_to_f32((src) + 16 * j)
 #define QK_KEY(HD, a, key) \
-    for (int j = 0; j < HD / 16; j++) a = _mm512_fmadd_ps(q[j], widen_bf16((key) + 16 * j), a)
+    for (int j = 0; j < HD / 16; j++) a = _mm512_fmadd_ps(q[j], bf16x16_to_f32((key) + 16 * j), a)
 #endif
 
 /* While the first head's q.k reads page pg: the next page's keys and this page's values of this kv head
@@ -176,7 +173,7 @@ static inline __m512 widen_bf16(const uint16_t *src) {
             const uint16_t *v = v_base + (table[page0 + pg] * 16 + from) * row_stride;                  \
             for (int64_t i = from; i < to; i++, t++, v += row_stride) {                                 \
                 __m512 vf[HD / 16];                                                                     \
-                for (int j = 0; j < HD / 16; j++) vf[j] = widen_bf16(v + 16 * j);                       \
+                for (int j = 0; j < HD / 16; j++) vf[j] = bf16x16_to_f32(v + 16 * j);                   \
                 for (int h = 0; h < NH; h++) {                                                          \
                     const __m512 p = _mm512_set1_ps(scores[h * score_stride + off + t]);                \
                     for (int j = 0; j < HD / 16; j++) acc[h][j] = _mm512_fmadd_ps(p, vf[j], acc[h][j]); \

@@ -42,10 +42,6 @@ static inline void rotate_head(uint16_t *x, const uint16_t *cos, const uint16_t 
 #include <immintrin.h>
 #define HAVE_AVX512_ROTARY 1
 
-static inline __m512 load_bf16x16(const uint16_t *src) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src)), 16));
-}
-
 /* v rounded to bf16 as f32_to_bf16 rounds (nearest even, NaN kept NaN), as float32 again. */
 static inline __m512 round_bf16x16(__m512 v) {
     const __m512i u = _mm512_castps_si512(v);
@@ -69,11 +65,11 @@ static inline __m512 negate(__m512 v) {  /* the sign bit flipped, as -x is (0 - 
 static inline void rotate_head_avx512(uint16_t *x, const uint16_t *cos, const uint16_t *sin, int64_t head_dim) {
     const int64_t half = head_dim / 2;
     for (int64_t i = 0; i < half; i += 16) {
-        const __m512 lo = load_bf16x16(x + i), hi = load_bf16x16(x + i + half);
-        const __m512 a = round_bf16x16(_mm512_mul_ps(lo, load_bf16x16(cos + i)));
-        const __m512 b = round_bf16x16(_mm512_mul_ps(negate(hi), load_bf16x16(sin + i)));
-        const __m512 c = round_bf16x16(_mm512_mul_ps(hi, load_bf16x16(cos + i + half)));
-        const __m512 d = round_bf16x16(_mm512_mul_ps(lo, load_bf16x16(sin + i + half)));
+        const __m512 lo = bf16x16_to_f32(x + i), hi = bf16x16_to_f32(x + i + half);
+        const __m512 a = round_bf16x16(_mm512_mul_ps(lo, bf16x16_to_f32(cos + i)));
+        const __m512 b = round_bf16x16(_mm512_mul_ps(negate(hi), bf16x16_to_f32(sin + i)));
+        const __m512 c = round_bf16x16(_mm512_mul_ps(hi, bf16x16_to_f32(cos + i + half)));
+        const __m512 d = round_bf16x16(_mm512_mul_ps(lo, bf16x16_to_f32(sin + i + half)));
         store_bf16x16(x + i, round_bf16x16(_mm512_add_ps(a, b)));
         store_bf16x16(x + i + half, round_bf16x16(_mm512_add_ps(c, d)));
     }

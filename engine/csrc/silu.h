@@ -135,10 +135,6 @@ static inline __m512i f32x16_to_bf16_vec(__m512 f) {
     return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), rounded, _mm512_set1_epi32(0xffff));
 }
 
-static inline __m512 bf16x16_to_f32(const uint16_t *src) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src)), 16));
-}
-
 /* elements [0, n - n % 16) of one row, as silu_mul_row8; returns how many it did */
 static inline int64_t silu_mul_row16(const uint16_t *g, const uint16_t *v, uint16_t *o, int64_t n) {
     int64_t i = 0;
