@@ -30,30 +30,43 @@ static inline uint16_t f32_to_bf16_vec(float f) {
     return f != f ? (uint16_t)0xffffu : rounded;
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
-
-/* y[n .. min(n + 16, N)) = v rounded to bf16 as f32_to_bf16 rounds (nearest even, NaN kept NaN), for
-   CPUs without AVX512-BF16's conversion; nothing when n >= N. */
-static inline void f32x16_store_bf16(__m512 v, uint16_t *y, int64_t n, int64_t N) {
-    const int64_t left = N - n;
-    if (left <= 0) return;
-    const __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-    const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet);
-    _mm256_mask_storeu_epi16(y + n, mask, _mm512_cvtepi32_epi16(rounded));
-}
-#endif
-
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
 /* 16 bf16 values -> 16 float32 (exact) */
 static inline __m512 bf16x16_to_f32(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* 16 float32 rounded to bf16, nearest even, each in the low half of its 32-bit lane; NaN lanes as the
+   two functions below say */
+static inline __m512i f32x16_round_bits(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    return _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+}
+
+/* f32_to_bf16 on 16 lanes (NaN kept NaN, quieted), each result in the low half of its 32-bit lane */
+static inline __m512i f32x16_to_bf16(__m512 v) {
+    const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(v), 16), _mm512_set1_epi32(0x40));
+    return _mm512_mask_mov_epi32(f32x16_round_bits(v), _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet);
+}
+
+/* f32_to_bf16_vec on 16 lanes (any NaN 0xffff), each result in the low half of its 32-bit lane */
+static inline __m512i f32x16_to_bf16_vec(__m512 v) {
+    return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), f32x16_round_bits(v),
+                                   _mm512_set1_epi32(0xffff));
+}
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+/* y[n .. min(n + 16, N)) = v rounded to bf16 as f32_to_bf16 rounds (nearest even, NaN kept NaN), for
+   CPUs without AVX512-BF16's conversion; nothing when n >= N. */
+static inline void f32x16_store_bf16(__m512 v, uint16_t *y, int64_t n, int64_t N) {
+    const int64_t left = N - n;
+    if (left <= 0) return;
+    const __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
+    _mm256_mask_storeu_epi16(y + n, mask, _mm512_cvtepi32_epi16(f32x16_to_bf16(v)));
 }
 #endif
 

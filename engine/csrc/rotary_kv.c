@@ -44,13 +44,7 @@ static inline void rotate_head(uint16_t *x, const uint16_t *cos, const uint16_t 
 
 /* v rounded to bf16 as f32_to_bf16 rounds (nearest even, NaN kept NaN), as float32 again. */
 static inline __m512 round_bf16x16(__m512 v) {
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
-    __m512i r = _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), hi);
-    const __m512i quiet = _mm512_and_si512(_mm512_or_si512(u, _mm512_set1_epi32(0x400000)), hi);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet);
-    return _mm512_castsi512_ps(r);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(f32x16_to_bf16(v), 16));
 }
 
 static inline void store_bf16x16(uint16_t *dst, __m512 rounded) {

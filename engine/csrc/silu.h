@@ -127,14 +127,6 @@ static inline __m512 sleef_expf16(__m512 d) {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(d, d, _CMP_UNORD_Q), u, _mm512_castsi512_ps(_mm512_set1_epi32(-1)));
 }
 
-/* f32_to_bf16_vec on 16 lanes, each result in the low half of its 32-bit lane */
-static inline __m512i f32x16_to_bf16_vec(__m512 f) {
-    const __m512i u = _mm512_castps_si512(f);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-    return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), rounded, _mm512_set1_epi32(0xffff));
-}
-
 /* elements [0, n - n % 16) of one row, as silu_mul_row8; returns how many it did */
 static inline int64_t silu_mul_row16(const uint16_t *g, const uint16_t *v, uint16_t *o, int64_t n) {
     int64_t i = 0;
