@@ -25,7 +25,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from engine import attention, native_linear, native_norm, native_rotary
+from engine import attention, native_norm, native_rotary
 from engine.attention import AttentionMetadata
 from engine.fusion import FusedProjection, PackedLinear
 from engine.native_layers import NativeLayers
@@ -310,31 +310,34 @@ def _rotary_kernel(model: nn.Module) -> RotaryKernel | None:
 
 def _silu_in_kernel(model: nn.Module) -> bool:
     """Whether every layer's gate/up product can take SiLU and the multiply into its C kernel: a SiLU MLP
-    on the native bf16 kernel, halves a multiple of 16 wide, and the kernel's SiLU gives the model's
-    act_fn bits on every bf16 value (else the layers keep torch's operations, with a warning)."""
+    on one of the engine's kernels (bf16 or int8), halves a multiple of 16 wide, and each such kernel's
+    SiLU gives the model's act_fn bits on every bf16 value (else the layers keep torch's operations,
+    with a warning)."""
     if getattr(model.config, "hidden_act", None) != "silu":
         return False
     mlps = [layer.mlp for layer in model.model.layers]
+    kernels = []
     for mlp in mlps:
         linear, sizes = mlp.fused_gate_up.linear, mlp.fused_gate_up.sizes
-        if not linear.is_native or len(sizes) != 2 or sizes[0] != sizes[1] or sizes[0] % 16 != 0:
+        if linear.layer_kernel is None or len(sizes) != 2 or sizes[0] != sizes[1] or sizes[0] % 16 != 0:
             return False
-    kernel = native_linear.load()
-    if kernel is not None and kernel.silu_mul_matches(mlps[0].act_fn):
+        kernels.append(linear.layer_kernel)
+    if all(kernel.silu_mul_matches(mlps[0].act_fn) for kernel in set(kernels)):
         return True
     logger.warning("the C SiLU does not give this torch's bits: the MLPs keep torch's SiLU and multiply")
     return False
 
 
 def _add_in_kernel(model: nn.Module) -> bool:
-    """Whether every layer's o_proj and down products run on the native bf16 kernel and its residual
-    add gives torch's bits (else the layers keep torch's adds, with a warning)."""
+    """Whether every layer's o_proj and down products run on one of the engine's kernels (bf16 or int8)
+    and its residual add gives torch's bits (else the layers keep torch's adds, with a warning)."""
+    kernels = set()
     for layer in model.model.layers:
         for linear in (layer.self_attn.o_proj, layer.mlp.down_proj):
-            if not (isinstance(linear, PackedLinear) and linear.is_native):
+            if not (isinstance(linear, PackedLinear) and linear.layer_kernel is not None):
                 return False
-    kernel = native_linear.load()
-    if kernel is not None and kernel.add_matches():
+            kernels.add(linear.layer_kernel)
+    if all(kernel.add_matches() for kernel in kernels):
         return True
     logger.warning("the C residual add does not give this torch's bits: the layers keep torch's adds")
     return False

@@ -112,17 +112,32 @@ class PackedLinear(nn.Module):
     def is_int8(self) -> bool:
         return self._int8 is not None
 
+    @property
+    def layer_kernel(self) -> native_linear_kernel.LinearKernel | native_int8.Int8Kernel | None:
+        """The engine's kernel (bf16 or int8) this product runs on, with its SiLU and residual-add
+        epilogues and its raw entry points (csrc/llama_layers.c), or None (oneDNN, torch)."""
+        return self._int8 if self._int8 is not None else self._kernel
+
+    @property
+    def weight_address(self) -> int:
+        """The weight as `layer_kernel`'s raw entry points take it (an int8 weight: its handle)."""
+        return self.weight.address if self._int8 is not None else self.weight.data_ptr()
+
     def add_into(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """For a native product: `residual + self(x)` computed into `residual` in place (rows contiguous),
+        """On `layer_kernel`: `residual + self(x)` computed into `residual` in place (rows contiguous),
         the bits of the product, then torch's add."""
         flat = x.reshape(-1, self.in_features)
+        if self._int8 is not None:
+            return self._int8.add_into(flat, self.weight, self.bias, residual)
         return self._kernel.add_into(flat, self.weight, self.out_features, self.bias, residual)
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
-        """For a native [gate; up] product (`is_native`, halves a multiple of 16 wide): silu(gate) * up in
+        """On `layer_kernel`, for a [gate; up] product (halves a multiple of 16 wide): silu(gate) * up in
         one kernel call, the bits of the product, split, SiLU and multiply on torch."""
         flat = x.reshape(-1, self.in_features)
         hidden = self.out_features // 2
+        if self._int8 is not None:
+            return self._int8.silu_mul(flat, self.weight, self.bias).view(*x.shape[:-1], hidden)
         return self._kernel.silu_mul(flat, self.weight, hidden, self.bias).view(*x.shape[:-1], hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

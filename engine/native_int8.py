@@ -14,11 +14,12 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from engine import native_build
+from engine import native_build, native_linear
 
 logger = logging.getLogger("engine")
 
@@ -42,6 +43,12 @@ def load(variant: native_build.IsaVariant = native_build.NATIVE) -> Int8Kernel |
     return Int8Kernel(library) if library is not None else None
 
 
+class _Handle(ctypes.Structure):
+    """csrc/linear_int8.c's struct int8_weight: where the packed blocks and their scales lie."""
+
+    _fields_ = [("packed", _ptr), ("scales", _ptr)]
+
+
 @dataclass(frozen=True, slots=True)
 class Int8Weight:
     """A weight packed for the kernel: (blocks, Kp/4, 16, 4) uint8 = int8 + 128, and its scales."""
@@ -50,6 +57,12 @@ class Int8Weight:
     scales: torch.Tensor  # float32 (Kp / GROUP, N padded to 16): group g's scale of column n at [g, n]
     in_features: int
     out_features: int
+    handle: _Handle  # both tensors' addresses: what the kernel's entry points take as the weight
+
+    @property
+    def address(self) -> int:
+        """The weight as the kernel's entry points (and csrc/llama_layers.c) take it: its handle's address."""
+        return ctypes.addressof(self.handle)
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,44 +88,72 @@ def pack(weight: torch.Tensor) -> Int8Weight:
     q = torch.nn.functional.pad(q.to(torch.int16) + 128, (0, 0, 0, rows - out_features), value=128)
     blocks = q.to(torch.uint8).reshape(rows // BLOCK, BLOCK, cols // 4, 4).permute(0, 2, 1, 3).contiguous()
     scales = torch.nn.functional.pad(scales, (0, 0, 0, rows - out_features)).T.contiguous()
-    return Int8Weight(blocks, scales, in_features, out_features)
+    handle = _Handle(blocks.data_ptr(), scales.data_ptr())
+    return Int8Weight(blocks, scales, in_features, out_features, handle)
 
 
 class Int8Kernel:
-    """y = x W^T (+ bias) for a weight packed by `pack`; x and y bf16."""
+    """y = x W^T (+ bias) for a weight packed by `pack`; x and y bf16. With the bf16 kernel's epilogues
+    (csrc/linear_int8.c: SiLU and its multiply, the residual add, each with torch's bits) and its entry
+    points' signatures, so that csrc/llama_layers.c runs a layer's products on either."""
 
     pack = staticmethod(pack)
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self.isa = native_build.isa_of(library, "linear_int8")
-        self._fn = library.linear_int8
-        self._fn.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _i64]
-        self._fn.restype = ctypes.c_int
+        self._fn, self._silu_mul, self._add = native_linear.product_functions(library, "linear_int8")
+        self._silu_mul_alone, self._add_alone = native_linear.epilogue_functions(library)
+
+    @property
+    def raw_product(self) -> Callable[..., int]:
+        """linear_int8(x, M, K, ldx, handle, N, bias, y, ldy) -> status, unchecked."""
+        return self._fn
+
+    @property
+    def raw_silu_mul(self) -> Callable[..., int]:
+        """linear_int8_silu_mul(x, M, K, ldx, handle, hidden, bias, both, ldb, out, ldo) -> status,
+        unchecked."""
+        return self._silu_mul
+
+    @property
+    def raw_add(self) -> Callable[..., int]:
+        """linear_int8_add(x, M, K, ldx, handle, N, bias, y, ldy, residual, ldr) -> status, unchecked."""
+        return self._add
 
     def __call__(self, x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None) -> torch.Tensor:
         """x (M, K) bf16 with unit column stride -> (M, N) bf16; bias float32 or None."""
-        num_rows, in_features = x.shape
-        if x.dtype != torch.bfloat16:
-            raise ValueError(f"linear_int8 takes bfloat16 input, not {x.dtype}")
-        if in_features != weight.in_features:
-            raise ValueError(f"linear_int8: {in_features} input features, weight of {weight.in_features}")
-        if x.stride(1) != 1:
-            x = x.contiguous()
-        out = torch.empty(num_rows, weight.out_features, dtype=torch.bfloat16)
-        status = self._fn(
-            x.data_ptr(),
-            num_rows,
-            in_features,
-            x.stride(0),
-            weight.packed.data_ptr(),
-            weight.scales.data_ptr(),
-            weight.out_features,
-            bias.data_ptr() if bias is not None else None,
-            out.data_ptr(),
-            weight.out_features,
-        )
-        if status == -2:
-            raise MemoryError(f"linear_int8: no memory to quantize {num_rows} rows of {in_features}")
-        if status != 0:
-            raise ValueError(f"linear_int8 refused shapes x {tuple(x.shape)}, N {weight.out_features}")
+        if x.shape[-1] != weight.in_features:
+            raise ValueError(f"linear_int8: {x.shape[-1]} input features, weight of {weight.in_features}")
+        out = torch.empty(x.shape[0], weight.out_features, dtype=torch.bfloat16)
+        native_linear.run_product(self._fn, "linear_int8", x, weight.address, weight.out_features, bias, out)
         return out
+
+    def silu_mul(self, x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None) -> torch.Tensor:
+        """silu(gate) * up for a weight packed from [W_gate; W_up] (halves a multiple of 16 wide): x (M, K)
+        bf16 -> (M, hidden) bf16 in one call, the bits of the product, then torch's SiLU and multiply."""
+        hidden = weight.out_features // 2
+        both = torch.empty(x.shape[0], 2 * hidden, dtype=torch.bfloat16)  # gate and up, as the product writes
+        out = torch.empty(x.shape[0], hidden, dtype=torch.bfloat16)
+        args = (x, weight.address, hidden, bias, both, out.data_ptr(), hidden)
+        native_linear.run_product(self._silu_mul, "linear_int8_silu_mul", *args)
+        return out
+
+    def add_into(
+        self, x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None, residual: torch.Tensor
+    ) -> torch.Tensor:
+        """residual += x W^T (+ bias) in place, with the bits of torch's `residual + product`, in one call;
+        returns `residual`, (M, N) bf16 with contiguous rows."""
+        native_linear.check_residual(residual, x.shape[0], weight.out_features)
+        product = torch.empty(x.shape[0], weight.out_features, dtype=torch.bfloat16)
+        tail = (residual.data_ptr(), residual.stride(0))
+        args = (x, weight.address, weight.out_features, bias, product, *tail)
+        native_linear.run_product(self._add, "linear_int8_add", *args)
+        return residual
+
+    def silu_mul_matches(self, act: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+        """Whether this library's SiLU and multiply give `act(gate) * up`'s bits."""
+        return native_linear.silu_mul_matches(self._silu_mul_alone, act)
+
+    def add_matches(self) -> bool:
+        """Whether this library's residual add gives torch's `a + b` bits."""
+        return native_linear.add_matches(self._add_alone)

@@ -27,6 +27,7 @@ import torch
 from engine import native_attention, native_build, native_norm
 from engine.attention import AttentionMetadata
 from engine.fusion import PackedLinear
+from engine.native_int8 import Int8Kernel
 from engine.native_linear import LinearKernel
 from engine.native_norm import NormKernel
 from engine.native_rotary import RotaryKernel
@@ -37,7 +38,7 @@ def _ptr(tensor: torch.Tensor | None) -> int | None:
 
 
 def _packed(linear: PackedLinear) -> tuple[int, int | None]:
-    return linear.weight.data_ptr(), _ptr(linear.bias)
+    return linear.weight_address, _ptr(linear.bias)
 
 
 def _check(status: int, what: str) -> None:
@@ -126,7 +127,7 @@ class NativeLayers:
         self,
         layers: list,
         norm: NormKernel,
-        linear: LinearKernel,
+        linear: LinearKernel | Int8Kernel,
         rotary: RotaryKernel,
         driver: _Driver,
     ) -> None:
@@ -163,19 +164,19 @@ class NativeLayers:
     @classmethod
     def of(cls, layers: list) -> NativeLayers | None:
         """The layers as C calls, or None unless every layer runs every part in C on the same kernels
-        (the first layer's norm, rotary and bf16 product kernels) with one shape."""
+        (the first layer's norm, rotary and product kernels: bf16 or int8) with one shape."""
         if not layers:
             return None
         first = layers[0]
         norm, rotary = first.kernel, first.rotary
-        linear = getattr(first.attn.qkv, "native_kernel", None)
+        linear = getattr(first.attn.qkv, "layer_kernel", None)
         driver = _driver()
         if norm is None or rotary is None or linear is None or driver is None:
             return None
         for layer in layers:
             attn, mlp = layer.attn, layer.mlp
             products = (attn.qkv, attn.o_proj, mlp.gate_up, mlp.down)
-            if any(getattr(p, "native_kernel", None) is not linear for p in products):
+            if any(getattr(p, "layer_kernel", None) is not linear for p in products):
                 return None
             same_kernels = layer.kernel is norm and layer.rotary is rotary
             if not (same_kernels and layer.add_in_kernel and mlp.silu_in_kernel):

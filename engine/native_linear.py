@@ -53,21 +53,8 @@ class LinearKernel:
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self.isa = native_build.isa_of(library, "linear_bf16")
-        self._fn = library.linear_bf16
-        self._fn.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64]
-        self._fn.restype = ctypes.c_int
-        self._silu_mul = library.linear_bf16_silu_mul
-        self._silu_mul.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64]
-        self._silu_mul.restype = ctypes.c_int
-        self._silu_mul_alone = library.silu_mul_bf16
-        self._silu_mul_alone.argtypes = [_ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64]
-        self._silu_mul_alone.restype = None
-        self._add = library.linear_bf16_add
-        self._add.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64]
-        self._add.restype = ctypes.c_int
-        self._add_alone = library.add_bf16
-        self._add_alone.argtypes = [_ptr, _i64, _ptr, _i64, _i64, _i64]
-        self._add_alone.restype = None
+        self._fn, self._silu_mul, self._add = product_functions(library, "linear_bf16")
+        self._silu_mul_alone, self._add_alone = epilogue_functions(library)
 
     @property
     def raw_product(self) -> Callable[..., int]:
@@ -99,7 +86,7 @@ class LinearKernel:
     ) -> torch.Tensor:
         """x (M, K) bf16 with unit column stride -> (M, out_features) bf16; bias float32 or None."""
         out = torch.empty(x.shape[0], out_features, dtype=torch.bfloat16)
-        self._run(self._fn, "linear_bf16", x, packed, out_features, bias, out)
+        run_product(self._fn, "linear_bf16", x, packed.data_ptr(), out_features, bias, out)
         return out
 
     def silu_mul(
@@ -110,9 +97,8 @@ class LinearKernel:
         in one call (csrc/linear_bf16.c: linear_bf16_silu_mul)."""
         both = torch.empty(x.shape[0], 2 * hidden, dtype=torch.bfloat16)  # gate and up, as the product writes
         out = torch.empty(x.shape[0], hidden, dtype=torch.bfloat16)
-        self._run(
-            self._silu_mul, "linear_bf16_silu_mul", x, packed, hidden, bias, both, out.data_ptr(), hidden
-        )
+        args = (x, packed.data_ptr(), hidden, bias, both, out.data_ptr(), hidden)
+        run_product(self._silu_mul, "linear_bf16_silu_mul", *args)
         return out
 
     def add_into(
@@ -126,65 +112,106 @@ class LinearKernel:
         """residual += x W^T (+ bias), in place, with the bits of torch's `residual + product` (the product
         rounded to bf16, then the sum), in one call (csrc/linear_bf16.c: linear_bf16_add); returns
         `residual`, (M, out_features) bf16 with contiguous rows."""
-        if residual.dtype != torch.bfloat16:
-            raise ValueError("linear_bf16_add takes a bfloat16 residual")
-        if residual.shape != (x.shape[0], out_features) or residual.stride(1) != 1:
-            raise ValueError(f"the residual must be ({x.shape[0]}, {out_features}) with contiguous rows")
+        check_residual(residual, x.shape[0], out_features)
         product = torch.empty(x.shape[0], out_features, dtype=torch.bfloat16)
         tail = (residual.data_ptr(), residual.stride(0))
-        self._run(self._add, "linear_bf16_add", x, packed, out_features, bias, product, *tail)
+        run_product(self._add, "linear_bf16_add", x, packed.data_ptr(), out_features, bias, product, *tail)
         return residual
 
-    @staticmethod
-    def _run(
-        fn: Callable[..., int],
-        name: str,
-        x: torch.Tensor,
-        packed: torch.Tensor,
-        size: int,
-        bias: torch.Tensor | None,
-        out: torch.Tensor,
-        *tail: int,
-    ) -> None:
-        """One of the kernel's products on x (M, K) into `out` (M, its row width), then `tail`'s arguments."""
-        num_rows, in_features = x.shape
-        if x.dtype != torch.bfloat16:
-            raise ValueError(f"{name} takes bfloat16 input, not {x.dtype}")
-        if x.stride(1) != 1:
-            x = x.contiguous()
-        bias_ptr = bias.data_ptr() if bias is not None else None
-        args = (x.data_ptr(), num_rows, in_features, x.stride(0), packed.data_ptr(), size, bias_ptr)
-        status = fn(*args, out.data_ptr(), out.shape[1], *tail)
-        if status == -2:
-            raise MemoryError(f"{name}: no memory to widen {num_rows} rows of {in_features} to float32")
-        if status != 0:
-            raise ValueError(f"{name} refused shapes x {tuple(x.shape)}, N {size}")
-
     def silu_mul_matches(self, act: Callable[[torch.Tensor], torch.Tensor]) -> bool:
-        """Whether the kernel's SiLU and multiply give `act(gate) * up`'s bits: every bf16 gate value,
-        times ones and times random bf16 values."""
-        gate = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
-        gate = gate.reshape(256, 256)
-        gen = torch.Generator().manual_seed(0)
-        for up in (torch.ones_like(gate), (torch.randn(256, 256, generator=gen) * 3).bfloat16()):
-            mine = torch.empty_like(gate)
-            self._silu_mul_alone(gate.data_ptr(), 256, up.data_ptr(), 256, 256, 256, mine.data_ptr(), 256)
-            if not torch.equal(mine.view(torch.int16), (act(gate) * up).view(torch.int16)):
-                return False
-        return True
+        """Whether this library's SiLU and multiply give `act(gate) * up`'s bits (`silu_mul_matches`)."""
+        return silu_mul_matches(self._silu_mul_alone, act)
 
     def add_matches(self) -> bool:
-        """Whether the kernel's residual add gives torch's `a + b` bits on bf16 values: random ones over
-        the whole range, sums that overflow, infinities and NaNs of both signs."""
-        gen = torch.Generator().manual_seed(0)
-        a = torch.randint(-(2**15), 2**15, (256, 256), generator=gen, dtype=torch.int32)
-        b = torch.randint(-(2**15), 2**15, (256, 256), generator=gen, dtype=torch.int32)
-        a, b = (t.to(torch.int16).view(torch.bfloat16) for t in (a, b))
-        b[0] = a[0]  # doubles: overflow to infinity near the top of the range
-        normal = (torch.randn(2, 256, 256, generator=gen) * 4).bfloat16()
-        for first, second in ((a, b), (normal[0], normal[1])):
-            mine = first.clone()
-            self._add_alone(second.data_ptr(), 256, mine.data_ptr(), 256, 256, 256)
-            if not torch.equal(mine.view(torch.int16), (first + second).view(torch.int16)):
-                return False
-        return True
+        """Whether this library's residual add gives torch's `a + b` bits (`add_matches`)."""
+        return add_matches(self._add_alone)
+
+
+def run_product(
+    fn: Callable[..., int],
+    name: str,
+    x: torch.Tensor,
+    weight: int,
+    size: int,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    *tail: int,
+) -> None:
+    """One of a product kernel's entry points on x (M, K) with the weight at address `weight`, into `out`
+    (M, its row width), then `tail`'s arguments; its status raised: -2 scratch memory, else refused."""
+    num_rows, in_features = x.shape
+    if x.dtype != torch.bfloat16:
+        raise ValueError(f"{name} takes bfloat16 input, not {x.dtype}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    bias_ptr = bias.data_ptr() if bias is not None else None
+    args = (x.data_ptr(), num_rows, in_features, x.stride(0), weight, size, bias_ptr)
+    status = fn(*args, out.data_ptr(), out.shape[1], *tail)
+    if status == -2:
+        raise MemoryError(f"{name}: no memory for the scratch copy of {num_rows} rows of {in_features}")
+    if status != 0:
+        raise ValueError(f"{name} refused shapes x {tuple(x.shape)}, N {size}")
+
+
+def check_residual(residual: torch.Tensor, num_rows: int, out_features: int) -> None:
+    """A residual that a product's add epilogue can add into in place: bf16, (rows, N), contiguous rows."""
+    if residual.dtype != torch.bfloat16:
+        raise ValueError("the residual add takes a bfloat16 residual")
+    if residual.shape != (num_rows, out_features) or residual.stride(1) != 1:
+        raise ValueError(f"the residual must be ({num_rows}, {out_features}) with contiguous rows")
+
+
+def silu_mul_matches(
+    silu_mul_alone: Callable[..., None], act: Callable[[torch.Tensor], torch.Tensor]
+) -> bool:
+    """Whether a library's `silu_mul_bf16` (the products' SiLU epilogue alone) gives `act(gate) * up`'s
+    bits: every bf16 gate value, times ones and times random bf16 values."""
+    gate = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    gate = gate.reshape(256, 256)
+    gen = torch.Generator().manual_seed(0)
+    for up in (torch.ones_like(gate), (torch.randn(256, 256, generator=gen) * 3).bfloat16()):
+        mine = torch.empty_like(gate)
+        silu_mul_alone(gate.data_ptr(), 256, up.data_ptr(), 256, 256, 256, mine.data_ptr(), 256)
+        if not torch.equal(mine.view(torch.int16), (act(gate) * up).view(torch.int16)):
+            return False
+    return True
+
+
+def add_matches(add_alone: Callable[..., None]) -> bool:
+    """Whether a library's `add_bf16` (the products' residual-add epilogue alone) gives torch's `a + b`
+    bits on bf16 values: random ones over the whole range, sums that overflow, infinities and NaNs of
+    both signs."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(-(2**15), 2**15, (256, 256), generator=gen, dtype=torch.int32)
+    b = torch.randint(-(2**15), 2**15, (256, 256), generator=gen, dtype=torch.int32)
+    a, b = (t.to(torch.int16).view(torch.bfloat16) for t in (a, b))
+    b[0] = a[0]  # doubles: overflow to infinity near the top of the range
+    normal = (torch.randn(2, 256, 256, generator=gen) * 4).bfloat16()
+    for first, second in ((a, b), (normal[0], normal[1])):
+        mine = first.clone()
+        add_alone(second.data_ptr(), 256, mine.data_ptr(), 256, 256, 256)
+        if not torch.equal(mine.view(torch.int16), (first + second).view(torch.int16)):
+            return False
+    return True
+
+
+def epilogue_functions(library: ctypes.CDLL) -> tuple[Callable[..., None], Callable[..., None]]:
+    """A product library's `silu_mul_bf16` and `add_bf16` (its epilogues alone), typed."""
+    silu_mul_alone, add_alone = library.silu_mul_bf16, library.add_bf16
+    silu_mul_alone.argtypes = [_ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64]
+    silu_mul_alone.restype = None
+    add_alone.argtypes = [_ptr, _i64, _ptr, _i64, _i64, _i64]
+    add_alone.restype = None
+    return silu_mul_alone, add_alone
+
+
+def product_functions(library: ctypes.CDLL, prefix: str) -> tuple[Callable[..., int], ...]:
+    """A product library's `<prefix>` (product), `_silu_mul` and `_add` entry points, typed: the
+    signatures csrc/llama_layers.c calls them with."""
+    product, silu_mul, add = (getattr(library, prefix + tail) for tail in ("", "_silu_mul", "_add"))
+    product.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64]
+    for fn in (silu_mul, add):
+        fn.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64]
+    for fn in (product, silu_mul, add):
+        fn.restype = ctypes.c_int
+    return product, silu_mul, add

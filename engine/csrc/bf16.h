@@ -30,6 +30,17 @@ static inline uint16_t f32_to_bf16_vec(float f) {
     return f != f ? (uint16_t)0xffffu : rounded;
 }
 
+/* residual[r][i] = bf16(residual[r][i] + y[r][i]) as torch adds two bf16 tensors in its vectorized
+   kernel: the float32 sum, rounded by f32_to_bf16_vec (the products' residual-add epilogue) */
+static inline void add_rows(const uint16_t *y, int64_t ldy, uint16_t *residual, int64_t ldr, int64_t rows,
+                            int64_t n) {
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *a = y + r * ldy;
+        uint16_t *o = residual + r * ldr;
+        for (int64_t i = 0; i < n; i++) o[i] = f32_to_bf16_vec(bf16_to_f32(o[i]) + bf16_to_f32(a[i]));
+    }
+}
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 

@@ -33,6 +33,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "silu.h"
 
 #define BLOCK 16
 #define GROUP 32 /* k per activation scale (engine/native_int8.py: GROUP) */
@@ -374,13 +375,22 @@ const char *linear_int8_isa(void) { return ISA_NAME; }
 
 int linear_int8_group(void) { return GROUP; }
 
-/* Returns 0, -1 for shapes it does not take, -2 when memory for the quantized rows ran out. */
-int linear_int8(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *w, const float *sw,
-                int64_t N, const float *bias, uint16_t *y, int64_t ldy) {
+/* What a unit does with the columns it just wrote, before it takes the next unit (as in linear_bf16.c). */
+enum after_unit { WRITE_ONLY, SILU_MUL, ADD };
+
+/* The product in units of UNIT column blocks taken by the threads as they come free. `pair` > 0 (a
+   [gate; up] product of 2 x pair blocks): a unit takes gate blocks [b0, b1) and up blocks
+   [pair + b0, pair + b1), then writes silu(gate) * up of its columns into `out` (SILU_MUL); or a unit
+   adds its columns into `out` in place (ADD): linear_bf16.c's epilogues, with torch's bits.
+   Returns as linear_int8. */
+static int run_units(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *w, const float *sw,
+                     int64_t N, const float *bias, uint16_t *y, int64_t ldy, int64_t pair, enum after_unit after,
+                     uint16_t *out, int64_t ldo) {
     if (M < 0 || N < 0 || K < 1 || K > MAX_K) return -1;
     if (M == 0 || N == 0) return 0;
-    const int64_t K4 = (K + GROUP - 1) / GROUP * GROUP / 4, num_blocks = (N + BLOCK - 1) / BLOCK;
-    const int64_t num_units = (num_blocks + UNIT - 1) / UNIT, ldw = num_blocks * BLOCK;
+    const int64_t K4 = (K + GROUP - 1) / GROUP * GROUP / 4, all_blocks = (N + BLOCK - 1) / BLOCK;
+    const int64_t num_blocks = pair > 0 ? pair : all_blocks, width = pair > 0 ? pair * BLOCK : N;
+    const int64_t num_units = (num_blocks + UNIT - 1) / UNIT, ldw = all_blocks * BLOCK;
     rows_t rows = {0};
     if (alloc_rows(M, K, &rows) != 0) {
         release_rows(&rows);
@@ -396,9 +406,55 @@ int linear_int8(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint
             for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
                 const int R = M - m0 < ROWS ? (int)(M - m0) : ROWS;
                 unit_rows(R, &rows, m0, w, K4, sw, ldw, bias, y + m0 * ldy, ldy, b0, b1, N);
+                if (pair > 0) unit_rows(R, &rows, m0, w, K4, sw, ldw, bias, y + m0 * ldy, ldy, pair + b0, pair + b1, N);
             }
+            const int64_t n0 = b0 * BLOCK, n1 = b1 * BLOCK < width ? b1 * BLOCK : width;
+            if (after == SILU_MUL) silu_mul_rows(y + n0, ldy, y + width + n0, ldy, M, n1 - n0, out + n0, ldo);
+            if (after == ADD) add_rows(y + n0, ldy, out + n0, ldo, M, n1 - n0);
         }
     }
     release_rows(&rows);
     return 0;
+}
+
+/* The entry points, with linear_bf16.c's signatures (csrc/llama_layers.c calls either kernel's): where
+   those take the packed bf16 weight, these take a struct int8_weight (engine/native_int8.py: the
+   Int8Weight's handle). */
+struct int8_weight {
+    const uint8_t *packed; /* the weight's blocks, layout above */
+    const float *scales;   /* (Kp / GROUP, Np) */
+};
+
+/* y = x W^T (+ bias). Returns 0, -1 for shapes it does not take, -2 when memory for the quantized rows
+   ran out. */
+int linear_int8(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *weight, int64_t N,
+                const float *bias, uint16_t *y, int64_t ldy) {
+    const struct int8_weight *w = (const struct int8_weight *)(const void *)weight;
+    return run_units(x, M, K, ldx, w->packed, w->scales, N, bias, y, ldy, 0, WRITE_ONLY, NULL, 0);
+}
+
+/* silu(gate) * up into h (M, n) for a [gate; up] weight of 2n outputs (n a multiple of BLOCK); y (M, 2n)
+   receives both products, as linear_bf16_silu_mul. */
+int linear_int8_silu_mul(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *weight, int64_t n,
+                         const float *bias, uint16_t *y, int64_t ldy, uint16_t *h, int64_t ldh) {
+    const struct int8_weight *w = (const struct int8_weight *)(const void *)weight;
+    if (n < 0 || n % BLOCK != 0) return -1;
+    return run_units(x, M, K, ldx, w->packed, w->scales, 2 * n, bias, y, ldy, n / BLOCK, SILU_MUL, h, ldh);
+}
+
+/* residual (M, N) += the product (rounded to bf16 first, in y), in place, as linear_bf16_add. */
+int linear_int8_add(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *weight, int64_t N,
+                    const float *bias, uint16_t *y, int64_t ldy, uint16_t *residual, int64_t ldr) {
+    const struct int8_weight *w = (const struct int8_weight *)(const void *)weight;
+    return run_units(x, M, K, ldx, w->packed, w->scales, N, bias, y, ldy, 0, ADD, residual, ldr);
+}
+
+/* The two epilogues alone, for the checks against torch (engine/native_linear.py: epilogue checks). */
+void silu_mul_bf16(const uint16_t *gate, int64_t ldg, const uint16_t *up, int64_t ldu, int64_t rows, int64_t n,
+                   uint16_t *out, int64_t ldo) {
+    silu_mul_rows(gate, ldg, up, ldu, rows, n, out, ldo);
+}
+
+void add_bf16(const uint16_t *y, int64_t ldy, uint16_t *residual, int64_t ldr, int64_t rows, int64_t n) {
+    add_rows(y, ldy, residual, ldr, rows, n);
 }

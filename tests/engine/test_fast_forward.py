@@ -21,7 +21,7 @@ from transformers import (
     MistralForCausalLM,
 )
 
-from engine import native_linear, native_norm, native_rotary
+from engine import native_int8, native_linear, native_norm, native_rotary
 from engine.core import EngineCore
 from engine.fast_forward import FastForward
 from engine.native_layers import NativeLayers
@@ -154,6 +154,22 @@ def test_bf16_layers_as_one_c_sequence_equal_transformers(tiny, mistral, max_num
     core = make_core(model_and_tokenizer, max_num_batched_tokens=max_num_batched_tokens)
     native = native_layers_of(core)
     assert [layer.window for layer in native.layers] == ([8, 8] if mistral else [0, 0])
+    equal = steps_equal(core, tiny[1])
+    assert len(equal) >= 20 and all(equal)
+
+
+@pytest.mark.parametrize("max_num_batched_tokens", [256, 24])
+def test_int8_layers_as_one_c_sequence_equal_transformers_on_the_same_products(tiny, max_num_batched_tokens):
+    """With int8 products (engine/native_int8.py) the layers run as the same C sequence, SiLU and the
+    residual adds inside the int8 kernel: every step's logits equal transformers' forward over the
+    same int8 products with torch's SiLU, adds, rotary and norms."""
+    if not all_kernels_in_c() or native_int8.load() is None:
+        pytest.skip("no C compiler")
+    model_and_tokenizer = tiny_bf16(tiny[1], mistral=False)
+    core = make_core(model_and_tokenizer, int8_weights=True, max_num_batched_tokens=max_num_batched_tokens)
+    native = native_layers_of(core)
+    assert native._kernels.product == ctypes.cast(native_int8.load().raw_product, ctypes.c_void_p).value
+    assert all(layer.mlp.silu_in_kernel and layer.add_in_kernel for layer in core.runner.fast_forward.layers)
     equal = steps_equal(core, tiny[1])
     assert len(equal) >= 20 and all(equal)
 
