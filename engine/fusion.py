@@ -209,7 +209,8 @@ def optimize_model(
 
     `native_linear`: bf16 products on the engine's own kernel where it runs (else oneDNN).
     `int8`: bf16 products with int8 weights and rows (engine/native_int8.py), but `INT8_SKIP`'s.
-    `huge_pages`: the bf16 kernel's packed weights side by side on huge pages (engine/huge_pages.py)."""
+    `huge_pages`: the engine kernels' packed weights (bf16, int8) side by side on huge pages
+    (engine/huge_pages.py)."""
     replaced = 0
     for parent in list(model.modules()):
         for names in _GROUPS:
@@ -230,10 +231,15 @@ def optimize_model(
                 replaced += 1
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
     native = [m for m in packed if m.is_native]
+    int8_modules = [m for m in packed if m.is_int8]
     if huge_pages and native:
         for module, weight in zip(native, huge_pages_arena.copies([m.weight for m in native]), strict=True):
             module.weight = weight
-    num_native, num_int8 = len(native), sum(m.is_int8 for m in packed)
+    if huge_pages and int8_modules:
+        blocks = huge_pages_arena.copies([m.weight.packed for m in int8_modules])
+        for module, copy in zip(int8_modules, blocks, strict=True):
+            module.weight = module.weight.with_blocks(copy)
+    num_native, num_int8 = len(native), len(int8_modules)
     if num_int8:
         _warn_if_int8_is_slower(native_linear_kernel.load())
     logger.info(

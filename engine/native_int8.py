@@ -64,6 +64,14 @@ class Int8Weight:
         """The weight as the kernel's entry points (and csrc/llama_layers.c) take it: its handle's address."""
         return ctypes.addressof(self.handle)
 
+    def with_blocks(self, blocks: torch.Tensor) -> Int8Weight:
+        """The same weight with its packed blocks elsewhere (a copy of `packed`, e.g. on huge pages)."""
+        same_layout = blocks.shape == self.packed.shape and blocks.dtype == self.packed.dtype
+        if not (same_layout and blocks.is_contiguous()):
+            raise ValueError("the blocks must be a contiguous copy of the packed ones")
+        handle = _Handle(blocks.data_ptr(), self.scales.data_ptr())
+        return Int8Weight(blocks, self.scales, self.in_features, self.out_features, handle)
+
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) -> int8 (N, Kp) and float32 scales (N, Kp / GROUP): symmetric, one scale per output column

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import huge_pages
+from engine import huge_pages, native_int8
 from engine.fusion import PackedLinear
 from engine.types import EngineConfig
 from tests.engine.conftest import make_core
@@ -91,6 +91,23 @@ def test_the_same_tokens_on_ordinary_pages(tiny):
     ]
     assert texts[0] == texts[1] and all(texts[0].values())
     assert EngineConfig().huge_pages
+
+
+def test_int8_weights_too_and_the_same_tokens(tiny):
+    """The int8 kernel's packed blocks move as well, their handle (what the C entry points read) with them."""
+    if native_int8.load() is None:
+        pytest.skip("no C compiler")
+    cores = [
+        make_core(tiny_bf16(tiny[1], mistral=False), int8_weights=True, huge_pages=on) for on in (True, False)
+    ]
+    for core in cores:
+        int8 = [m for m in core.runner.model.modules() if isinstance(m, PackedLinear) and m.is_int8]
+        assert int8 and all(m.weight.handle.packed == m.weight.packed.data_ptr() for m in int8)
+        assert all(m.weight.handle.scales == m.weight.scales.data_ptr() for m in int8)
+        if ADVICE_HONOURED and core is cores[0]:
+            assert all(is_advised(m.weight.packed) for m in int8)
+    texts = [run_load(core, tiny[1]) for core in cores]
+    assert texts[0] == texts[1] and all(texts[0].values())
 
 
 @pytest.mark.skipif(not ADVICE_HONOURED, reason="this system gives no transparent huge pages")
