@@ -20,6 +20,7 @@ SWITCHES = {
 }
 OPT_IN = {  # EngineConfig field (off by default) -> what turning it on runs
     "int8_weights": "bf16 products with int8 weights and rows (engine/native_int8.py)",
+    "int8_lm_head": "with --int8-weights, the lm head's product in int8 too",
 }
 
 

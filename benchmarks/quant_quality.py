@@ -6,8 +6,8 @@ Each configuration loads the model afresh as the server does (fused, packed prod
 - `bf16`: the reference, bf16 products on the engine's bf16 kernel;
 - `float32`: the same model in float32 (oneDNN): how far bf16 itself is from full precision, the
   yardstick for what a precision change does to greedy text;
-- `int8`: int8 weights and rows (engine/native_int8.py) everywhere but the lm head (the default
-  `INT8_SKIP`), and `int8, lm head too`.
+- `int8`: int8 weights and rows (engine/native_int8.py) everywhere but the lm head (`int8_weights`),
+  and `int8, lm head too` (`int8_lm_head` as well).
 
 Greedy: 16 story prompts and 16 chat prompts (chat template), `--new-tokens` greedy tokens each, EOS
 ignored, through EngineCore (batch-invariant, so all at once); per configuration, how many of the 32
@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from prompts import prompt_texts
 
-from engine import fusion
 from engine.core import EngineCore
 from engine.fusion import optimize_model
 from engine.types import EngineConfig, GenerationRequest, SamplingParams
@@ -52,11 +51,11 @@ DEFAULT_TEXTS = (
     Path("/usr/share/common-licenses/GPL-3"),
     Path(__file__).resolve().parent.parent / "README.md",
 )
-CONFIGS = {  # name -> (dtype, int8, INT8_SKIP)
-    "bf16": (torch.bfloat16, False, fusion.INT8_SKIP),
-    "float32": (torch.float32, False, fusion.INT8_SKIP),
-    "int8": (torch.bfloat16, True, ("lm_head",)),
-    "int8, lm head too": (torch.bfloat16, True, ()),
+CONFIGS = {  # name -> (dtype, int8, int8_lm_head)
+    "bf16": (torch.bfloat16, False, False),
+    "float32": (torch.float32, False, False),
+    "int8": (torch.bfloat16, True, False),
+    "int8, lm head too": (torch.bfloat16, True, True),
 }
 
 
@@ -102,11 +101,10 @@ def greedy(model, tokenizer, inputs, new_tokens: int) -> list[list[int]]:
 
 
 def run(name: str, args, text: str) -> tuple[list[list[int]], float]:
-    dtype, int8, skip = CONFIGS[name]
-    fusion.INT8_SKIP = skip
+    dtype, int8, lm_head = CONFIGS[name]
     loaded = load_model(resolve(args.model), dtype=dtype, device=torch.device("cpu"))
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
-    optimize_model(model, native_linear=True, int8=int8)
+    optimize_model(model, native_linear=True, int8=int8, int8_lm_head=lm_head)
     ids = tokenizer(text, return_tensors="pt").input_ids[0][: args.max_tokens]
     ppl = perplexity(model, ids, args.window)
     return greedy(model, tokenizer, prompts(tokenizer), args.new_tokens), ppl

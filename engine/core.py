@@ -99,6 +99,7 @@ class EngineCore:
             config.native_residual,
             config.native_layers,
             config.huge_pages,
+            config.int8_lm_head,
         )
         self.scheduler = Scheduler(
             max_num_seqs=config.max_num_seqs,

@@ -11,7 +11,8 @@
   about 1.3-2x (bf16) and 1.5-3.5x (float32) faster than torch's default path here).
 - With `int8=True`, bf16 CPU products take int8 weights and int8 rows (a scale per group of 32 inputs,
   the rows' at each call) on engine/native_int8.py's kernel instead, except the layers named in
-  `INT8_SKIP`. Where the bf16 kernel runs on AMX tiles, that is slower, and a warning says so.
+  `INT8_SKIP` (the lm head) unless `int8_lm_head`. Where the bf16 kernel runs on AMX tiles, that is
+  slower, and a warning says so.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from engine import native_linear as native_linear_kernel
 logger = logging.getLogger("engine")
 
 _GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-INT8_SKIP = ("lm_head",)  # child names whose products stay in bf16 with int8 on
+INT8_SKIP = ("lm_head",)  # child names whose products stay in bf16 with int8 on, unless int8_lm_head
 
 
 def _can_pack(weight: torch.Tensor) -> bool:
@@ -203,15 +204,20 @@ def _warn_if_int8_is_slower(bf16_kernel: native_linear_kernel.LinearKernel | Non
 
 
 def optimize_model(
-    model: nn.Module, native_linear: bool = True, int8: bool = False, huge_pages: bool = False
+    model: nn.Module,
+    native_linear: bool = True,
+    int8: bool = False,
+    huge_pages: bool = False,
+    int8_lm_head: bool = False,
 ) -> int:
     """Fuse sibling projections and pack linear weights in place; returns the modules replaced.
 
     `native_linear`: bf16 products on the engine's own kernel where it runs (else oneDNN).
-    `int8`: bf16 products with int8 weights and rows (engine/native_int8.py), but `INT8_SKIP`'s.
+    `int8`: bf16 products with int8 weights and rows (engine/native_int8.py), but `INT8_SKIP`'s (the lm
+    head) unless `int8_lm_head`.
     `huge_pages`: the engine kernels' packed weights (bf16, int8) side by side on huge pages
     (engine/huge_pages.py)."""
-    replaced = 0
+    replaced, skip = 0, () if int8_lm_head else INT8_SKIP
     for parent in list(model.modules()):
         for names in _GROUPS:
             linears = [getattr(parent, n, None) for n in names]
@@ -224,7 +230,7 @@ def optimize_model(
         for name, child in list(parent.named_children()):
             if type(child) is not nn.Linear:
                 continue
-            quantize = int8 and name not in INT8_SKIP
+            quantize = int8 and name not in skip
             if _can_pack(child.weight) or _native_kernel(child.weight, native_linear) is not None:
                 packed = PackedLinear(child.weight.detach(), child.bias, native_linear, quantize)
                 setattr(parent, name, packed)

@@ -36,6 +36,7 @@ class ModelRunner:
         native_residual: bool = True,
         native_layers: bool = True,
         huge_pages: bool = True,
+        int8_lm_head: bool = False,
     ) -> None:
         """Takes the model over: its attention becomes the paged one and, if `optimize`, its linears fused.
 
@@ -51,11 +52,12 @@ class ModelRunner:
         residual stream inside their C kernel.
         `native_layers`: the fast forward's Llama-like layers with every part in C as one fixed sequence
         of C calls (engine/native_layers.py).
-        `int8_weights`: bf16 CPU products on the int8 kernel (engine/native_int8.py), if `optimize`.
+        `int8_weights`: bf16 CPU products on the int8 kernel (engine/native_int8.py), if `optimize`; the lm
+        head's too with `int8_lm_head`.
         `huge_pages`: the bf16 kernel's packed weights moved onto huge pages (engine/huge_pages.py)."""
         model.set_attn_implementation(attention.register())
         if optimize:
-            optimize_model(model, native_linear, int8_weights, huge_pages)
+            optimize_model(model, native_linear, int8_weights, huge_pages, int8_lm_head)
         use_fast_forward = fast_forward and FastForward.supports(model)
         bf16_cpu_cache = kv_cache.dtype == torch.bfloat16 and device.type == "cpu"
         rotary = native_rotary and bf16_cpu_cache

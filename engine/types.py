@@ -136,9 +136,12 @@ class EngineConfig:
     optimize_model: bool = True  # fuse q/k/v and gate/up products, prepack CPU weights for oneDNN
     native_attention: bool = True  # CPU attention, decode and prefill, in C (engine/native_attention.py)
     native_linear: bool = True  # CPU bf16 products in the C kernel (engine/native_linear.py), else oneDNN
-    # bf16 CPU products with int8 weights (per output column) and int8 rows (per row) on the C kernel of
-    # engine/native_int8.py: ~2x the bf16 kernel where the CPU has AVX512-VNNI but no bf16 dot product
+    # bf16 CPU products with int8 weights and int8 rows (a scale per group of 32 inputs) on the C kernel of
+    # engine/native_int8.py: ~2x the bf16 kernel where the CPU has AVX512-VNNI but no bf16 dot product;
+    # the lm head stays bf16 unless int8_lm_head (~0.89x a step more on an Ice Lake, greedy text departs
+    # from bf16's sooner: docs/engine.md)
     int8_weights: bool = False
+    int8_lm_head: bool = False
     native_norm: bool = True  # the fast forward's bf16 CPU RMSNorms in C, same bits (engine/native_norm.py)
     native_rotary: bool = True  # its bf16 CPU rotary + KV-cache write in C, same bits (native_rotary.py)
     native_argmax: bool = True  # greedy picks over CPU logits in C, torch's index (native_argmax.py)

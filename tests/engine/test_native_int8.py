@@ -136,13 +136,21 @@ def test_int8_warns_where_the_bf16_kernel_runs_on_amx(isa, warns, caplog):
 
 
 @needs_kernel
-def test_an_int8_engine_quantizes_all_but_the_lm_head_and_is_batch_invariant(tiny_model_dir: Path):
+@pytest.mark.parametrize("lm_head", [False, True], ids=["lm-head-bf16", "lm-head-int8"])
+def test_an_int8_engine_quantizes_all_but_the_lm_head_and_is_batch_invariant(tiny_model_dir: Path, lm_head):
+    """`int8_weights`: every product but the lm head's in int8; `int8_lm_head`: that one too."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    core = make_core((model, tokenizer), dtype="bfloat16", int8_weights=True, enable_prefix_caching=False)
+    core = make_core(
+        (model, tokenizer),
+        dtype="bfloat16",
+        int8_weights=True,
+        int8_lm_head=lm_head,
+        enable_prefix_caching=False,
+    )
     products = {name: m for name, m in model.named_modules() if isinstance(m, PackedLinear)}
     assert fusion.INT8_SKIP == ("lm_head",)
-    assert not products.pop("lm_head").is_int8 and all(m.is_int8 for m in products.values())
+    assert products.pop("lm_head").is_int8 == lm_head and all(m.is_int8 for m in products.values())
     prompts = ["Hello there", "The capital of France is", "1 2 3 4 5 6 7 8"]
     alone = []
     for i, prompt in enumerate(prompts):
