@@ -26,6 +26,7 @@ from torch import nn
 from engine import huge_pages as huge_pages_arena
 from engine import native_int8
 from engine import native_linear as native_linear_kernel
+from engine.product_kernel import ProductKernel
 
 logger = logging.getLogger("engine")
 
@@ -114,7 +115,7 @@ class PackedLinear(nn.Module):
         return self._int8 is not None
 
     @property
-    def layer_kernel(self) -> native_linear_kernel.LinearKernel | native_int8.Int8Kernel | None:
+    def layer_kernel(self) -> ProductKernel | None:
         """The engine's kernel (bf16 or int8) this product runs on, with its SiLU and residual-add
         epilogues and its raw entry points (csrc/llama_layers.c), or None (oneDNN, torch)."""
         return self._int8 if self._int8 is not None else self._kernel

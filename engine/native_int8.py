@@ -14,19 +14,19 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from engine import native_build, native_linear
+from engine import native_build
+from engine.product_kernel import ProductKernel
 
 logger = logging.getLogger("engine")
 
 BLOCK = 16  # output columns per packed block (csrc/linear_int8.c)
 GROUP = 32  # inputs per activation scale (csrc/linear_int8.c: GROUP); the weight's k is padded to it
 MAX_K = 65536
-_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+_ptr = ctypes.c_void_p
 
 
 def supports(weight: torch.Tensor) -> bool:
@@ -100,68 +100,27 @@ def pack(weight: torch.Tensor) -> Int8Weight:
     return Int8Weight(blocks, scales, in_features, out_features, handle)
 
 
-class Int8Kernel:
-    """y = x W^T (+ bias) for a weight packed by `pack`; x and y bf16. With the bf16 kernel's epilogues
-    (csrc/linear_int8.c: SiLU and its multiply, the residual add, each with torch's bits) and its entry
-    points' signatures, so that csrc/llama_layers.c runs a layer's products on either."""
+class Int8Kernel(ProductKernel):
+    """y = x W^T (+ bias) for a weight packed by `pack` (csrc/linear_int8.c); x and y bf16. The bf16
+    kernel's entry points and epilogues (engine/product_kernel.py), the weight given by its handle."""
 
     pack = staticmethod(pack)
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        self.isa = native_build.isa_of(library, "linear_int8")
-        self._fn, self._silu_mul, self._add = native_linear.product_functions(library, "linear_int8")
-        self._silu_mul_alone, self._add_alone = native_linear.epilogue_functions(library)
-
-    @property
-    def raw_product(self) -> Callable[..., int]:
-        """linear_int8(x, M, K, ldx, handle, N, bias, y, ldy) -> status, unchecked."""
-        return self._fn
-
-    @property
-    def raw_silu_mul(self) -> Callable[..., int]:
-        """linear_int8_silu_mul(x, M, K, ldx, handle, hidden, bias, both, ldb, out, ldo) -> status,
-        unchecked."""
-        return self._silu_mul
-
-    @property
-    def raw_add(self) -> Callable[..., int]:
-        """linear_int8_add(x, M, K, ldx, handle, N, bias, y, ldy, residual, ldr) -> status, unchecked."""
-        return self._add
+        super().__init__(library, "linear_int8")
 
     def __call__(self, x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None) -> torch.Tensor:
         """x (M, K) bf16 with unit column stride -> (M, N) bf16; bias float32 or None."""
         if x.shape[-1] != weight.in_features:
             raise ValueError(f"linear_int8: {x.shape[-1]} input features, weight of {weight.in_features}")
-        out = torch.empty(x.shape[0], weight.out_features, dtype=torch.bfloat16)
-        native_linear.run_product(self._fn, "linear_int8", x, weight.address, weight.out_features, bias, out)
-        return out
+        return self.product_at(x, weight.address, weight.out_features, bias)
 
     def silu_mul(self, x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None) -> torch.Tensor:
-        """silu(gate) * up for a weight packed from [W_gate; W_up] (halves a multiple of 16 wide): x (M, K)
-        bf16 -> (M, hidden) bf16 in one call, the bits of the product, then torch's SiLU and multiply."""
-        hidden = weight.out_features // 2
-        both = torch.empty(x.shape[0], 2 * hidden, dtype=torch.bfloat16)  # gate and up, as the product writes
-        out = torch.empty(x.shape[0], hidden, dtype=torch.bfloat16)
-        args = (x, weight.address, hidden, bias, both, out.data_ptr(), hidden)
-        native_linear.run_product(self._silu_mul, "linear_int8_silu_mul", *args)
-        return out
+        """silu(gate) * up for a weight packed from [W_gate; W_up] (`silu_mul_at`)."""
+        return self.silu_mul_at(x, weight.address, weight.out_features // 2, bias)
 
     def add_into(
         self, x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None, residual: torch.Tensor
     ) -> torch.Tensor:
-        """residual += x W^T (+ bias) in place, with the bits of torch's `residual + product`, in one call;
-        returns `residual`, (M, N) bf16 with contiguous rows."""
-        native_linear.check_residual(residual, x.shape[0], weight.out_features)
-        product = torch.empty(x.shape[0], weight.out_features, dtype=torch.bfloat16)
-        tail = (residual.data_ptr(), residual.stride(0))
-        args = (x, weight.address, weight.out_features, bias, product, *tail)
-        native_linear.run_product(self._add, "linear_int8_add", *args)
-        return residual
-
-    def silu_mul_matches(self, act: Callable[[torch.Tensor], torch.Tensor]) -> bool:
-        """Whether this library's SiLU and multiply give `act(gate) * up`'s bits."""
-        return native_linear.silu_mul_matches(self._silu_mul_alone, act)
-
-    def add_matches(self) -> bool:
-        """Whether this library's residual add gives torch's `a + b` bits."""
-        return native_linear.add_matches(self._add_alone)
+        """residual += x W^T (+ bias) in place (`add_into_at`); returns `residual`."""
+        return self.add_into_at(x, weight.address, weight.out_features, bias, residual)

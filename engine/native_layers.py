@@ -27,10 +27,9 @@ import torch
 from engine import native_attention, native_build, native_norm
 from engine.attention import AttentionMetadata
 from engine.fusion import PackedLinear
-from engine.native_int8 import Int8Kernel
-from engine.native_linear import LinearKernel
 from engine.native_norm import NormKernel
 from engine.native_rotary import RotaryKernel
+from engine.product_kernel import ProductKernel
 
 
 def _ptr(tensor: torch.Tensor | None) -> int | None:
@@ -127,7 +126,7 @@ class NativeLayers:
         self,
         layers: list,
         norm: NormKernel,
-        linear: LinearKernel | Int8Kernel,
+        linear: ProductKernel,
         rotary: RotaryKernel,
         driver: _Driver,
     ) -> None:
