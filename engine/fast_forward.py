@@ -316,13 +316,13 @@ def _silu_in_kernel(model: nn.Module) -> bool:
     if getattr(model.config, "hidden_act", None) != "silu":
         return False
     mlps = [layer.mlp for layer in model.model.layers]
-    kernels = []
+    kernels = set()
     for mlp in mlps:
         linear, sizes = mlp.fused_gate_up.linear, mlp.fused_gate_up.sizes
         if linear.layer_kernel is None or len(sizes) != 2 or sizes[0] != sizes[1] or sizes[0] % 16 != 0:
             return False
-        kernels.append(linear.layer_kernel)
-    if all(kernel.silu_mul_matches(mlps[0].act_fn) for kernel in set(kernels)):
+        kernels.add(linear.layer_kernel)
+    if all(kernel.silu_mul_matches(mlps[0].act_fn) for kernel in kernels):
         return True
     logger.warning("the C SiLU does not give this torch's bits: the MLPs keep torch's SiLU and multiply")
     return False

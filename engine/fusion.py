@@ -129,18 +129,16 @@ class PackedLinear(nn.Module):
         """On `layer_kernel`: `residual + self(x)` computed into `residual` in place (rows contiguous),
         the bits of the product, then torch's add."""
         flat = x.reshape(-1, self.in_features)
-        if self._int8 is not None:
-            return self._int8.add_into(flat, self.weight, self.bias, residual)
-        return self._kernel.add_into(flat, self.weight, self.out_features, self.bias, residual)
+        kernel = self.layer_kernel
+        return kernel.add_into_at(flat, self.weight_address, self.out_features, self.bias, residual)
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         """On `layer_kernel`, for a [gate; up] product (halves a multiple of 16 wide): silu(gate) * up in
         one kernel call, the bits of the product, split, SiLU and multiply on torch."""
         flat = x.reshape(-1, self.in_features)
         hidden = self.out_features // 2
-        if self._int8 is not None:
-            return self._int8.silu_mul(flat, self.weight, self.bias).view(*x.shape[:-1], hidden)
-        return self._kernel.silu_mul(flat, self.weight, hidden, self.bias).view(*x.shape[:-1], hidden)
+        out = self.layer_kernel.silu_mul_at(flat, self.weight_address, hidden, self.bias)
+        return out.view(*x.shape[:-1], hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)  # (M, K)

@@ -114,13 +114,3 @@ class Int8Kernel(ProductKernel):
         if x.shape[-1] != weight.in_features:
             raise ValueError(f"linear_int8: {x.shape[-1]} input features, weight of {weight.in_features}")
         return self.product_at(x, weight.address, weight.out_features, bias)
-
-    def silu_mul(self, x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None) -> torch.Tensor:
-        """silu(gate) * up for a weight packed from [W_gate; W_up] (`silu_mul_at`)."""
-        return self.silu_mul_at(x, weight.address, weight.out_features // 2, bias)
-
-    def add_into(
-        self, x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None, residual: torch.Tensor
-    ) -> torch.Tensor:
-        """residual += x W^T (+ bias) in place (`add_into_at`); returns `residual`."""
-        return self.add_into_at(x, weight.address, weight.out_features, bias, residual)

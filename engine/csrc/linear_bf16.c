@@ -660,7 +660,7 @@ int linear_bf16_add(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const 
 
 #endif
 
-/* The two epilogues alone, in every build, for the checks against torch (engine/native_linear.py). */
+/* The two epilogues alone, in every build, for the checks against torch (engine/product_kernel.py). */
 void silu_mul_bf16(const uint16_t *gate, int64_t ldg, const uint16_t *up, int64_t ldu, int64_t rows, int64_t n,
                    uint16_t *out, int64_t ldo) {
     silu_mul_rows(gate, ldg, up, ldu, rows, n, out, ldo);

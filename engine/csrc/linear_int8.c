@@ -449,7 +449,7 @@ int linear_int8_add(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const 
     return run_units(x, M, K, ldx, w->packed, w->scales, N, bias, y, ldy, 0, ADD, residual, ldr);
 }
 
-/* The two epilogues alone, for the checks against torch (engine/native_linear.py: epilogue checks). */
+/* The two epilogues alone, for the checks against torch (engine/product_kernel.py). */
 void silu_mul_bf16(const uint16_t *gate, int64_t ldg, const uint16_t *up, int64_t ldu, int64_t rows, int64_t n,
                    uint16_t *out, int64_t ldo) {
     silu_mul_rows(gate, ldg, up, ldu, rows, n, out, ldo);

@@ -6,7 +6,7 @@
    same way. sleef_expf below is SLEEF's algorithm operation for operation, its multiply-adds fused
    (fmaf), as SLEEF's builds for FMA CPUs compute them; no other multiply meets an add, so the
    compiler's contraction cannot change a rounding. Checked against torch on all 65,536 bf16 gate
-   values (engine/native_linear.py, at load and in tests/engine/test_native_linear.py). */
+   values (engine/product_kernel.py, at load and in tests/engine/test_native_linear.py). */
 #ifndef LLMSERVE_SILU_H
 #define LLMSERVE_SILU_H
 

@@ -96,21 +96,22 @@ def test_zero_rows_zero_weights_and_non_finite_rows(kernel):
 
 
 def test_the_epilogues_give_the_product_then_torchs_operations(kernel):
-    """silu_mul and add_into (SiLU and its multiply, the residual add, in the product's units) give the
+    """silu_mul_at and add_into_at (SiLU and its multiply, the residual add, in the product's units) give the
     bits of the product followed by torch's operations, for every tile height and a bias."""
     weight, x, b = case(96, 64, 37, seed=4)  # [gate; up], halves of 48 (a multiple of 16)
     packed = kernel.pack(weight)
     for num_rows in (1, 5, 16, 37):
         both = kernel(x[:num_rows], packed, b)
         gate, up = both.split(48, dim=1)
-        assert torch.equal(kernel.silu_mul(x[:num_rows], packed, b), torch.nn.functional.silu(gate) * up)
+        got = kernel.silu_mul_at(x[:num_rows], packed.address, 48, b)
+        assert torch.equal(got, torch.nn.functional.silu(gate) * up)
         residual = torch.randn(num_rows, 96).bfloat16()
         want = residual + both
-        assert kernel.add_into(x[:num_rows], packed, b, residual) is residual
+        assert kernel.add_into_at(x[:num_rows], packed.address, 96, b, residual) is residual
         assert torch.equal(residual, want)
     assert kernel.silu_mul_matches(torch.nn.SiLU()) and kernel.add_matches()
     with pytest.raises(ValueError, match="contiguous rows"):
-        kernel.add_into(x[:4], packed, b, torch.zeros(4, 95).bfloat16())
+        kernel.add_into_at(x[:4], packed.address, 96, b, torch.zeros(4, 95).bfloat16())
 
 
 @needs_kernel
